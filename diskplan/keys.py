@@ -1,0 +1,81 @@
+"""Every name diskhooks shares across layers: annotation keys, labels, paths, container names.
+
+Keep them here so the webhook, the sidecar, the prepare step and the Helm chart agree.
+"""
+
+from __future__ import annotations
+
+PREFIX = "diskhooks.io/"
+
+# --- user annotations (on a VirtualMachine's metadata, or on a bare VirtualMachineInstance) ---
+ANN_DISKS = PREFIX + "disks"
+ANN_PERSIST_ROOT = PREFIX + "persist-root"
+ANN_PASSTHROUGH = PREFIX + "passthrough"
+ANN_CPU = PREFIX + "cpu"
+ANN_MEMORY = PREFIX + "memory"
+ANN_PROFILE = PREFIX + "profile"
+USER_ANNOTATIONS = (ANN_DISKS, ANN_PERSIST_ROOT, ANN_PASSTHROUGH, ANN_CPU, ANN_MEMORY, ANN_PROFILE)
+SIZING_ANNOTATIONS = (ANN_CPU, ANN_MEMORY, ANN_PROFILE)
+
+# --- written only by the webhook ---
+ANN_PLAN = PREFIX + "plan"  # on spec.template.metadata.annotations (VM) or metadata.annotations (VMI)
+# label on the VMI template (hence on the VMI and its virt-launcher pod) selecting pods for /mutate-pod
+LABEL_MANAGED = PREFIX + "managed"
+LABEL_MANAGED_VALUE = "true"
+
+# --- KubeVirt names ---
+ANN_HOOK_SIDECARS = "hooks.kubevirt.io/hookSidecars"
+LABEL_LAUNCHER = "kubevirt.io"  # value "virt-launcher" on launcher pods
+LABEL_CREATED_BY = "kubevirt.io/created-by"  # VMI uid, on launcher pods
+ANN_DOMAIN = "kubevirt.io/domain"  # VMI name, on launcher pods
+HOOK_VERSIONS = ("v1alpha3", "v1alpha2", "v1alpha1")
+
+# --- paths as the virt-launcher pod sees them ---
+# KubeVirt mounts the parent directory of each hostDisk volume here (one directory per volume).
+LAUNCHER_VMI_DISKS = "/var/run/kubevirt-private/vmi-disks"
+# KubeVirt's containerDisk files, as the launcher sees them: disk_<index of the volume in spec.volumes>.img
+LAUNCHER_CONTAINER_DISKS = "/var/run/kubevirt/container-disks"
+# KubeVirt's image-volume mounts of containerDisks (ImageVolume mode): disk_<index>/disk/<file>
+LAUNCHER_IMAGE_VOLUMES = "/var/run/kubevirt-image-volume"
+# added by the diskhooks Pod mutation:
+DH_MOUNT_ROOT = "/var/run/kubevirt-private/diskhooks"
+LAUNCHER_VM_DIR = DH_MOUNT_ROOT + "/vm"  # <hostDisks.root>/<ns>/<vm>/ (persist-root overlays)
+LAUNCHER_IMAGE_LIBRARY = DH_MOUNT_ROOT + "/images"  # <hostDisks.imageLibrary>/, read-only
+POD_VOLUME_VM_DIR = "diskhooks-vm-dir"
+POD_VOLUME_IMAGE_LIBRARY = "diskhooks-image-library"
+PREPARE_CONTAINER = "diskhooks-prepare"
+ENV_PLAN = "DISKHOOKS_PLAN"
+ENV_VMI_UID = "DISKHOOKS_VMI_UID"
+
+# qemu's uid/gid inside virt-launcher (non-root mode)
+QEMU_UID = 107
+QEMU_GID = 107
+
+
+def launcher_disk_dir(volume: str) -> str:
+    """Directory where KubeVirt mounts a hostDisk volume's parent directory in the launcher."""
+    return f"{LAUNCHER_VMI_DISKS}/{volume}"
+
+
+def disk_file_name(disk: str) -> str:
+    """File name of a diskhooks disk; ``disk`` is a validated DNS label, so no dots, no slashes."""
+    return f"{disk}.qcow2"
+
+
+def persist_root_file_name(volume: str) -> str:
+    """File of a persistent containerDisk overlay; the dots keep it apart from ``<dns-label>.qcow2``."""
+    return f"persist-root.{volume}.qcow2"
+
+
+def persist_root_marker_name(volume: str) -> str:
+    """JSON record of the base a persistent overlay was made on (written by prepare)."""
+    return f"persist-root.{volume}.base.json"
+
+
+def container_disk_path(volume_index: int) -> str:
+    return f"{LAUNCHER_CONTAINER_DISKS}/disk_{volume_index}.img"
+
+
+def disk_alias(volume: str) -> str:
+    """libvirt alias KubeVirt gives a user volume's disk."""
+    return f"ua-{volume}"
