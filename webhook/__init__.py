@@ -1,0 +1,1 @@
+"""diskhooks admission webhook: VM/VMI mutation, launcher Pod mutation, the HTTPS server and its CLI."""
