@@ -301,7 +301,7 @@ class _Reader:
             raise Malformed(f"{path}.{unknown[0]}", "unknown key in plan")
         self.doc, self.path = doc, path
 
-    def str(self, key: str, *, choices: tuple[str, ...] | None = None, optional: bool = False,
+    def text(self, key: str, *, choices: tuple[str, ...] | None = None, optional: bool = False,
             pattern: re.Pattern[str] | None = None, path_like: bool = False) -> Any:
         v = self.doc.get(key)
         where = f"{self.path}.{key}"
@@ -317,7 +317,7 @@ class _Reader:
             raise Malformed(where, f"{v!r} is not a clean absolute path")
         return v
 
-    def int(self, key: str, *, minimum: int = 0, optional: bool = False) -> Any:
+    def integer(self, key: str, *, minimum: int = 0, optional: bool = False) -> Any:
         v = self.doc.get(key)
         where = f"{self.path}.{key}"
         if v is None and optional:
@@ -326,7 +326,7 @@ class _Reader:
             raise Malformed(where, f"must be an integer >= {minimum}")
         return v
 
-    def list(self, key: str) -> list[Any]:
+    def items(self, key: str) -> list[Any]:
         v = self.doc.get(key, [])
         if not isinstance(v, list):
             raise Malformed(f"{self.path}.{key}", "must be a list")
@@ -336,49 +336,49 @@ class _Reader:
 def plan_from_body(body: Mapping[str, Any], path: str = K.ANN_PLAN) -> Plan:
     r = _Reader(body, path, {"version", "namespace", "vm", "hostDir", "imageLibrary", "sidecarImage",
                               "disks", "persistRoot", "passthrough"})
-    version = r.int("version", minimum=1)
+    version = r.integer("version", minimum=1)
     if version != PLAN_VERSION:
         raise Malformed(f"{path}.version", f"plan version {version} is not supported "
                         f"(this diskhooks reads version {PLAN_VERSION})")
     disks = []
     seen: set[str] = set()
-    for i, raw in enumerate(r.list("disks")):
+    for i, raw in enumerate(r.items("disks")):
         d = _Reader(raw, f"{path}.disks[{i}]", {"name", "sizeBytes", "bus", "cache", "io", "discard",
                                                 "backing", "serial", "bootOrder"})
         backing = None
         if raw.get("backing") is not None:
             b = _Reader(raw["backing"], f"{d.path}.backing", {"image", "file", "format"})
-            backing = Backing(image=b.str("image", pattern=DNS_SUBDOMAIN),
-                              file=b.str("file", pattern=_BASE_FILE),
-                              format=b.str("format", choices=BASE_FORMATS))
+            backing = Backing(image=b.text("image", pattern=DNS_SUBDOMAIN),
+                              file=b.text("file", pattern=_BASE_FILE),
+                              format=b.text("format", choices=BASE_FORMATS))
         disk = PlannedDisk(
-            name=d.str("name", pattern=DNS_LABEL), size_bytes=d.int("sizeBytes", minimum=1),
-            bus=d.str("bus", choices=BUSES), cache=d.str("cache", choices=CACHES),
-            io=d.str("io", choices=IOS), discard=d.str("discard", choices=DISCARDS),
-            backing=backing, serial=d.str("serial", optional=True),
-            boot_order=d.int("bootOrder", minimum=1, optional=True),
+            name=d.text("name", pattern=DNS_LABEL), size_bytes=d.integer("sizeBytes", minimum=1),
+            bus=d.text("bus", choices=BUSES), cache=d.text("cache", choices=CACHES),
+            io=d.text("io", choices=IOS), discard=d.text("discard", choices=DISCARDS),
+            backing=backing, serial=d.text("serial", optional=True),
+            boot_order=d.integer("bootOrder", minimum=1, optional=True),
         )
         seen_check(seen, disk.name, f"{d.path}.name")
         disks.append(disk)
     persist = None
     if body.get("persistRoot") is not None:
         p = _Reader(body["persistRoot"], f"{path}.persistRoot", {"volume", "image", "volumeIndex"})
-        persist = PersistRoot(volume=p.str("volume", pattern=DNS_LABEL), image=p.str("image"),
-                              volume_index=p.int("volumeIndex"))
+        persist = PersistRoot(volume=p.text("volume", pattern=DNS_LABEL), image=p.text("image"),
+                              volume_index=p.integer("volumeIndex"))
     passthrough = []
-    for i, raw in enumerate(r.list("passthrough")):
+    for i, raw in enumerate(r.items("passthrough")):
         q = _Reader(raw, f"{path}.passthrough[{i}]", {"name", "claim", "mode", "cache", "io"})
-        item = Passthrough(name=q.str("name", pattern=DNS_LABEL), claim=q.str("claim", pattern=DNS_SUBDOMAIN),
-                           mode=q.str("mode", choices=PASSTHROUGH_MODES),
-                           cache=q.str("cache", choices=CACHES), io=q.str("io", choices=IOS))
+        item = Passthrough(name=q.text("name", pattern=DNS_LABEL), claim=q.text("claim", pattern=DNS_SUBDOMAIN),
+                           mode=q.text("mode", choices=PASSTHROUGH_MODES),
+                           cache=q.text("cache", choices=CACHES), io=q.text("io", choices=IOS))
         seen_check(seen, item.name, f"{q.path}.name")
         passthrough.append(item)
     return Plan(
         version=version,
-        namespace=r.str("namespace", pattern=DNS_SUBDOMAIN), vm=r.str("vm", pattern=DNS_SUBDOMAIN),
-        host_dir=r.str("hostDir", path_like=True),
-        image_library=r.str("imageLibrary", optional=True, path_like=True),
-        sidecar_image=r.str("sidecarImage"),
+        namespace=r.text("namespace", pattern=DNS_SUBDOMAIN), vm=r.text("vm", pattern=DNS_SUBDOMAIN),
+        host_dir=r.text("hostDir", path_like=True),
+        image_library=r.text("imageLibrary", optional=True, path_like=True),
+        sidecar_image=r.text("sidecarImage"),
         disks=tuple(disks), persist_root=persist, passthrough=tuple(passthrough),
     )
 

@@ -18,6 +18,7 @@ command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
 command -v virsh >/dev/null || need+=(libvirt-clients)
 [ -f /usr/share/libvirt/schemas/domain.rng ] || need+=(libvirt-daemon)
 command -v unzip >/dev/null || need+=(unzip)
+command -v xmllint >/dev/null || need+=(libxml2-utils)  # virt-xml-validate runs xmllint
 if [ "$want_helm" = 1 ] && ! command -v npm >/dev/null; then need+=(npm); fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,0 +1,130 @@
+"""``OnDefineDomain`` as a function: domain XML bytes and VMI JSON bytes in, domain XML bytes out.
+
+This is what the gRPC servicers (``server.py``) and the dry-run CLI call. It reads the plan from the
+VMI's ``diskhooks.io/plan`` annotation (the webhook verified it before the VMI existed; the sidecar
+holds no key), checks the VMI against it, parses the domain XML safely, checks the images the
+sidecar can see (unless ``check_images`` is off, as in a dry run) and applies the pure domain core.
+
+- No plan annotation, or a plan with nothing for the domain (sizing only): the input bytes come back
+  unchanged, byte for byte, and the domain XML is not parsed at all.
+- Errors: :class:`~diskplan.errors.Malformed` when the input cannot be read (XML or JSON not
+  well-formed, too large, a plan that does not parse); :class:`~diskplan.errors.Refused` when the
+  plan cannot be applied safely. Either way nothing is answered but the error: there is no partial
+  result.
+
+Imports stay light (lxml, json, the diskplan core): the sidecar runs under a 64M memory limit.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from diskplan import keys as K
+from diskplan.errors import Malformed, Refused
+from diskplan.plan import PersistRoot, Plan, parse_plan
+from hooksidecar import domain, images, xmlsafe
+
+MAX_VMI_JSON_BYTES = 4 * 1024 * 1024
+VMI_FIELD = "vmi"
+
+
+def on_define_domain(domain_xml: bytes, vmi_json: bytes, *, path_prefix: str = "",
+                     check_images: bool = True) -> bytes:
+    """The domain XML to hand back to virt-launcher for this VMI.
+
+    ``path_prefix`` is prepended to every launcher path before a file is looked at (tests point it
+    at a temporary directory; in the pod it is empty).
+    """
+    vmi = parse_vmi(vmi_json)
+    plan_text = plan_annotation(vmi)
+    if plan_text is None:
+        return domain_xml
+    plan = parse_plan(plan_text)
+    if not (plan.disks or plan.persist_root or plan.passthrough):
+        return domain_xml
+    check_vmi(plan, vmi)
+    root = xmlsafe.parse_domain(domain_xml)
+    base_format = None
+    if check_images:
+        facts = images.check_images(plan, vmi_uid=vmi_uid(vmi) if plan.persist_root else "",
+                                    path_prefix=path_prefix)
+        base_format = facts.persist_root_base_format
+    new_root = domain.mutate_domain(root, plan, persist_root_base_format=base_format)
+    return xmlsafe.serialise_domain(new_root)
+
+
+# ------------------------------------------------------------------------------------------------
+# reading the VMI (pure)
+# ------------------------------------------------------------------------------------------------
+def parse_vmi(data: bytes) -> dict[str, Any]:
+    """The VMI JSON as a dict; :class:`Malformed` if it is too large, not JSON or not an object."""
+    if len(data) > MAX_VMI_JSON_BYTES:
+        raise Malformed(VMI_FIELD, f"the VMI JSON is {len(data)} bytes, more than {MAX_VMI_JSON_BYTES}")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Malformed(VMI_FIELD, f"the VMI is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise Malformed(VMI_FIELD, "the VMI must be a JSON object")
+    return doc
+
+
+def plan_annotation(vmi: dict[str, Any]) -> str | None:
+    """The ``diskhooks.io/plan`` annotation's text, or None when the VMI has none."""
+    meta = vmi.get("metadata")
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise Malformed(f"{VMI_FIELD}.metadata", "must be an object")
+    annotations = meta.get("annotations")
+    if annotations is None:
+        return None
+    if not isinstance(annotations, dict):
+        raise Malformed(f"{VMI_FIELD}.metadata.annotations", "must be an object")
+    text = annotations.get(K.ANN_PLAN)
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise Malformed(f"{VMI_FIELD}.metadata.annotations[{K.ANN_PLAN}]", "must be a string")
+    return text
+
+
+def vmi_uid(vmi: dict[str, Any]) -> str:
+    uid = (vmi.get("metadata") or {}).get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise Malformed(f"{VMI_FIELD}.metadata.uid", "the VMI has no uid; it is needed to match the "
+                        "persistent root's base record to this start")
+    return uid
+
+
+def check_vmi(plan: Plan, vmi: dict[str, Any]) -> None:
+    """What the plan assumes about the VMI must hold (today: the persistent root's volume)."""
+    if plan.persist_root is not None:
+        _check_persist_root_volume(plan.persist_root, vmi)
+
+
+def _check_persist_root_volume(pr: PersistRoot, vmi: dict[str, Any]) -> None:
+    field = f"volume {pr.volume}"
+    spec = vmi.get("spec")
+    volumes = spec.get("volumes") if isinstance(spec, dict) else None
+    if not isinstance(volumes, list):
+        raise Malformed(f"{VMI_FIELD}.spec.volumes", "the VMI has no volume list")
+    index = next((i for i, v in enumerate(volumes) if isinstance(v, dict) and v.get("name") == pr.volume),
+                 None)
+    if index is None:
+        raise Refused(field, f"the plan keeps the root disk {pr.volume} persistent but the VMI has no "
+                      f"volume named {pr.volume}")
+    if index != pr.volume_index:
+        raise Refused(field, f"volume {pr.volume} is at index {index} of the VMI's spec.volumes but the "
+                      f"plan expects index {pr.volume_index} (KubeVirt's base file is "
+                      f"disk_<index>.img); update the VirtualMachine so the webhook recomputes the plan")
+    container_disk = volumes[index].get("containerDisk")
+    if not isinstance(container_disk, dict):
+        raise Refused(field, f"volume {pr.volume} is not a containerDisk; only a containerDisk root can "
+                      "be kept persistent")
+    image = container_disk.get("image")
+    if image != pr.image:
+        raise Refused(field, f"the base image changed: the VMI runs containerDisk {image!r} but the plan "
+                      f"and the persistent overlay were made for {pr.image!r}; update the "
+                      "VirtualMachine so the webhook recomputes the plan")
