@@ -1,0 +1,199 @@
+"""Run ``qemu-img`` for the prepare step: explicit formats, argv lists, resource limits, readable errors.
+
+What this layer may do: start ``qemu-img`` as a child process (never through a shell) with
+
+- an explicit format on every call (``-f``), so qemu never probes a guest-writable file
+  (a guest can write a qcow2 header into a raw disk: the CVE-2026-24708 class);
+- ``--output=json`` for ``info``, parsed strictly into :class:`ImageInfo`;
+- ``-u`` and an explicit size for ``create`` with a backing file, so the backing file (a launcher path
+  that need not exist where prepare runs) is written into the header but never opened;
+- CPU and address-space limits (as CDI does for ``qemu-img info``: ``RLIMIT_AS`` 1 GiB,
+  ``RLIMIT_CPU`` 30 s), a wall-clock timeout, a minimal environment (``LC_ALL=C``);
+- every failure decoded into one readable sentence (:class:`QemuImgError`).
+
+What it may not do: decide anything. Which file to create, grow or refuse is decided by the caller
+(:mod:`hooksidecar.prepare`); paths arrive already derived from a validated plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+#: address-space limit of a qemu-img child (CDI uses the same figure)
+ADDRESS_SPACE_LIMIT = 1 << 30
+#: CPU-time limit of a qemu-img child, seconds
+CPU_SECONDS_LIMIT = 30
+#: wall-clock limit of one qemu-img call, seconds
+TIMEOUT_SECONDS = 60.0
+#: the largest ``info`` output accepted (a real one is about 1 KiB)
+MAX_INFO_BYTES = 1 << 20
+FORMATS = ("qcow2", "raw")
+#: qemu sizes images in 512-byte sectors: ``create`` rounds up, ``resize`` refuses other sizes
+SECTOR = 512
+
+
+class QemuImgError(Exception):
+    """qemu-img failed; ``reason`` is one sentence a user can act on."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What ``qemu-img info -f <fmt> --output=json`` says about one image (its backing is not opened)."""
+
+    format: str
+    virtual_size: int
+    backing_file: str | None
+    backing_format: str | None
+    data_file: str | None  # qcow2 format-specific ``data-file``
+    corrupt: bool
+
+
+def round_to_sector(size: int) -> int:
+    """``size`` rounded up to a multiple of 512, the size qemu-img gives an image of ``size`` bytes."""
+    return -(-size // SECTOR) * SECTOR
+
+
+def parse_info(text: str) -> ImageInfo:
+    """Parse ``qemu-img info --output=json`` (pure). Raises :class:`QemuImgError` if it is not that."""
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise QemuImgError(f"qemu-img info printed something that is not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise QemuImgError("qemu-img info printed JSON that is not an object")
+    fmt = doc.get("format")
+    size = doc.get("virtual-size")
+    if not isinstance(fmt, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise QemuImgError("qemu-img info printed no format or virtual-size")
+    specific = doc.get("format-specific")
+    data: dict[str, Any] = {}
+    if isinstance(specific, dict) and isinstance(specific.get("data"), dict):
+        data = specific["data"]
+    return ImageInfo(
+        format=fmt,
+        virtual_size=size,
+        backing_file=_opt_str(doc.get("backing-filename")),
+        backing_format=_opt_str(doc.get("backing-filename-format")),
+        data_file=_opt_str(data.get("data-file")),
+        corrupt=data.get("corrupt") is True,
+    )
+
+
+def info(path: str, *, fmt: str, binary: str = "qemu-img") -> ImageInfo:
+    """``qemu-img info -f <fmt> --output=json <path>``: never opens the backing chain."""
+    _check_format(fmt)
+    out = _run([binary, "info", "-f", fmt, "--output=json", path], what="qemu-img info")
+    result = parse_info(out)
+    if result.format != fmt:
+        raise QemuImgError(f"qemu-img info reports format {result.format!r}, not {fmt!r}")
+    return result
+
+
+def create(path: str, *, size: int, backing: str | None = None, backing_format: str | None = None,
+           binary: str = "qemu-img") -> None:
+    """Create a qcow2 image of ``size`` bytes at ``path``.
+
+    With ``backing``: ``-F <backing_format> -b <backing> -u``, so ``backing`` (a launcher path) is
+    recorded in the header exactly as given and never opened here.
+    """
+    if size <= 0:
+        raise ValueError("size must be positive")
+    argv = [binary, "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        if backing_format is None:
+            raise ValueError("a backing file needs its format")
+        _check_format(backing_format)
+        argv += ["-F", backing_format, "-b", backing, "-u"]
+    argv += [path, str(round_to_sector(size))]
+    _run(argv, what="qemu-img create")
+
+
+def resize(path: str, *, size: int, backing: tuple[str, str] | None = None,
+           binary: str = "qemu-img") -> None:
+    """Grow the qcow2 image at ``path`` to ``size`` bytes (rounded up to 512; never shrinks).
+
+    ``qemu-img resize`` opens the backing chain (qemu zeroes the part of a grown overlay that
+    would otherwise show the backing file's data). ``backing`` = ``(path, format)`` says where that
+    file is *here*: the image is then opened through a ``json:`` description naming it, which
+    leaves the backing file name written in the header unchanged.
+    """
+    target = str(round_to_sector(size))
+    if backing is None:
+        name = path
+    else:
+        base_path, base_format = backing
+        _check_format(base_format)
+        name = "json:" + json.dumps({
+            "driver": "qcow2",
+            "file": {"driver": "file", "filename": path},
+            "backing": {"driver": base_format, "file": {"driver": "file", "filename": base_path}},
+        })
+    _run([binary, "resize", "-q", "-f", "qcow2", name, target], what="qemu-img resize")
+
+
+# ------------------------------------------------------------------------------------------------
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unsupported image format {fmt!r}")
+
+
+def _limit_resources() -> None:  # runs in the child between fork and exec
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
+    resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS_LIMIT, CPU_SECONDS_LIMIT))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _run(argv: Sequence[str], *, what: str, timeout: float = TIMEOUT_SECONDS) -> str:
+    exe = shutil.which(argv[0]) if "/" not in argv[0] else argv[0]
+    if exe is None:
+        raise QemuImgError(f"{argv[0]} is not installed (the diskhooks sidecar image ships it)")
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
+    try:
+        proc = subprocess.run(  # an argv list, never a shell
+            [exe, *argv[1:]], stdin=subprocess.DEVNULL, capture_output=True, env=env,
+            timeout=timeout, preexec_fn=_limit_resources, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise QemuImgError(f"{what} took longer than {timeout:g} s and was stopped") from None
+    except OSError as exc:
+        raise QemuImgError(f"{what} could not be started: {exc.strerror}") from None
+    if proc.returncode == 0:
+        if len(proc.stdout) > MAX_INFO_BYTES:
+            raise QemuImgError(f"{what} printed more than {MAX_INFO_BYTES} bytes")
+        return proc.stdout.decode("utf-8", "replace")
+    raise QemuImgError(_explain(what, proc.returncode, proc.stderr.decode("utf-8", "replace")))
+
+
+def _explain(what: str, returncode: int, stderr: str) -> str:
+    """One sentence for a failed qemu-img call."""
+    if returncode < 0:
+        sig = -returncode
+        if sig in (signal.SIGXCPU, signal.SIGKILL):
+            return (f"{what} was stopped after using {CPU_SECONDS_LIMIT} s of CPU time (its limit); "
+                    "the image may be damaged or very fragmented")
+        return f"{what} was killed by signal {signal.Signals(sig).name}"
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    message = lines[-1] if lines else f"exit status {returncode}, no message"
+    message = message.removeprefix("qemu-img: ")
+    lowered = stderr.lower()
+    if "cannot allocate memory" in lowered or "failed to allocate" in lowered \
+            or "out of memory" in lowered:
+        return (f"{what} ran out of memory within its {ADDRESS_SPACE_LIMIT >> 20} MiB address-space "
+                f"limit: {message}")
+    return f"{what} failed: {message}"

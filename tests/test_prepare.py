@@ -1,0 +1,664 @@
+"""The prepare step (``hooksidecar.prepare``) against real files and the real ``qemu-img``.
+
+Every test runs the command as a subprocess (``python -m hooksidecar.prepare``) with
+``--path-prefix`` pointing at a per-test directory laid out like the launcher's filesystem; the
+qcow2 headers must nevertheless carry the launcher paths. ``qemu-img`` must be installed: without it
+these tests fail (they do not skip). ``TMPDIR`` points nowhere, proving the init container needs no
+writable /tmp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from diskplan import keys as K
+from diskplan.plan import Backing, PersistRoot, Plan, PlanKeys, PlannedDisk, sign_plan
+from hooksidecar import prepare
+from tests.conftest import ROOT
+
+MiB = 1 << 20
+KEYS = PlanKeys(current=b"prepare-tests-plan-key-0123456789")
+HOST_DIR = "/var/lib/diskhooks/vms/vms/fedora-data"
+LIBRARY = "/var/lib/diskhooks/images"
+SIDECAR = "ghcr.io/diskhooks/diskhooks-sidecar:0.1.0"
+VMI_UID = "6a1e5f3c-1d2b-4c3a-9e8f-0123456789ab"
+ROOT_IMAGE = "quay.io/containerdisks/fedora:41"
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def qemu_img() -> str:
+    exe = shutil.which("qemu-img")
+    assert exe is not None, "qemu-img is required for these tests (apt-get install -y qemu-utils)"
+    return exe
+
+
+def test_qemu_img_is_installed() -> None:
+    qemu_img()
+
+
+def make_disk(name: str, size: int, backing: Backing | None = None) -> PlannedDisk:
+    return PlannedDisk(name=name, size_bytes=size, bus="virtio", cache="none", io="native",
+                       discard="unmap", backing=backing)
+
+
+def make_plan(*disks: PlannedDisk, persist: PersistRoot | None = None) -> Plan:
+    has_backing = any(d.backing for d in disks)
+    return Plan(namespace="vms", vm="fedora-data", host_dir=HOST_DIR,
+                image_library=LIBRARY if has_backing else None, sidecar_image=SIDECAR,
+                disks=tuple(disks), persist_root=persist)
+
+
+class Node:
+    """A directory laid out like the prepare container's view of the node."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(exist_ok=True)
+
+    def path(self, launcher_path: str) -> Path:
+        return self.root / launcher_path.lstrip("/")
+
+    def mount_volume(self, volume: str) -> Path:
+        d = self.path(K.launcher_disk_dir(volume))
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def library(self) -> Path:
+        d = self.path(K.LAUNCHER_IMAGE_LIBRARY)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def vm_dir(self) -> Path:
+        d = self.path(K.LAUNCHER_VM_DIR)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def container_disk(self, index: int, content: bytes | None = None, *, qcow2_size: int = 0) -> Path:
+        d = self.path(f"{K.LAUNCHER_IMAGE_VOLUMES}/disk_{index}/disk")
+        d.mkdir(parents=True, exist_ok=True)
+        f = d / "disk.img"
+        if f.exists():
+            f.unlink()
+        if qcow2_size:
+            qimg("create", "-q", "-f", "qcow2", str(f), str(qcow2_size))
+        else:
+            f.write_bytes(content or b"")
+        return f
+
+
+def qimg(*args: str) -> str:
+    return subprocess.run([qemu_img(), *args], check=True, capture_output=True, text=True).stdout
+
+
+def qinfo(path: Path) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(qimg("info", "-f", "qcow2", "--output=json", str(path)))
+    return out
+
+
+def run_prepare(node: Node, plan: Plan | str, *, uid: str | None = VMI_UID, from_env: bool = False,
+                preexec: Callable[[], None] | None = None,
+                wrap: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    text = plan if isinstance(plan, str) else sign_plan(plan, KEYS)
+    env = {"PATH": os.environ["PATH"], "TMPDIR": "/nonexistent-tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+    if uid is not None:
+        env[K.ENV_VMI_UID] = uid
+    if from_env:
+        env[K.ENV_PLAN] = text
+        source = ["--plan-from-env"]
+    else:
+        plan_file = node.root.parent / f"{node.root.name}-plan.json"
+        plan_file.write_text(text)
+        source = ["--plan", str(plan_file)]
+    argv = [*(wrap or []), sys.executable, "-m", "hooksidecar.prepare", *source,
+            "--path-prefix", str(node.root)]
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=preexec, check=False)
+
+
+def summaries(proc: subprocess.CompletedProcess[str]) -> dict[str, dict[str, Any]]:
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
+    return {s["volume"]: s for s in lines}
+
+
+def snapshot(d: Path) -> dict[str, tuple[int, str, int, int]]:
+    """name -> (mtime_ns, sha256, uid, mode) of every entry below ``d``."""
+    out = {}
+    for p in sorted(d.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            st = p.stat()
+            out[str(p.relative_to(d))] = (st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest(),
+                                          st.st_uid, st.st_mode & 0o7777)
+    return out
+
+
+def leftovers(node: Node) -> list[str]:
+    return [str(p) for p in node.root.rglob(f"*{prepare._TMP_INFIX}*")]
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    return Node(tmp_path / "node")
+
+
+def library_base(node: Node, name: str, fmt: str, size: int) -> Backing:
+    path = node.library() / name
+    qimg("create", "-q", "-f", fmt, str(path), str(size))
+    return Backing(image=name.split(".")[0], file=name, format=fmt)
+
+
+# ------------------------------------------------------------------------------------------------
+# creating, re-running, growing
+# ------------------------------------------------------------------------------------------------
+def test_creates_missing_images_with_planned_size_and_backing(node: Node) -> None:
+    node.mount_volume("data")
+    node.mount_volume("scratch")
+    base = library_base(node, "almalinux-9.qcow2", "qcow2", 8 * MiB)
+    plan = make_plan(make_disk("data", 64 * MiB), make_disk("scratch", 32 * MiB, base))
+
+    proc = run_prepare(node, plan)
+    result = summaries(proc)
+
+    assert result["data"]["result"] == "created"
+    assert result["scratch"]["result"] == "created"
+    data = qinfo(node.path(plan.disks[0].launcher_path))
+    assert data["virtual-size"] == 64 * MiB
+    assert "backing-filename" not in data
+    scratch = qinfo(node.path(plan.disks[1].launcher_path))
+    assert scratch["virtual-size"] == 32 * MiB
+    # the header names the launcher path, not the prefixed one prepare opened
+    assert scratch["backing-filename"] == "/var/run/kubevirt-private/diskhooks/images/almalinux-9.qcow2"
+    assert scratch["backing-filename-format"] == "qcow2"
+    for d in plan.disks:
+        st = node.path(d.launcher_path).stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (K.QEMU_UID, K.QEMU_GID, 0o660)
+    assert leftovers(node) == []
+
+
+def test_plan_from_env_and_raw_base(node: Node) -> None:
+    node.mount_volume("data")
+    base = library_base(node, "debian-12.raw", "raw", 4 * MiB)
+    plan = make_plan(make_disk("data", 16 * MiB, base))
+    result = summaries(run_prepare(node, plan, from_env=True))
+    assert result["data"] == {"volume": "data", "result": "created", "path": plan.disks[0].launcher_path,
+                              "virtualSize": 16 * MiB, "backing": base.launcher_path,
+                              "backingFormat": "raw"}
+    info = qinfo(node.path(plan.disks[0].launcher_path))
+    assert (info["backing-filename"], info["backing-filename-format"]) == (base.launcher_path, "raw")
+
+
+def test_second_run_changes_nothing(node: Node) -> None:
+    node.mount_volume("data")
+    node.mount_volume("scratch")
+    base = library_base(node, "almalinux-9.qcow2", "qcow2", 8 * MiB)
+    plan = make_plan(make_disk("data", 64 * MiB), make_disk("scratch", 32 * MiB, base))
+    summaries(run_prepare(node, plan))
+    before = snapshot(node.root)
+
+    result = summaries(run_prepare(node, plan))
+
+    assert {v: s["result"] for v, s in result.items()} == {"data": "unchanged", "scratch": "unchanged"}
+    assert snapshot(node.root) == before
+
+
+def test_unaligned_size_is_rounded_once_and_then_stable(node: Node) -> None:
+    node.mount_volume("data")
+    plan = make_plan(make_disk("data", 10 * MiB + 1))
+    summaries(run_prepare(node, plan))
+    assert qinfo(node.path(plan.disks[0].launcher_path))["virtual-size"] == 10 * MiB + 512
+    assert summaries(run_prepare(node, plan))["data"]["result"] == "unchanged"
+
+
+def test_larger_size_grows_plain_and_backed_images(node: Node) -> None:
+    node.mount_volume("data")
+    node.mount_volume("scratch")
+    base = library_base(node, "almalinux-9.qcow2", "qcow2", 8 * MiB)
+    small = make_plan(make_disk("data", 16 * MiB), make_disk("scratch", 16 * MiB, base))
+    summaries(run_prepare(node, small))
+    big = make_plan(make_disk("data", 48 * MiB), make_disk("scratch", 40 * MiB, base))
+
+    result = summaries(run_prepare(node, big))
+
+    assert result["data"] == {"volume": "data", "result": "grown", "path": big.disks[0].launcher_path,
+                              "fromSize": 16 * MiB, "virtualSize": 48 * MiB}
+    assert result["scratch"]["result"] == "grown"
+    assert qinfo(node.path(big.disks[0].launcher_path))["virtual-size"] == 48 * MiB
+    scratch = qinfo(node.path(big.disks[1].launcher_path))
+    assert scratch["virtual-size"] == 40 * MiB
+    # growing opened the base where prepare sees it but left the header's launcher path alone
+    assert scratch["backing-filename"] == base.launcher_path
+    assert scratch["backing-filename-format"] == "qcow2"
+
+
+def test_smaller_size_is_refused_and_nothing_changes(node: Node) -> None:
+    node.mount_volume("data")
+    node.mount_volume("other")
+    summaries(run_prepare(node, make_plan(make_disk("data", 32 * MiB))))
+    before = snapshot(node.root)
+
+    proc = run_prepare(node, make_plan(make_disk("data", 16 * MiB), make_disk("other", 8 * MiB)))
+
+    assert proc.returncode == 1
+    assert "volume data:" in proc.stderr
+    assert "shrinking is never done" in proc.stderr
+    assert proc.stdout == ""
+    # check first, then act: the other volume's image was not created either
+    assert not node.path(K.launcher_disk_dir("other") + "/other.qcow2").exists()
+    assert snapshot(node.root) == before
+
+
+def test_base_larger_than_planned_size_is_refused(node: Node) -> None:
+    node.mount_volume("data")
+    base = library_base(node, "big.qcow2", "qcow2", 64 * MiB)
+    proc = run_prepare(node, make_plan(make_disk("data", 16 * MiB, base)))
+    assert proc.returncode == 1
+    assert "smaller than its base" in proc.stderr
+    assert not node.path("/var/run/kubevirt-private/vmi-disks/data/data.qcow2").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# unsafe existing images
+# ------------------------------------------------------------------------------------------------
+def test_raw_file_named_qcow2_is_refused_untouched(node: Node) -> None:
+    d = node.mount_volume("data")
+    raw = d / "data.qcow2"
+    with open(raw, "wb") as fh:  # what KubeVirt's DiskOrCreate makes: a sparse raw file
+        fh.truncate(32 * MiB)
+    before = snapshot(node.root)
+
+    proc = run_prepare(node, make_plan(make_disk("data", 32 * MiB)))
+
+    assert proc.returncode == 1
+    assert "volume data:" in proc.stderr
+    assert "is not a qcow2 image (raw file? KubeVirt creates raw files when prepare did not run)" \
+        in proc.stderr
+    assert f"{HOST_DIR}/data.qcow2" in proc.stderr  # says which node file to look at
+    assert snapshot(node.root) == before
+
+
+def test_qcow2_with_external_data_file_is_refused(node: Node) -> None:
+    d = node.mount_volume("data")
+    qimg("create", "-q", "-f", "qcow2", "-o", f"data_file={d}/data.bin", str(d / "data.qcow2"),
+         str(16 * MiB))
+    before = snapshot(node.root)
+    proc = run_prepare(node, make_plan(make_disk("data", 32 * MiB)))
+    assert proc.returncode == 1
+    assert "external data file" in proc.stderr and "data.bin" in proc.stderr
+    assert snapshot(node.root) == before  # not grown
+
+
+def test_backing_file_outside_the_allowed_directories_is_refused(node: Node) -> None:
+    d = node.mount_volume("data")
+    qimg("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow", "-u", str(d / "data.qcow2"),
+         str(16 * MiB))
+    proc = run_prepare(node, make_plan(make_disk("data", 16 * MiB)))
+    assert proc.returncode == 1
+    assert "'/etc/shadow'" in proc.stderr
+    assert "outside the VM directory and the image library" in proc.stderr
+
+
+def test_backing_file_other_than_the_planned_one_is_refused(node: Node) -> None:
+    d = node.mount_volume("data")
+    base = library_base(node, "almalinux-9.qcow2", "qcow2", 8 * MiB)
+    library_base(node, "other.qcow2", "qcow2", 8 * MiB)
+    qimg("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", f"{K.LAUNCHER_IMAGE_LIBRARY}/other.qcow2",
+         "-u", str(d / "data.qcow2"), str(16 * MiB))
+    proc = run_prepare(node, make_plan(make_disk("data", 16 * MiB, base)))
+    assert proc.returncode == 1
+    assert "other.qcow2" in proc.stderr and "almalinux-9.qcow2" in proc.stderr
+
+
+def test_symlinked_image_is_refused(node: Node, tmp_path: Path) -> None:
+    d = node.mount_volume("data")
+    target = tmp_path / "elsewhere.qcow2"
+    qimg("create", "-q", "-f", "qcow2", str(target), str(16 * MiB))
+    (d / "data.qcow2").symlink_to(target)
+    before = target.read_bytes()
+    proc = run_prepare(node, make_plan(make_disk("data", 32 * MiB)))
+    assert proc.returncode == 1
+    assert "symbolic link" in proc.stderr
+    assert target.read_bytes() == before
+
+
+def test_directory_in_place_of_the_image_is_refused(node: Node) -> None:
+    (node.mount_volume("data") / "data.qcow2").mkdir()
+    proc = run_prepare(node, make_plan(make_disk("data", 16 * MiB)))
+    assert proc.returncode == 1 and "not a regular file" in proc.stderr
+
+
+def test_missing_volume_directory_is_refused_naming_the_pod_volume(node: Node) -> None:
+    node.mount_volume("data")
+    proc = run_prepare(node, make_plan(make_disk("data", 16 * MiB), make_disk("logs", 16 * MiB)))
+    assert proc.returncode == 1
+    assert "volume logs:" in proc.stderr
+    assert "/var/run/kubevirt-private/vmi-disks/logs is not mounted" in proc.stderr
+    assert "hostPath volume 'logs'" in proc.stderr
+    assert not node.path("/var/run/kubevirt-private/vmi-disks/data/data.qcow2").exists()
+
+
+def test_missing_library_base_is_refused(node: Node) -> None:
+    node.mount_volume("data")
+    node.library()
+    plan = make_plan(make_disk("data", 16 * MiB, Backing("almalinux-9", "almalinux-9.qcow2", "qcow2")))
+    proc = run_prepare(node, plan)
+    assert proc.returncode == 1
+    assert f"{LIBRARY}/almalinux-9.qcow2" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_library_base_in_another_format_than_planned_is_refused(node: Node) -> None:
+    node.mount_volume("data")
+    library_base(node, "almalinux-9.raw", "qcow2", 8 * MiB)  # a qcow2 file named and planned as raw
+    plan = make_plan(make_disk("data", 16 * MiB, Backing("almalinux-9", "almalinux-9.raw", "raw")))
+    proc = run_prepare(node, plan)
+    assert proc.returncode == 1
+    assert "is qcow2, but the plan says raw" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# malformed input
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mutate, field", [
+    (lambda b: b.update(hostDir="/var/lib/diskhooks/../../etc"), "hostDir"),
+    (lambda b: b["disks"][0].update(name="../etc"), "disks[0].name"),
+    (lambda b: b["disks"][0].update(backing={"image": "x", "file": "../x.qcow2", "format": "qcow2"}),
+     "backing.file"),
+    (lambda b: b["disks"][0].update(sizeBytes=-1), "sizeBytes"),
+    (lambda b: b.update(version=2), "version"),
+])
+def test_malformed_plan_exits_2(node: Node, mutate: Callable[[dict[str, Any]], None],
+                                field: str) -> None:
+    node.mount_volume("data")
+    body = make_plan(make_disk("data", 16 * MiB)).body()
+    mutate(body)
+    proc = run_prepare(node, json.dumps(body))
+    assert proc.returncode == 2, proc.stderr
+    assert field in proc.stderr
+    assert list(node.root.rglob("*.qcow2")) == []
+
+
+def test_unreadable_plan_exits_2(node: Node) -> None:
+    assert run_prepare(node, "{not json").returncode == 2
+    proc = run_prepare(node, "", from_env=True)
+    assert proc.returncode == 2 and K.ENV_PLAN in proc.stderr
+
+
+def test_persist_root_without_vmi_uid_exits_2(node: Node) -> None:
+    plan = make_plan(persist=PersistRoot("rootdisk", ROOT_IMAGE, 0))
+    proc = run_prepare(node, plan, uid=None)
+    assert proc.returncode == 2 and K.ENV_VMI_UID in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# failures while acting leave nothing half-made
+# ------------------------------------------------------------------------------------------------
+def test_failure_after_qemu_img_created_the_file_leaves_nothing_behind(node: Node) -> None:
+    """uid 0 without CAP_CHOWN (setpriv): qemu-img makes the temporary image, the chown to 107
+    fails, and neither the temporary nor the final file may remain."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is needed for this test"
+    d = node.mount_volume("data")
+    wrap = [setpriv, "--bounding-set=-all,+dac_override", "--inh-caps=-all", "--no-new-privs", "--"]
+    proc = run_prepare(node, make_plan(make_disk("data", 16 * MiB)), wrap=wrap)
+    assert proc.returncode == 1
+    assert "volume data:" in proc.stderr and "CHOWN capability" in proc.stderr
+    assert list(d.iterdir()) == []
+
+
+def test_failed_qemu_img_leaves_no_temporary_file(node: Node) -> None:
+    d = node.mount_volume("data")
+    d2 = node.mount_volume("huge")
+    # qcow2 with 64 KiB clusters cannot address 2^58 bytes: qemu-img create fails
+    proc = run_prepare(node, make_plan(make_disk("data", 16 * MiB), make_disk("huge", 1 << 58)))
+    assert proc.returncode == 1
+    assert "volume huge: qemu-img create failed:" in proc.stderr
+    assert "too large for file format 'qcow2'" in proc.stderr
+    assert list(d2.iterdir()) == []
+    # the volume done before the failure is complete and reported
+    assert json.loads(proc.stdout)["volume"] == "data"
+    assert qinfo(d / "data.qcow2")["virtual-size"] == 16 * MiB
+    assert leftovers(node) == []
+
+
+def test_stale_temporary_file_of_a_killed_run_is_removed(node: Node) -> None:
+    d = node.mount_volume("data")
+    stale = d / ".data.qcow2.tmp-0123456789abcdef"
+    stale.write_bytes(b"half")
+    unrelated = d / ".data.qcow2.tmp-keep"
+    unrelated.write_bytes(b"not ours")
+    summaries(run_prepare(node, make_plan(make_disk("data", 16 * MiB))))
+    assert not stale.exists() and unrelated.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# persistent containerDisk root
+# ------------------------------------------------------------------------------------------------
+PERSIST = PersistRoot(volume="rootdisk", image=ROOT_IMAGE, volume_index=0)
+
+
+def persist_layout(node: Node, *, qcow2_size: int = 0, content: bytes = b"") -> Path:
+    node.vm_dir()
+    return node.container_disk(0, content, qcow2_size=qcow2_size)
+
+
+def test_persist_root_first_start_creates_overlay_and_base_record(node: Node) -> None:
+    base = persist_layout(node, qcow2_size=24 * MiB)
+    plan = make_plan(persist=PERSIST)
+
+    result = summaries(run_prepare(node, plan))
+
+    assert result["rootdisk"]["result"] == "created"
+    overlay = node.path(PERSIST.launcher_path)
+    info = qinfo(overlay)
+    assert info["virtual-size"] == 24 * MiB
+    assert info["backing-filename"] == "/var/run/kubevirt/container-disks/disk_0.img"
+    assert info["backing-filename-format"] == "qcow2"
+    marker = json.loads(node.path(PERSIST.marker_path).read_text())
+    assert marker == {"image": ROOT_IMAGE, "sha256": hashlib.sha256(base.read_bytes()).hexdigest(),
+                      "format": "qcow2", "virtualSize": 24 * MiB, "vmiUID": VMI_UID,
+                      "overlay": "persist-root.rootdisk.qcow2"}
+    for p in (overlay, node.path(PERSIST.marker_path)):
+        st = p.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (107, 107, 0o660)
+
+
+def test_persist_root_raw_base_same_base_later_start_updates_only_the_vmi_uid(node: Node) -> None:
+    persist_layout(node, content=b"\x00" * 1024 * 1024 + b"raw root")  # 1 MiB + 8 bytes
+    plan = make_plan(persist=PERSIST)
+    summaries(run_prepare(node, plan))
+    info = qinfo(node.path(PERSIST.launcher_path))
+    assert info["backing-filename-format"] == "raw"
+    overlay_before = snapshot(node.path(K.LAUNCHER_VM_DIR))["persist-root.rootdisk.qcow2"]
+
+    again = summaries(run_prepare(node, plan))  # same start (init container restarted)
+    assert again["rootdisk"]["result"] == "unchanged"
+    later = summaries(run_prepare(node, plan, uid="11111111-2222-3333-4444-555555555555"))
+
+    assert later["rootdisk"]["result"] == "unchanged"
+    after = snapshot(node.path(K.LAUNCHER_VM_DIR))
+    assert after["persist-root.rootdisk.qcow2"] == overlay_before
+    marker = json.loads(node.path(PERSIST.marker_path).read_text())
+    assert marker["vmiUID"] == "11111111-2222-3333-4444-555555555555"
+    assert after["persist-root.rootdisk.base.json"][2:] == (107, 0o660)
+
+
+def test_persist_root_changed_base_is_refused_and_the_overlay_kept(node: Node) -> None:
+    persist_layout(node, qcow2_size=24 * MiB)
+    summaries(run_prepare(node, make_plan(persist=PERSIST)))
+    before = snapshot(node.root)
+    node.container_disk(0, qcow2_size=32 * MiB)  # the tag now points at different content
+    changed = snapshot(node.root)
+
+    same_ref = run_prepare(node, make_plan(persist=PERSIST), uid="another-start")
+    new_ref = run_prepare(node, make_plan(persist=replace(PERSIST, image="quay.io/containerdisks/fedora:42")),
+                          uid="another-start")
+
+    for proc in (same_ref, new_ref):
+        assert proc.returncode == 1
+        assert "volume rootdisk: the base image changed" in proc.stderr
+        assert "holds the writes made on the old base" in proc.stderr
+        assert "pin the VM's containerDisk to the digest of the old image" in proc.stderr
+        assert f"delete {HOST_DIR}/persist-root.rootdisk.qcow2 on the node" in proc.stderr
+    assert f"the content behind {ROOT_IMAGE!r} changed" in same_ref.stderr
+    assert "the image reference changed from" in new_ref.stderr
+    assert snapshot(node.root) == changed  # neither the overlay nor the record was touched
+    assert {k: v for k, v in before.items() if "disk_0" not in k} == \
+        {k: v for k, v in changed.items() if "disk_0" not in k}
+
+
+def test_persist_root_same_content_under_a_pinned_reference_is_accepted(node: Node) -> None:
+    persist_layout(node, qcow2_size=24 * MiB)
+    summaries(run_prepare(node, make_plan(persist=PERSIST)))
+    pinned = replace(PERSIST, image="quay.io/containerdisks/fedora@sha256:" + "ab" * 32)
+    result = summaries(run_prepare(node, make_plan(persist=pinned), uid="later-start"))
+    assert result["rootdisk"]["result"] == "unchanged"
+    marker = json.loads(node.path(PERSIST.marker_path).read_text())
+    assert (marker["image"], marker["vmiUID"]) == (pinned.image, "later-start")
+
+
+def test_persist_root_deleted_overlay_starts_afresh(node: Node) -> None:
+    persist_layout(node, qcow2_size=24 * MiB)
+    summaries(run_prepare(node, make_plan(persist=PERSIST)))
+    node.container_disk(0, qcow2_size=32 * MiB)
+    node.path(PERSIST.launcher_path).unlink()  # what the refusal tells the user to do
+    result = summaries(run_prepare(node, make_plan(persist=PERSIST)))
+    assert result["rootdisk"]["result"] == "created"
+    assert qinfo(node.path(PERSIST.launcher_path))["virtual-size"] == 32 * MiB
+
+
+def test_persist_root_overlay_without_record_is_refused(node: Node) -> None:
+    persist_layout(node, qcow2_size=24 * MiB)
+    summaries(run_prepare(node, make_plan(persist=PERSIST)))
+    node.path(PERSIST.marker_path).unlink()
+    proc = run_prepare(node, make_plan(persist=PERSIST))
+    assert proc.returncode == 1 and "its base record" in proc.stderr
+
+
+def test_persist_root_needs_the_image_volume(node: Node) -> None:
+    node.vm_dir()
+    proc = run_prepare(node, make_plan(persist=PERSIST))
+    assert proc.returncode == 1
+    assert "ImageVolume mode" in proc.stderr
+    assert "/var/run/kubevirt-image-volume/disk_0" in proc.stderr
+
+
+def test_persist_root_container_disk_with_two_files_is_refused(node: Node) -> None:
+    base = persist_layout(node, content=b"x" * 4096)
+    (base.parent / "second.img").write_bytes(b"y")
+    proc = run_prepare(node, make_plan(persist=PERSIST))
+    assert proc.returncode == 1 and "exactly one file" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# contract with the hook sidecar and the init container's capabilities
+# ------------------------------------------------------------------------------------------------
+def test_what_prepare_makes_passes_the_sidecar_image_checks(node: Node) -> None:
+    from hooksidecar.images import check_images
+
+    node.mount_volume("data")
+    node.mount_volume("scratch")
+    base = library_base(node, "almalinux-9.qcow2", "qcow2", 8 * MiB)
+    persist_layout(node, qcow2_size=24 * MiB)
+    plan = make_plan(make_disk("data", 64 * MiB), make_disk("scratch", 32 * MiB, base), persist=PERSIST)
+    summaries(run_prepare(node, plan))
+
+    facts = check_images(plan, vmi_uid=VMI_UID, path_prefix=str(node.root))
+    assert facts.persist_root_base_format == "qcow2"
+
+
+def test_runs_with_only_chown_and_dac_override(node: Node) -> None:
+    """The init container keeps CHOWN and DAC_OVERRIDE only (no FOWNER), with no_new_privs:
+    emulated with setpriv's bounding set, on a VM directory KubeVirt chowned to 107 and an
+    existing image owned by 107."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is needed for this test"
+    d = node.mount_volume("data")
+    node.mount_volume("new")
+    summaries(run_prepare(node, make_plan(make_disk("data", 16 * MiB))))
+    os.chown(d, 107, 107)
+    os.chmod(d, 0o755)
+    os.chown(node.path(K.launcher_disk_dir("new")), 107, 107)
+    vm = node.vm_dir()
+    os.chown(vm, 107, 107)
+    persist_layout(node, qcow2_size=8 * MiB)
+    plan = make_plan(make_disk("data", 32 * MiB), make_disk("new", 8 * MiB), persist=PERSIST)
+    wrap = [setpriv, "--bounding-set=-all,+chown,+dac_override", "--inh-caps=-all", "--no-new-privs",
+            "--"]
+
+    result = summaries(run_prepare(node, plan, wrap=wrap))
+
+    assert {v: s["result"] for v, s in result.items()} == \
+        {"data": "grown", "new": "created", "rootdisk": "created"}
+    again = summaries(run_prepare(node, plan, wrap=wrap, uid="later-start"))
+    assert again["rootdisk"]["result"] == "unchanged"
+
+
+# ------------------------------------------------------------------------------------------------
+# the pure core, table by table (no files)
+# ------------------------------------------------------------------------------------------------
+SHA_A, SHA_B = "a" * 64, "b" * 64
+OVERLAY_OK = prepare.FileState("qcow2", virtual_size=24 * MiB, backing_file=PERSIST.base_path,
+                               backing_format="qcow2")
+BASE_A = prepare.BaseObservation(True, None, "disk.img", "qcow2", 24 * MiB, SHA_A)
+
+
+def _record(sha: str = SHA_A, uid: str = VMI_UID, image: str = ROOT_IMAGE) -> dict[str, Any]:
+    return prepare.marker_record(image=image, sha256=sha, fmt="qcow2", virtual_size=24 * MiB,
+                                 vmi_uid=uid, overlay=PERSIST.file)
+
+
+@pytest.mark.parametrize("overlay, marker, expected", [
+    (prepare.FileState("missing"), prepare.MarkerState("missing"), ["WriteMarker", "CreateImage"]),
+    (prepare.FileState("missing"), prepare.MarkerState("ok", record=_record(SHA_B)),
+     ["WriteMarker", "CreateImage"]),  # the overlay was deleted to discard its writes
+    (prepare.FileState("missing"), prepare.MarkerState("invalid", "is a symbolic link", replaceable=False),
+     ["Refuse"]),
+    (OVERLAY_OK, prepare.MarkerState("ok", record=_record()), ["Unchanged"]),
+    (OVERLAY_OK, prepare.MarkerState("ok", record=_record(uid="old")), ["WriteMarker", "Unchanged"]),
+    (OVERLAY_OK, prepare.MarkerState("ok", record=_record(SHA_B)), ["Refuse"]),
+    (OVERLAY_OK, prepare.MarkerState("missing"), ["Refuse"]),
+    (OVERLAY_OK, prepare.MarkerState("invalid", "is not JSON"), ["Refuse"]),
+    (replace(OVERLAY_OK, backing_file="/var/run/kubevirt/container-disks/disk_1.img"),
+     prepare.MarkerState("ok", record=_record()), ["Refuse"]),
+    (replace(OVERLAY_OK, data_file="/x"), prepare.MarkerState("ok", record=_record()), ["Refuse"]),
+    (prepare.FileState("raw", file_size=1), prepare.MarkerState("ok", record=_record()), ["Refuse"]),
+])
+def test_persist_root_decisions(overlay: prepare.FileState, marker: prepare.MarkerState,
+                                expected: list[str]) -> None:
+    observed = prepare.Observed(disks={}, persist_root=prepare.PersistObservation(True, BASE_A, overlay,
+                                                                                 marker))
+    actions = prepare.plan_actions(make_plan(persist=PERSIST), observed, vmi_uid=VMI_UID)
+    assert [type(a).__name__ for a in actions] == expected
+    for a in actions:
+        if isinstance(a, prepare.WriteMarker):
+            assert a.record == _record()
+
+
+@pytest.mark.parametrize("image, planned, expected", [
+    (prepare.FileState("missing"), 10 * MiB, "CreateImage"),
+    (prepare.FileState("qcow2", virtual_size=10 * MiB), 10 * MiB, "Unchanged"),
+    (prepare.FileState("qcow2", virtual_size=10 * MiB), 10 * MiB - 100, "Unchanged"),  # rounds to 512
+    (prepare.FileState("qcow2", virtual_size=10 * MiB), 20 * MiB, "GrowImage"),
+    (prepare.FileState("qcow2", virtual_size=20 * MiB), 10 * MiB, "Refuse"),
+    (prepare.FileState("qcow2", virtual_size=10 * MiB, corrupt=True), 10 * MiB, "Refuse"),
+    (prepare.FileState("qcow2", virtual_size=10 * MiB, encrypted=True), 10 * MiB, "Refuse"),
+    (prepare.FileState("qcow2", virtual_size=10 * MiB, unknown_features=1 << 9), 10 * MiB, "Refuse"),
+    (prepare.FileState("bad-qcow2", "truncated"), 10 * MiB, "Refuse"),
+    (prepare.FileState("not-regular"), 10 * MiB, "Refuse"),
+])
+def test_disk_decisions(image: prepare.FileState, planned: int, expected: str) -> None:
+    observed = prepare.Observed(disks={"data": prepare.DiskObservation(True, image)})
+    actions = prepare.plan_actions(make_plan(make_disk("data", planned)), observed, vmi_uid=None)
+    assert [type(a).__name__ for a in actions] == [expected]
