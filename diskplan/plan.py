@@ -16,8 +16,6 @@ DNS labels, or paths that are not clean and absolute make :class:`~diskplan.erro
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -204,7 +202,10 @@ def canonical_json(doc: Mapping[str, Any]) -> bytes:
 # ------------------------------------------------------------------------------------------------
 # keys and authentication
 # ------------------------------------------------------------------------------------------------
+# hashlib/hmac are imported where used: the sidecar only parses plans and must stay small in memory.
 def key_id(secret: bytes) -> str:
+    import hashlib
+
     return "k-" + hashlib.sha256(secret).hexdigest()[:12]
 
 
@@ -231,6 +232,9 @@ class PlanKeys:
 
 
 def _mac(secret: bytes, body: Mapping[str, Any]) -> str:
+    import hashlib
+    import hmac
+
     return hmac.new(secret, canonical_json(body), hashlib.sha256).hexdigest()
 
 
@@ -257,6 +261,8 @@ def verify_plan(text: str, plan_keys: PlanKeys, *, namespace: str, vm: str | Non
                       "plans are written only by the diskhooks webhook")
     secret = plan_keys.lookup(auth["keyId"])
     body = {k: v for k, v in doc.items() if k != "auth"}
+    import hmac
+
     if secret is None or not hmac.compare_digest(_mac(secret, body), auth["hmac"]):
         raise Refused(field_path, "the plan's signature does not verify (forged, edited by hand, or "
                       "signed with a key that is no longer accepted); remove the annotation and let "

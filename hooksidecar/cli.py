@@ -1,0 +1,238 @@
+"""``diskhooks-sidecar``: serve KubeVirt's hook API, run the prepare step, or dry-run one domain.
+
+Transport only: parses arguments, reads files, calls :mod:`hooksidecar.server`,
+:mod:`hooksidecar.prepare` or :func:`hooksidecar.callback.on_define_domain`, prints. Every
+subcommand imports its own modules only when chosen: the sidecar container runs under a 64M memory
+limit, so ``serve`` must not pay for YAML or ``prepare`` for gRPC.
+
+- ``serve [--socket-dir DIR] [--name NAME] [--version V] [--path-prefix DIR] [--grace S]`` listens
+  on ``unix://DIR/NAME.sock`` until SIGTERM/SIGINT or a ``Shutdown`` call. Like KubeVirt's sidecar-shim, ``diskhooks-sidecar --version v1alpha3`` (no subcommand) serves too.
+  Exit 0 after a clean stop, 1 when the socket cannot be taken, 2 on bad arguments. The image
+  checks cannot be switched off when serving (only a dry run may skip them).
+- ``prepare ...`` hands its arguments to :func:`hooksidecar.prepare.main`.
+- ``dry-run --vmi VMI.(json|yaml) --domain DOMAIN.xml [--diff] [--path-prefix DIR]
+  [--no-image-check]`` prints the domain XML the sidecar would answer (or a unified diff against
+  the input); exit 1 with the reason when the plan is refused, 2 on unusable input. A
+  VirtualMachine manifest (e.g. ``diskhooks-webhook dry-run`` output) is accepted too: its
+  template stands for the VMI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from diskplan.keys import HOOK_VERSIONS
+
+PROG = "diskhooks-sidecar"
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+MAX_INPUT_BYTES = 4 * 1024 * 1024
+VERSIONS = HOOK_VERSIONS
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+class UsageError(Exception):
+    """Unusable input: printed as one line, exit 2."""
+
+
+# ------------------------------------------------------------------------------------------------
+# arguments
+# ------------------------------------------------------------------------------------------------
+def _socket_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a DNS label (it becomes <name>.sock)")
+    return value
+
+
+def _directory(value: str) -> str:
+    if not os.path.isabs(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an absolute path")
+    if not os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"{value} is not a directory")
+    return os.path.normpath(value)
+
+
+def _grace(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 <= seconds <= 300:
+        raise argparse.ArgumentTypeError("must be between 0 and 300 seconds")
+    return seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="The diskhooks KubeVirt hook sidecar: serve the hook API over a unix "
+        "socket, prepare qcow2 images (init container), or dry-run one domain XML.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve KubeVirt's hook gRPC API on a unix socket")
+    serve.add_argument("--socket-dir", type=_directory, default="/var/run/kubevirt-hooks",
+                       help="directory of the socket (default: /var/run/kubevirt-hooks)")
+    serve.add_argument("--name", type=_socket_name, default="diskhooks",
+                       help="hook name and socket file name <name>.sock (default: diskhooks)")
+    serve.add_argument("--version", choices=VERSIONS, default=None,
+                       help="serve only this Callbacks version (default: all of "
+                       f"{', '.join(VERSIONS)})")
+    serve.add_argument("--path-prefix", type=_directory, default=None,
+                       help="look for the launcher paths under this directory (tests, demos)")
+    serve.add_argument("--grace", type=_grace, default=5.0,
+                       help="seconds in-flight calls get when stopping (default: 5)")
+
+    sub.add_parser("prepare", add_help=False,
+                   help="create/grow the planned qcow2 images (init container); see 'prepare --help'")
+
+    dry = sub.add_parser("dry-run", help="print the domain XML the sidecar would answer for a VMI")
+    dry.add_argument("--vmi", required=True, help="VMI (or VirtualMachine) as JSON or YAML")
+    dry.add_argument("--domain", required=True, help="libvirt domain XML as virt-launcher sends it")
+    dry.add_argument("--diff", action="store_true", help="print a unified diff instead of the XML")
+    _add_core_options(dry)
+    return parser
+
+
+def _add_core_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--path-prefix", type=_directory, default=None,
+                        help="look for the launcher paths under this directory (tests, demos)")
+    parser.add_argument("--no-image-check", dest="check_images", action="store_false",
+                        help="do not look at the images (dry runs without the files)")
+
+
+# ------------------------------------------------------------------------------------------------
+# commands
+# ------------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hooksidecar import server
+
+    settings = server.SidecarSettings(
+        name=args.name, versions=(args.version,) if args.version else VERSIONS,
+        path_prefix=args.path_prefix or "", grace_seconds=args.grace)
+    return server.serve(socket_dir=args.socket_dir, settings=settings)
+
+
+def cmd_dry_run(args: argparse.Namespace) -> int:
+    from diskplan.errors import Malformed, Refused
+    from hooksidecar.callback import on_define_domain
+
+    try:
+        vmi_json = load_vmi(args.vmi)
+        domain_xml = read_limited(args.domain)
+    except UsageError as exc:
+        print(f"{PROG} dry-run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = on_define_domain(domain_xml, vmi_json, path_prefix=args.path_prefix or "",
+                                  check_images=args.check_images)
+    except Malformed as exc:
+        print(f"{PROG} dry-run: unusable input: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Refused as exc:
+        print(f"{PROG} dry-run: refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    if args.diff:
+        sys.stdout.write(unified_diff(domain_xml, result, name=os.path.basename(args.domain)))
+        if result == domain_xml:
+            print(f"{PROG} dry-run: no change (no diskhooks plan for the domain)", file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(result)
+        sys.stdout.buffer.flush()
+    return 0
+
+
+def cmd_prepare(argv: list[str]) -> int:
+    from hooksidecar import prepare
+
+    return prepare.main(argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers (pure or file reading only)
+# ------------------------------------------------------------------------------------------------
+def read_limited(path: str, limit: int = MAX_INPUT_BYTES) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise UsageError(f"{path} is larger than {limit} bytes")
+    return data
+
+
+def load_vmi(path: str) -> bytes:
+    """The VMI as JSON bytes. JSON that does not parse is passed on as it is, so the core reports it
+    (``Malformed``, with the parser's reason); YAML (``.yaml``/``.yml``) is converted; a
+    VirtualMachine becomes the VMI its template describes."""
+    data = read_limited(path)
+    if path.endswith((".yaml", ".yml")):
+        doc = _load_yaml(data, path)
+    else:
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            return data
+    if isinstance(doc, dict) and doc.get("kind") == "VirtualMachine":
+        return json.dumps(vmi_from_vm(doc)).encode()
+    return data if not path.endswith((".yaml", ".yml")) else json.dumps(doc).encode()
+
+
+def _load_yaml(data: bytes, path: str) -> Any:
+    import yaml
+
+    try:
+        docs = [d for d in yaml.safe_load_all(data) if d is not None]
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path} is not valid YAML: {exc}") from None
+    if len(docs) != 1:
+        raise UsageError(f"{path} holds {len(docs)} documents; give exactly one VMI or VirtualMachine")
+    return docs[0]
+
+
+def vmi_from_vm(vm: dict[str, Any]) -> dict[str, Any]:
+    """The VMI that a VirtualMachine's template describes (name/namespace from the VM)."""
+    spec = _object(vm.get("spec"))
+    template = _object(spec.get("template"))
+    meta = dict(_object(template.get("metadata")))
+    vm_meta = _object(vm.get("metadata"))
+    for key in ("name", "namespace"):
+        if key in vm_meta:
+            meta[key] = vm_meta[key]
+    return {"apiVersion": vm.get("apiVersion", "kubevirt.io/v1"), "kind": "VirtualMachineInstance",
+            "metadata": meta, "spec": _object(template.get("spec"))}
+
+
+def _object(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def unified_diff(before: bytes, after: bytes, *, name: str) -> str:
+    import difflib
+
+    old = before.decode("utf-8", "replace").splitlines(keepends=True)
+    new = after.decode("utf-8", "replace").splitlines(keepends=True)
+    lines = list(difflib.unified_diff(old, new, fromfile=f"a/{name}", tofile=f"b/{name}"))
+    return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
+# ------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "prepare":
+        return cmd_prepare(args_list[1:])
+    if args_list and args_list[0].startswith("--") and args_list[0] not in ("--help",):
+        args_list.insert(0, "serve")  # sidecar-shim style: diskhooks-sidecar --version v1alpha3
+    args = build_parser().parse_args(args_list)
+    if args.command == "serve":
+        return cmd_serve(args)
+    return cmd_dry_run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

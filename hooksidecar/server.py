@@ -1,0 +1,459 @@
+"""The hook sidecar's gRPC transport: KubeVirt's ``Info`` and ``Callbacks`` (v1alpha1-3) on a unix socket.
+
+Thin: the servicers decode a request, call :func:`hooksidecar.callback.on_define_domain`, encode the
+answer, map the two error families to gRPC codes (``Malformed`` -> INVALID_ARGUMENT, ``Refused`` ->
+FAILED_PRECONDITION, anything else -> INTERNAL) and log one JSON line per call. No decision about
+disks is taken here.
+
+Wire format. Every message of this API holds only ``bytes``/``string`` fields, plus ``InfoResult``'s
+repeated ``HookPoint`` (a string and an int32). The server therefore does not load the protobuf
+runtime: it registers grpcio *generic* handlers that receive and return raw bytes and uses the small
+codec below (:func:`decode_fields`, :func:`encode_bytes_field`, :func:`encode_info_result`). Measured
+on this machine, the protobuf runtime and the generated modules add about 2.8 MiB of peak RSS, and the
+sidecar runs under a 64M limit; ``tests/test_sidecar_server.py`` checks the codec against the modules
+generated from ``hooksidecar/protos/`` (``hooksidecar/_pb/``), which the tests use as virt-launcher.
+
+Lifecycle. :class:`HookServer` refuses to take over a live socket or a non-socket file, replaces a
+stale socket, serves with a two-thread pool, and stops gracefully (answer in-flight calls, then close)
+on SIGTERM/SIGINT or a ``Shutdown`` call; the socket is removed on exit. Signals and the ``Shutdown``
+servicer wake the main thread through a pipe (``signal.set_wakeup_fd``), so no lock is ever taken in a
+signal handler and a signal delivered to one of gRPC's own threads still wakes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterable
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import IO, Any, NoReturn
+
+import grpc
+
+from diskplan.errors import Malformed, Refused
+from diskplan.keys import HOOK_VERSIONS
+from hooksidecar import logfmt
+from hooksidecar.callback import on_define_domain
+
+HOOK_NAME = "diskhooks"
+DEFAULT_SOCKET_DIR = "/var/run/kubevirt-hooks"
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+DEFAULT_GRACE_SECONDS = 5.0
+THREADS = 2  # virt-launcher calls one hook at a time; a second thread serves Info/Shutdown meanwhile
+MAX_CONCURRENT_RPCS = 8
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+
+INFO_SERVICE = "kubevirt.hooks.info.Info"
+ON_DEFINE_DOMAIN = "OnDefineDomain"
+PRE_CLOUD_INIT_ISO = "PreCloudInitIso"
+SHUTDOWN = "Shutdown"
+
+# field numbers (hooksidecar/protos/*.proto)
+F_DOMAIN_XML, F_VMI = 1, 2  # OnDefineDomainParams; OnDefineDomainResult.domainXML = 1
+F_CI_SOURCE, F_CI_VMI, F_CI_DATA = 1, 2, 3  # PreCloudInitIsoParams / Result (no field 2 in Result)
+F_INFO_NAME, F_INFO_HOOK_POINTS, F_INFO_VERSIONS = 1, 3, 4
+F_HP_NAME, F_HP_PRIORITY = 1, 2
+
+_WAKE_SHUTDOWN = b"\x00"
+
+
+def callbacks_service(version: str) -> str:
+    return f"kubevirt.hooks.{version}.Callbacks"
+
+
+# ================================================================================================
+# codec: the protobuf wire format for bytes-only messages
+# ================================================================================================
+class WireError(ValueError):
+    """A request that is not a protobuf message of the expected shape."""
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise WireError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 64:
+            raise WireError("varint longer than 10 bytes")
+
+
+def _varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64  # int32/int64 negatives are sent as 64-bit two's complement
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def decode_fields(data: bytes, wanted: Iterable[int]) -> dict[int, bytes]:
+    """The length-delimited fields ``wanted`` of a protobuf message (missing ones are ``b""``).
+
+    proto3 semantics: the last occurrence of a field wins; fields not wanted are skipped whatever
+    their wire type. Raises :class:`WireError` for truncated or invalid input, or when a wanted
+    field arrives with a wire type other than length-delimited.
+    """
+    want = set(wanted)
+    out = dict.fromkeys(want, b"")
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _read_varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if number == 0:
+            raise WireError("field number 0")
+        if wire_type == 2:
+            length, pos = _read_varint(data, pos)
+            if length > end - pos:
+                raise WireError(f"field {number} is longer than the message")
+            if number in want:
+                out[number] = bytes(data[pos:pos + length])
+            pos += length
+            continue
+        if number in want:
+            raise WireError(f"field {number} has wire type {wire_type}, expected bytes")
+        if wire_type == 0:
+            _, pos = _read_varint(data, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise WireError(f"unsupported wire type {wire_type} (field {number})")
+        if pos > end:
+            raise WireError(f"field {number} is truncated")
+    return out
+
+
+def encode_bytes_field(number: int, value: bytes) -> bytes:
+    """One length-delimited field; proto3 leaves an empty value out."""
+    if not value:
+        return b""
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def encode_info_result(*, name: str, hook_points: Iterable[tuple[str, int]],
+                       versions: Iterable[str]) -> bytes:
+    """``InfoResult{name=1, hookPoints=3 (HookPoint{name=1, priority=2}), versions=4}``."""
+    parts = [encode_bytes_field(F_INFO_NAME, name.encode())]
+    for point, priority in hook_points:
+        body = encode_bytes_field(F_HP_NAME, point.encode())
+        if priority:
+            body += _varint(F_HP_PRIORITY << 3 | 0) + _varint(priority)
+        parts.append(_varint(F_INFO_HOOK_POINTS << 3 | 2) + _varint(len(body)) + body)
+    parts.extend(encode_bytes_field(F_INFO_VERSIONS, v.encode()) for v in versions)
+    return b"".join(parts)
+
+
+# ================================================================================================
+# servicers
+# ================================================================================================
+@dataclass(frozen=True)
+class SidecarSettings:
+    """What the sidecar serves and how it calls the core."""
+
+    #: hook name answered by Info (virt-launcher logs it)
+    name: str = HOOK_NAME
+    #: Callbacks versions served and advertised, most preferred first
+    versions: tuple[str, ...] = HOOK_VERSIONS
+    #: prepended to every launcher path the image checks open (tests and demos; empty in a pod)
+    path_prefix: str = ""
+    #: check the images before answering (the CLI never turns this off when serving)
+    check_images: bool = True
+    #: seconds in-flight calls get to finish when stopping
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+
+    def hook_points(self) -> tuple[tuple[str, int], ...]:
+        points = [(ON_DEFINE_DOMAIN, 0)]
+        if "v1alpha3" in self.versions:  # Shutdown exists only in v1alpha3
+            points.append((SHUTDOWN, 0))
+        return tuple(points)
+
+
+OnDefine = Callable[..., bytes]
+
+
+@dataclass
+class Servicers:
+    """The RPC implementations, as ``(request bytes, context) -> response bytes`` functions."""
+
+    settings: SidecarSettings
+    log: logfmt.JsonLog
+    request_shutdown: Callable[[], None]
+    on_define: OnDefine = on_define_domain
+    _info: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._info = encode_info_result(name=self.settings.name, hook_points=self.settings.hook_points(),
+                                        versions=self.settings.versions)
+
+    def info(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.log.emit("call", hook="Info", result="ok", code="OK", ms=0.0)
+        return self._info
+
+    def on_define_domain(self, version: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            started = time.perf_counter()
+            fields: dict[str, Any] = {"hook": ON_DEFINE_DOMAIN, "version": version, "vmi": "?"}
+            try:
+                params = decode_fields(request, (F_DOMAIN_XML, F_VMI))
+                domain_xml, vmi_json = params[F_DOMAIN_XML], params[F_VMI]
+                fields["vmi"] = logfmt.vmi_identity(vmi_json)
+                fields["bytesIn"] = len(domain_xml)
+                result = self.on_define(domain_xml, vmi_json, path_prefix=self.settings.path_prefix,
+                                        check_images=self.settings.check_images)
+            except WireError as exc:
+                self._fail(context, fields, started, grpc.StatusCode.INVALID_ARGUMENT,
+                           f"OnDefineDomainParams: not a valid protobuf message: {exc}")
+            except Malformed as exc:
+                self._fail(context, fields, started, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except Refused as exc:
+                self._fail(context, fields, started, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug must still answer, with a reason, and be logged
+                import traceback
+
+                fields["trace"] = traceback.format_exc(limit=-8)
+                self._fail(context, fields, started, grpc.StatusCode.INTERNAL,
+                           f"internal error in the diskhooks sidecar: {type(exc).__name__}: {exc}")
+            unchanged = result is domain_xml or result == domain_xml
+            self.log.emit("call", **fields, result="ok", code="OK", unchanged=unchanged,
+                          disksRewritten=[] if unchanged else logfmt.changed_disks(domain_xml, result),
+                          bytesOut=len(result), ms=_ms(started))
+            return encode_bytes_field(F_DOMAIN_XML, result)
+
+        return handle
+
+    def pre_cloud_init_iso(self, version: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
+        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+            started = time.perf_counter()
+            fields: dict[str, Any] = {"hook": PRE_CLOUD_INIT_ISO, "version": version}
+            try:
+                params = decode_fields(request, (F_CI_SOURCE, F_CI_VMI, F_CI_DATA))
+            except WireError as exc:
+                self._fail(context, fields, started, grpc.StatusCode.INVALID_ARGUMENT,
+                           f"PreCloudInitIsoParams: not a valid protobuf message: {exc}")
+            fields["vmi"] = logfmt.vmi_identity(params[F_CI_VMI])
+            self.log.emit("call", **fields, result="ok", code="OK", unchanged=True, ms=_ms(started))
+            return (encode_bytes_field(F_CI_SOURCE, params[F_CI_SOURCE])
+                    + encode_bytes_field(F_CI_DATA, params[F_CI_DATA]))
+
+        return handle
+
+    def shutdown(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.log.emit("call", hook=SHUTDOWN, version="v1alpha3", result="ok", code="OK", ms=0.0)
+        self.request_shutdown()  # only wakes the main thread: this answer goes out before the stop
+        return b""
+
+    def _fail(self, context: grpc.ServicerContext, fields: dict[str, Any], started: float,
+              code: grpc.StatusCode, message: str) -> NoReturn:
+        self.log.emit("call", **fields, result="error", code=code.name, error=message, ms=_ms(started))
+        context.abort(code, message)  # raises
+        raise AssertionError("grpc's abort returned")  # pragma: no cover
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def generic_handlers(servicers: Servicers) -> list[grpc.GenericRpcHandler]:
+    """One generic handler per service; requests and responses stay raw bytes."""
+    def rpc(fn: Callable[[bytes, grpc.ServicerContext], bytes]) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=None, response_serializer=None)
+
+    handlers = [grpc.method_handlers_generic_handler(INFO_SERVICE, {"Info": rpc(servicers.info)})]
+    for version in servicers.settings.versions:
+        methods: dict[str, grpc.RpcMethodHandler] = {
+            ON_DEFINE_DOMAIN: rpc(servicers.on_define_domain(version))}
+        if version in ("v1alpha2", "v1alpha3"):
+            methods[PRE_CLOUD_INIT_ISO] = rpc(servicers.pre_cloud_init_iso(version))
+        if version == "v1alpha3":
+            methods[SHUTDOWN] = rpc(servicers.shutdown)
+        handlers.append(grpc.method_handlers_generic_handler(callbacks_service(version), methods))
+    return handlers
+
+
+# ================================================================================================
+# the socket and the process
+# ================================================================================================
+class SocketInUse(Exception):
+    """The socket path is taken by something that must not be replaced."""
+
+
+def claim_socket_path(path: str) -> None:
+    """Make ``path`` free for a new socket: remove a stale socket, refuse anything else.
+
+    A socket somebody still accepts connections on is live (another sidecar): refused. A path that is
+    not a socket (a file, a directory, a link) is never removed. Raises :class:`SocketInUse`.
+    """
+    if len(path.encode()) > UNIX_PATH_MAX:
+        raise SocketInUse(f"socket path {path} is {len(path.encode())} bytes, longer than the "
+                          f"{UNIX_PATH_MAX} a unix socket path can have")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketInUse(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        pass  # nobody listens: stale, left by a sidecar that was killed
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise SocketInUse(f"cannot tell whether {path} is in use: {exc.strerror}") from None
+    else:
+        raise SocketInUse(f"{path} is a live socket (something accepts connections on it); "
+                          "refusing to take it over")
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class HookServer:
+    """The gRPC server on ``socket_path``; :meth:`run` serves until a signal or ``Shutdown``."""
+
+    def __init__(self, socket_path: str, settings: SidecarSettings, *, log: logfmt.JsonLog,
+                 on_define: OnDefine = on_define_domain) -> None:
+        self.socket_path = socket_path
+        self.settings = settings
+        self.log = log
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._servicers = Servicers(settings=settings, log=log, request_shutdown=self._wake_for_shutdown,
+                                    on_define=on_define)
+        self._server: grpc.Server | None = None
+        self._socket_ino: int | None = None
+
+    def _wake_for_shutdown(self) -> None:
+        try:
+            os.write(self._wake_w, _WAKE_SHUTDOWN)
+        except BlockingIOError:
+            pass  # the pipe already holds a wake-up
+
+    def start(self) -> None:
+        claim_socket_path(self.socket_path)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="hook"),
+            handlers=generic_handlers(self._servicers),
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+        )
+        try:
+            server.add_insecure_port(f"unix://{self.socket_path}")
+        except RuntimeError as exc:
+            raise SocketInUse(f"cannot listen on {self.socket_path}: {exc}") from None
+        server.start()
+        self._server = server
+        try:
+            self._socket_ino = os.lstat(self.socket_path).st_ino
+        except OSError:
+            self._socket_ino = None
+        self.log.emit("serving", socket=self.socket_path, name=self.settings.name,
+                      versions=list(self.settings.versions), pid=os.getpid(),
+                      pathPrefix=self.settings.path_prefix or None)
+
+    def wait_for_stop(self) -> str:
+        """Block until SIGTERM/SIGINT or a ``Shutdown`` call; the reason, e.g. ``"SIGTERM"``."""
+        while True:
+            try:
+                byte = os.read(self._wake_r, 1)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+            if byte == _WAKE_SHUTDOWN:
+                return "Shutdown call"
+            if byte:
+                try:
+                    return signal.Signals(byte[0]).name
+                except ValueError:
+                    return f"signal {byte[0]}"
+
+    def stop(self, reason: str) -> None:
+        """Stop accepting calls, let in-flight ones finish (``grace_seconds``), remove the socket."""
+        if self._server is not None:
+            self._server.stop(self.settings.grace_seconds).wait()
+            self._server = None
+        self._remove_socket()
+        self.log.emit("stopped", reason=reason, socket=self.socket_path)
+
+    def _remove_socket(self) -> None:
+        try:
+            st = os.lstat(self.socket_path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISSOCK(st.st_mode) and (self._socket_ino is None or st.st_ino == self._socket_ino):
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+
+    def run(self) -> str:
+        """Install the signal handlers, serve, stop gracefully; the reason it stopped."""
+        previous = install_wakeup_signals(self._wake_w)
+        try:
+            self.start()
+            reason = self.wait_for_stop()
+            self.stop(reason)
+            return reason
+        finally:
+            restore_signals(previous)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """The Python-level handler does nothing: the signal number already went into the wake-up pipe."""
+
+
+SavedSignals = tuple[int, dict[signal.Signals, Any]]
+
+
+def install_wakeup_signals(wake_fd: int) -> SavedSignals:
+    """Route SIGTERM/SIGINT into ``wake_fd`` (main thread only). Returns what to restore."""
+    old_fd = signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
+    old: dict[signal.Signals, Any] = {sig: signal.signal(sig, _ignore) for sig in _STOP_SIGNALS}
+    return old_fd, old
+
+
+def restore_signals(previous: SavedSignals) -> None:
+    old_fd, old = previous
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
+    signal.set_wakeup_fd(old_fd)
+
+
+def serve(*, socket_dir: str, settings: SidecarSettings, stream: IO[str] | None = None) -> int:
+    """Serve on ``<socket_dir>/<settings.name>.sock`` until stopped; the process exit status."""
+    log = logfmt.JsonLog(stream or sys.stderr)
+    path = os.path.join(socket_dir, f"{settings.name}.sock")
+    server = HookServer(path, settings, log=log)
+    try:
+        server.run()
+    except SocketInUse as exc:
+        log.emit("error", error=str(exc), socket=path)
+        return 1
+    return 0
