@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs what the demo needs (scripts/setup.sh, without helm) and plays one VM start locally:
+# webhook over HTTPS, Pod mutation, prepare with real qcow2 images, sidecar over gRPC. No cluster.
+# Options: --keep (keep the temp directory)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --no-helm
+exec .venv/bin/python -m scripts.demo "$@"
