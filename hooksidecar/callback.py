@@ -51,7 +51,7 @@ def on_define_domain(domain_xml: bytes, vmi_json: bytes, *, path_prefix: str = "
                                     path_prefix=path_prefix)
         base_format = facts.persist_root_base_format
     new_root = domain.mutate_domain(root, plan, persist_root_base_format=base_format)
-    return xmlsafe.serialise_domain(new_root)
+    return xmlsafe.serialise_domain(new_root, like=domain_xml)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -324,6 +324,16 @@ def test_everything_else_is_left_as_it_was(sc: Scenario) -> None:
 
 
 @pytest.mark.parametrize("sc", SCENARIOS, ids=IDS)
+def test_root_start_tag_and_line_structure_outside_the_disks_are_kept(sc: Scenario) -> None:
+    """A diff of input and output shows only the planned disks: the root start tag keeps
+    KubeVirt's attribute order and the document its trailing white space."""
+    xml = sc.xml()
+    out = run(sc, xml)
+    assert out.splitlines()[0] == xml.splitlines()[0]
+    assert out[len(out.rstrip()):] == xml[len(xml.rstrip()):]
+
+
+@pytest.mark.parametrize("sc", SCENARIOS, ids=IDS)
 def test_inserted_elements_follow_kubevirts_tab_style(sc: Scenario) -> None:
     out = run(sc, sc.xml()).decode()
     assert "\t\t\t<backingStore" in out

@@ -196,6 +196,11 @@ def test_prepare_is_handed_its_arguments(monkeypatch: pytest.MonkeyPatch) -> Non
     fake = types.ModuleType("hooksidecar.prepare")
     fake.main = fake_main  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "hooksidecar.prepare", fake)
+    # once the real module was imported (by another test), `from hooksidecar import prepare` reads
+    # the package attribute, so replace that too
+    import hooksidecar
+
+    monkeypatch.setattr(hooksidecar, "prepare", fake, raising=False)
     assert cli.main(["prepare", "--plan", "/x/plan.json", "--help"]) == 3
     assert seen == [["--plan", "/x/plan.json", "--help"]]
 
