@@ -1,0 +1,960 @@
+"""The VM/VMI mutation core (``webhook/vm_mutation.py``, ``webhook/sizing.py``) and the cluster
+lookups (``webhook/cluster.py``), called directly.
+
+Inputs are the objects kube-apiserver really sent (``shared/kubevirt/admission/``), KubeVirt's
+sample VMs and VMIs, the demo VM and the largest test VM (``tests/data/vm-kitchen-sink.yaml``).
+Every successful mutation is checked by :func:`mutate`: the input is left untouched, the result
+passes KubeVirt's schema and admission checks (``tests/kubevirt_schema.py``), a second call on
+the result changes nothing (reinvocation, re-submission), and the VMI KubeVirt would make from the
+template is admitted unchanged. Lookups come from a real :class:`FileCluster`; there is no API
+server here, so :class:`KubeCluster` is only built and pointed at a closed port.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import yaml
+
+from diskplan import keys as K
+from diskplan.errors import Malformed, Refused
+from diskplan.plan import Plan, PlanKeys, sign_plan, verify_plan
+from diskplan.policy import Policy, load_policy
+from diskplan.quantity import parse_bytes
+from tests.conftest import ADMISSION, DATA, EXAMPLE_POLICY, ROOT, SAMPLES
+from tests.kubevirt_schema import assert_valid_vm, assert_valid_vmi
+from webhook.cluster import EMPTY_CLUSTER, Cluster, ClusterError, FileCluster, KubeCluster
+from webhook.mutation import Mutation
+from webhook.vm_mutation import mutate_vm, mutate_vmi
+
+KEYS = PlanKeys(current=b"vm-mutation-test-key-0123456789abc")
+OTHER_KEYS = PlanKeys(current=b"a-different-clusters-key-987654321")
+GI = 1024**3
+ROOT_DIR = "/var/lib/diskhooks/vms"  # hostDisks.root of examples/policy.yaml
+SIDECAR = "ghcr.io/diskhooks/diskhooks-sidecar:0.1.0"
+HOOKS = K.ANN_HOOK_SIDECARS
+TEMPLATE_SIDECARS = f"spec.template.metadata.annotations[{HOOKS}]"
+
+POLICY = load_policy(EXAMPLE_POLICY.read_text())
+STRICT = load_policy((DATA / "policy-strict.yaml").read_text())
+CLUSTER = FileCluster.from_text((DATA / "vm-cluster-objects.yaml").read_text())
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs and helpers
+# ------------------------------------------------------------------------------------------------
+def review(name: str) -> dict[str, Any]:
+    return dict(json.loads((ADMISSION / name).read_text())["request"])
+
+
+def vm_create() -> dict[str, Any]:
+    return dict(review("vm-create.json")["object"])
+
+
+def sample(name: str) -> dict[str, Any]:
+    return dict(yaml.safe_load((SAMPLES / name).read_text()))
+
+
+def kitchen_sink() -> dict[str, Any]:
+    return dict(yaml.safe_load((DATA / "vm-kitchen-sink.yaml").read_text()))
+
+
+def annotate(vm: dict[str, Any], **annotations: str) -> dict[str, Any]:
+    """``disks=...`` sets ``diskhooks.io/disks``, ``persist_root`` -> ``persist-root``, etc."""
+    anns = vm.setdefault("metadata", {}).setdefault("annotations", {})
+    for key, value in annotations.items():
+        anns[K.PREFIX + key.replace("_", "-")] = value
+    return vm
+
+
+def tspec(vm: dict[str, Any]) -> dict[str, Any]:
+    return dict(vm["spec"]["template"]["spec"])
+
+
+def volumes(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in spec.get("volumes", [])}
+
+
+def disks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {d["name"]: d for d in spec["domain"]["devices"].get("disks", [])}
+
+
+def tmeta(vm: dict[str, Any]) -> dict[str, Any]:
+    return dict(vm["spec"]["template"].get("metadata") or {})
+
+
+def sidecars(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    raw = (meta.get("annotations") or {}).get(HOOKS)
+    return [] if raw is None else list(json.loads(raw))
+
+
+def plan_of(vm: dict[str, Any], *, namespace: str = "vms") -> Plan:
+    return verify_plan(tmeta(vm)["annotations"][K.ANN_PLAN], KEYS, namespace=namespace,
+                       vm=vm["metadata"]["name"])
+
+
+def vmi_from(vm: dict[str, Any], namespace: str = "vms") -> dict[str, Any]:
+    """The VMI virt-controller makes from a VM: the template's metadata and spec, the VM's name."""
+    meta = copy.deepcopy(vm["spec"]["template"].get("metadata") or {})
+    meta.update(name=vm["metadata"]["name"], namespace=namespace,
+                ownerReferences=[{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                                  "name": vm["metadata"]["name"], "uid": "0000", "controller": True}])
+    return {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "metadata": meta,
+            "spec": copy.deepcopy(vm["spec"]["template"]["spec"])}
+
+
+def call_vm(vm: dict[str, Any], *, policy: Policy = POLICY, operation: str = "CREATE",
+            old: dict[str, Any] | None = None, namespace: str = "vms", cluster: Cluster = CLUSTER,
+            keys: PlanKeys = KEYS) -> Mutation:
+    return mutate_vm(vm, operation=operation, old_obj=old, namespace=namespace, policy=policy,
+                     plan_keys=keys, cluster=cluster)
+
+
+def mutate(vm: dict[str, Any], *, policy: Policy = POLICY, operation: str = "CREATE",
+           old: dict[str, Any] | None = None, namespace: str = "vms",
+           cluster: Cluster = CLUSTER) -> Mutation:
+    """Mutate and check what must always hold (see the module docstring)."""
+    pristine = copy.deepcopy(vm)
+    old_pristine = copy.deepcopy(old)
+    m = call_vm(vm, policy=policy, operation=operation, old=old, namespace=namespace, cluster=cluster)
+    assert vm == pristine and old == old_pristine, "the input must never be modified"
+    assert_valid_vm(m.obj)
+    again = call_vm(m.obj, policy=policy, operation=operation, old=old, namespace=namespace,
+                    cluster=cluster)
+    assert again.obj == m.obj, "a second call on the result must change nothing"
+    resubmitted = call_vm(m.obj, policy=policy, operation="UPDATE", old=m.obj, namespace=namespace,
+                          cluster=cluster)
+    assert resubmitted.obj == m.obj
+    if K.ANN_PLAN in (tmeta(m.obj).get("annotations") or {}):
+        vmi = vmi_from(m.obj, namespace)
+        verified = mutate_vmi(vmi, operation="CREATE", namespace=namespace, policy=policy,
+                              plan_keys=KEYS, cluster=cluster)
+        assert verified.obj == vmi, "the VMI made from the template is admitted unchanged"
+        assert_valid_vmi(vmi, require_memory=False)
+    return m
+
+
+# ------------------------------------------------------------------------------------------------
+# the real admission objects
+# ------------------------------------------------------------------------------------------------
+def test_vm_create_from_the_api_server() -> None:
+    m = mutate(vm_create())
+    assert m.warnings == ()
+    spec = tspec(m.obj)
+    vols, dsks = volumes(spec), disks(spec)
+    assert vols["pgdata"]["hostDisk"] == {"path": f"{ROOT_DIR}/vms/pg01/pgdata.qcow2",
+                                          "type": "DiskOrCreate", "capacity": "200Gi"}
+    assert vols["wal"]["hostDisk"] == {"path": f"{ROOT_DIR}/vms/pg01/wal.qcow2",
+                                       "type": "DiskOrCreate", "capacity": "20Gi"}
+    assert dsks["pgdata"] == {"name": "pgdata", "disk": {"bus": "virtio"}}
+    assert dsks["wal"] == {"name": "wal", "disk": {"bus": "scsi"}}
+    assert list(vols) == ["root", "pgdata", "wal"]  # the user's volume keeps its place (index 0)
+    plan = plan_of(m.obj)
+    assert plan.host_dir == f"{ROOT_DIR}/vms/pg01" and plan.sidecar_image == SIDECAR
+    assert [(d.name, d.size_bytes, d.bus, d.cache, d.io, d.discard) for d in plan.disks] == [
+        ("pgdata", 200 * GI, "virtio", "none", "native", "unmap"),
+        ("wal", 20 * GI, "scsi", "none", "native", "unmap")]
+    assert plan.image_library is None and plan.persist_root is None and plan.passthrough == ()
+    meta = tmeta(m.obj)
+    assert meta["labels"] == {"kubevirt.io/domain": "pg01", K.LABEL_MANAGED: "true"}
+    assert sidecars(meta) == [{"image": SIDECAR, "imagePullPolicy": "IfNotPresent",
+                               "args": ["serve", "--version", "v1alpha3"]}]
+    # profile "medium" (4 vCPUs, 8Gi) under cpuAllocationRatio 2 and no memory overcommit
+    domain = spec["domain"]
+    assert domain["cpu"] == {"sockets": 1, "cores": 4, "threads": 1}
+    assert domain["memory"] == {"guest": "8Gi"}
+    assert domain["resources"] == {"requests": {"cpu": "2", "memory": "8Gi"},
+                                   "limits": {"cpu": "4", "memory": "8Gi"}}
+    # nothing outside diskhooks' fields changed
+    assert m.obj["metadata"] == vm_create()["metadata"]
+    assert m.obj["spec"]["runStrategy"] == "Always"
+
+
+def test_vm_update_from_the_api_server_grows_the_disk() -> None:
+    r = review("vm-update.json")
+    m = mutate(r["object"], operation="UPDATE", old=r["oldObject"])
+    assert volumes(tspec(m.obj))["pgdata"]["hostDisk"]["capacity"] == "300Gi"
+    assert {d.name: d.size_bytes for d in plan_of(m.obj).disks} == {"pgdata": 300 * GI, "wal": 20 * GI}
+    assert any("'pgdata' grows from 200Gi to 300Gi at the next start" in w for w in m.warnings)
+
+
+def test_update_of_a_mutated_vm_grows_and_keeps_positions() -> None:
+    first = mutate(vm_create()).obj
+    edited = annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "250Gi"}, '
+                                                  '{"name": "wal", "size": "20Gi", "bus": "scsi"}]')
+    m = mutate(edited, operation="UPDATE", old=first)
+    assert [v["name"] for v in tspec(m.obj)["volumes"]] == ["root", "pgdata", "wal"]
+    assert volumes(tspec(m.obj))["pgdata"]["hostDisk"]["capacity"] == "250Gi"
+    assert any("grows from 200Gi to 250Gi" in w for w in m.warnings)
+
+
+def test_vmi_create_from_the_api_server() -> None:
+    obj = review("vmi-create.json")["object"]
+    pristine = copy.deepcopy(obj)
+    m = mutate_vmi(obj, operation="CREATE", namespace="vms", policy=POLICY, plan_keys=KEYS,
+                   cluster=CLUSTER)
+    assert obj == pristine
+    assert_valid_vmi(m.obj)
+    assert volumes(m.obj["spec"])["scratch"]["hostDisk"] == {
+        "path": f"{ROOT_DIR}/vms/scratch01/scratch.qcow2", "type": "DiskOrCreate", "capacity": "50Gi"}
+    plan = verify_plan(m.obj["metadata"]["annotations"][K.ANN_PLAN], KEYS, namespace="vms",
+                       vm="scratch01")
+    assert [d.name for d in plan.disks] == ["scratch"]
+    assert m.obj["metadata"]["labels"] == {K.LABEL_MANAGED: "true"}
+    assert sidecars(m.obj["metadata"])[-1]["image"] == SIDECAR
+    again = mutate_vmi(m.obj, operation="CREATE", namespace="vms", policy=POLICY, plan_keys=KEYS,
+                       cluster=CLUSTER)
+    assert again.obj == m.obj
+
+
+# ------------------------------------------------------------------------------------------------
+# plain objects pass unchanged
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["01-vm-containerdisk-hostdisk-cloudinit.yaml", "05-vm-mixed-smbios.yaml"])
+def test_plain_sample_vms_pass_unchanged(name: str) -> None:
+    vm = sample(name)
+    for op in ("CREATE", "UPDATE"):
+        m = call_vm(vm, operation=op, old=vm if op == "UPDATE" else None)
+        assert m.obj == vm and m.warnings == ()
+
+
+@pytest.mark.parametrize("name", ["02-vmi-two-hostdisks-disk.yaml", "03-vmi-pvc-cloudinit.yaml"])
+def test_plain_sample_vmis_pass_unchanged(name: str) -> None:
+    vmi = sample(name)
+    m = mutate_vmi(vmi, operation="CREATE", namespace="default", policy=POLICY, plan_keys=KEYS,
+                   cluster=CLUSTER)
+    assert m.obj == vmi and m.warnings == ()
+
+
+def test_other_operations_pass_unchanged() -> None:
+    vm = annotate(vm_create(), disks="{{{{ broken")
+    assert call_vm(vm, operation="DELETE").obj == vm
+    vmi = review("vmi-create.json")["object"]
+    assert mutate_vmi(vmi, operation="UPDATE", namespace="vms", policy=POLICY, plan_keys=KEYS,
+                      cluster=CLUSTER).obj == vmi
+
+
+# ------------------------------------------------------------------------------------------------
+# features
+# ------------------------------------------------------------------------------------------------
+def test_the_largest_vm() -> None:
+    m = mutate(kitchen_sink())
+    spec, meta = tspec(m.obj), tmeta(m.obj)
+    plan = plan_of(m.obj)
+    assert plan.vm == "db-big.prod" and plan.host_dir == f"{ROOT_DIR}/vms/db-big.prod"
+    assert [d.name for d in plan.disks] == ["pgdata", "wal", "scratch", "tmp1", "tmp2", "archive"]
+    pg, wal, scratch, _, tmp2, archive = plan.disks
+    assert (pg.serial, pg.boot_order, pg.io, pg.cache) == ("PGDATA-01", 3, "native", "none")
+    assert (wal.bus, wal.cache, wal.io, wal.discard) == ("scsi", "writeback", "threads", "ignore")
+    assert scratch.backing is not None and (scratch.backing.image, scratch.backing.file,
+                                            scratch.backing.format) == ("almalinux-9.4",
+                                                                        "almalinux-9.4.qcow2", "qcow2")
+    assert plan.image_library == "/var/lib/diskhooks/images"
+    assert (tmp2.size_bytes, tmp2.io) == (10**10, "io_uring")
+    assert volumes(spec)["tmp2"]["hostDisk"]["capacity"] == "10G"
+    assert archive.cache == "directsync" and archive.io == "native"
+    assert plan.persist_root is not None
+    assert (plan.persist_root.volume, plan.persist_root.volume_index, plan.persist_root.image) == \
+        ("root", 0, "quay.io/containerdisks/almalinux:9")
+    assert [(p.name, p.claim, p.mode) for p in plan.passthrough] == [
+        ("fast0", "node1-nvme0", "lun"), ("fast1", "node1-nvme1", "disk")]
+    dsks = disks(spec)
+    assert dsks["fast0"] == {"name": "fast0", "lun": {"bus": "scsi"}}
+    assert dsks["fast1"] == {"name": "fast1", "disk": {"bus": "virtio"}}
+    assert dsks["pgdata"] == {"name": "pgdata", "disk": {"bus": "virtio"}, "serial": "PGDATA-01",
+                              "bootOrder": 3}
+    assert volumes(spec)["fast0"] == {"name": "fast0", "persistentVolumeClaim": {"claimName": "node1-nvme0"}}
+    # the user's own volumes and devices stay as they were
+    assert volumes(spec)["legacy"]["hostDisk"]["path"] == "/mnt/legacy/db-big/legacy.img"
+    assert dsks["iso"] == {"name": "iso", "cdrom": {"bus": "sata"}}
+    # the allowed third-party sidecar stays first, diskhooks' is last
+    assert [s["image"] for s in sidecars(meta)] == ["registry.example.com/qcow2-hook:0.1.0", SIDECAR]
+    # 2 sockets x 8 cores x 2 threads, ratio 2; the user's cores/memory are overridden with warnings
+    domain = spec["domain"]
+    assert domain["cpu"] == {"cores": 8, "model": "host-passthrough", "sockets": 2, "threads": 2}
+    assert domain["resources"]["requests"] == {"memory": "96Gi", "ephemeral-storage": "1Gi", "cpu": "16"}
+    assert domain["resources"]["limits"] == {"cpu": "32", "memory": "96Gi"}
+    assert any(w.startswith("spec.template.spec.domain.cpu.cores: 2 is replaced by 8") for w in m.warnings)
+    assert any(w.startswith("spec.template.spec.domain.memory.guest: 4Gi is replaced by 96Gi")
+               for w in m.warnings)
+
+
+def test_the_demo_vm_with_the_demo_cluster() -> None:
+    vm = yaml.safe_load((ROOT / "examples" / "demo" / "vm.yaml").read_text())
+    cluster = FileCluster.from_text((ROOT / "examples" / "demo" / "cluster-objects.yaml").read_text())
+    m = mutate(vm, cluster=cluster)
+    plan = plan_of(m.obj)
+    assert plan.persist_root is not None and plan.persist_root.volume_index == 0
+    assert [p.mode for p in plan.passthrough] == ["lun"]
+
+
+def test_a_users_allowed_sidecar_is_kept_and_ours_appended() -> None:
+    vm = annotate(sample("01-vm-containerdisk-hostdisk-cloudinit.yaml"), disks="[{name: extra, size: 5Gi}]")
+    m = mutate(vm)
+    entries = sidecars(tmeta(m.obj))
+    assert entries[0] == {"args": ["--version", "v1alpha3"], "image": "registry.example.com/qcow2-hook:0.1.0",
+                          "imagePullPolicy": "IfNotPresent"}
+    assert entries[1]["image"] == SIDECAR and len(entries) == 2
+    # the user's own hostDisk outside diskhooks' directories is fine
+    assert volumes(tspec(m.obj))["datadisk"]["hostDisk"]["path"] == "/var/lib/vm-data/fedora-data/data.img"
+
+
+def test_an_older_diskhooks_sidecar_is_replaced() -> None:
+    vm = annotate(vm_create())
+    vm["spec"]["template"]["metadata"]["annotations"] = {HOOKS: json.dumps([
+        {"image": "ghcr.io/diskhooks/diskhooks-sidecar:0.0.9", "args": ["whatever"]},
+        {"image": "registry.example.com/qcow2-hook:0.1.0"},
+        {"image": "ghcr.io/diskhooks/diskhooks-sidecar@sha256:" + "b" * 64}])}
+    entries = sidecars(tmeta(mutate(vm).obj))
+    assert [e["image"] for e in entries] == ["registry.example.com/qcow2-hook:0.1.0", SIDECAR]
+    assert entries[1]["args"] == ["serve", "--version", "v1alpha3"]
+
+
+def test_persist_root_uses_the_boot_disk_and_its_volume_index() -> None:
+    vm = sample("01-vm-containerdisk-hostdisk-cloudinit.yaml")
+    spec = vm["spec"]["template"]["spec"]
+    spec["volumes"] = spec["volumes"][::-1]  # cloudinit, datadisk, rootdisk
+    m = mutate(annotate(vm, persist_root="true"))
+    pr = plan_of(m.obj, namespace="vms").persist_root
+    assert pr is not None and (pr.volume, pr.volume_index, pr.image) == \
+        ("rootdisk", 2, "quay.io/containerdisks/fedora:41")
+    # no volume is added for the overlay (it would become a guest disk)
+    assert [v["name"] for v in tspec(m.obj)["volumes"]] == ["cloudinitdisk", "datadisk", "rootdisk"]
+
+
+def test_detaching_a_disk_on_update_keeps_its_image() -> None:
+    first = mutate(vm_create()).obj
+    edited = annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "200Gi"}]')
+    m = mutate(edited, operation="UPDATE", old=first)
+    assert "wal" not in volumes(tspec(m.obj)) and "wal" not in disks(tspec(m.obj))
+    assert [d.name for d in plan_of(m.obj).disks] == ["pgdata"]
+    assert any("'wal' is detached" in w and "stays on the node" in w for w in m.warnings)
+
+
+def test_removing_every_annotation_cleans_up() -> None:
+    vm = annotate(sample("01-vm-containerdisk-hostdisk-cloudinit.yaml"), disks="[{name: extra, size: 5Gi}]")
+    first = mutate(vm).obj
+    plain = copy.deepcopy(first)
+    del plain["metadata"]["annotations"]
+    m = mutate(plain, operation="UPDATE", old=first)
+    meta = tmeta(m.obj)
+    assert K.ANN_PLAN not in meta["annotations"] and K.LABEL_MANAGED not in meta["labels"]
+    assert [e["image"] for e in sidecars(meta)] == ["registry.example.com/qcow2-hook:0.1.0"]
+    assert "extra" not in volumes(tspec(m.obj)) and "extra" not in disks(tspec(m.obj))
+    assert any("'extra' is detached" in w for w in m.warnings)
+    # ... and the result is the original sample again
+    assert m.obj["spec"] == sample("01-vm-containerdisk-hostdisk-cloudinit.yaml")["spec"]
+
+
+def test_disks_left_behind_without_any_diskhooks_trace_are_detached() -> None:
+    """Someone removed the annotation, the plan, the label and the sidecar by hand, but kept
+    the volumes: they are recognised by their exact path and detached, not refused."""
+    first = call_vm(vm_create()).obj
+    manual = copy.deepcopy(first)
+    del manual["metadata"]["annotations"]
+    manual["spec"]["template"]["metadata"] = {"labels": {"kubevirt.io/domain": "pg01"}}
+    m = mutate(manual, operation="UPDATE", old=first)
+    assert m.obj["spec"] == vm_create()["spec"] | {"template": {
+        "metadata": {"labels": {"kubevirt.io/domain": "pg01"}},
+        "spec": m.obj["spec"]["template"]["spec"]}}
+    assert list(volumes(tspec(m.obj))) == ["root"] and list(disks(tspec(m.obj))) == ["root"]
+    assert sum("is detached" in w for w in m.warnings) == 2
+
+
+def test_a_moved_root_rebuilds_the_disks_with_a_warning() -> None:
+    first = mutate(vm_create()).obj
+    moved = load_policy(EXAMPLE_POLICY.read_text().replace("root: /var/lib/diskhooks/vms",
+                                                           "root: /data/diskhooks"))
+    edited = annotate(copy.deepcopy(first), profile="small")
+    m = mutate(edited, policy=moved, operation="UPDATE", old=first)
+    assert volumes(tspec(m.obj))["pgdata"]["hostDisk"]["path"] == "/data/diskhooks/vms/pg01/pgdata.qcow2"
+    assert any("moved hostDisks.root" in w for w in m.warnings)
+
+
+def test_a_changed_container_disk_under_persist_root_warns() -> None:
+    first = mutate(annotate(vm_create(), persist_root="true")).obj
+    edited = copy.deepcopy(first)
+    edited["spec"]["template"]["spec"]["volumes"][0]["containerDisk"]["image"] = "quay.io/containerdisks/almalinux:10"
+    m = mutate(edited, operation="UPDATE", old=first)
+    assert any("refuse to start" in w and "almalinux:9" in w for w in m.warnings)
+
+
+# ------------------------------------------------------------------------------------------------
+# sizing
+# ------------------------------------------------------------------------------------------------
+def test_sizing_alone_needs_no_plan_and_no_sidecar() -> None:
+    vm = annotate(sample("05-vm-mixed-smbios.yaml"), cpu="3", memory="6Gi")
+    m = mutate(vm)
+    meta = tmeta(m.obj)
+    assert K.ANN_PLAN not in meta.get("annotations", {}) and K.LABEL_MANAGED not in meta.get("labels", {})
+    assert [e["image"] for e in sidecars(meta)] == ["quay.io/kubevirt/example-hook-sidecar:v1.5.0"]
+    domain = tspec(m.obj)["domain"]
+    assert domain["cpu"] == {"sockets": 1, "cores": 3, "threads": 1}
+    assert domain["resources"] == {"requests": {"cpu": "1500m", "memory": "6Gi"},
+                                   "limits": {"cpu": "3", "memory": "6Gi"}}
+    assert any("domain.memory.guest: 3Gi is replaced by 6Gi" in w for w in m.warnings)
+
+
+@pytest.mark.parametrize(("cpu", "memory", "requests", "limits"), [
+    ("3", "4Gi", {"cpu": "2", "memory": "2731Mi"}, {"cpu": "3", "memory": "4Gi"}),
+    ("4", "6Gi", {"cpu": "2667m", "memory": "4Gi"}, {"cpu": "4", "memory": "6Gi"}),
+    ("1", "1Mi", {"cpu": "667m", "memory": "1Mi"}, {"cpu": "1", "memory": "1Mi"}),
+])
+def test_overcommit_arithmetic(cpu: str, memory: str, requests: dict[str, str],
+                               limits: dict[str, str]) -> None:
+    """policy-strict: cpuAllocationRatio 1.5, memoryOvercommitPercent 150 (request rounded up to Mi)."""
+    m = mutate(annotate(vm_create(), disks="[]", cpu=cpu, memory=memory), policy=STRICT)
+    resources = tspec(m.obj)["domain"]["resources"]
+    assert (resources["requests"], resources["limits"]) == (requests, limits)
+
+
+def test_dedicated_cpus_and_hugepages_are_not_overcommitted() -> None:
+    vm = annotate(vm_create(), profile="small")
+    domain = vm["spec"]["template"]["spec"].setdefault("domain", {})
+    domain["cpu"] = {"dedicatedCpuPlacement": True}
+    domain["memory"] = {"hugepages": {"pageSize": "1Gi"}}
+    resources = tspec(mutate(vm, policy=STRICT).obj)["domain"]["resources"]
+    assert resources == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
+
+
+def test_the_default_profile() -> None:
+    plain = sample("01-vm-containerdisk-hostdisk-cloudinit.yaml")
+    del plain["spec"]["template"]["spec"]["domain"]["cpu"]
+    del plain["spec"]["template"]["spec"]["domain"]["memory"]
+    m = mutate(plain, policy=STRICT)
+    domain = tspec(m.obj)["domain"]
+    assert domain["cpu"] == {"sockets": 1, "cores": 2, "threads": 1}
+    assert domain["memory"] == {"guest": "4Gi"}
+    assert K.ANN_PLAN not in (tmeta(m.obj).get("annotations") or {})
+    # a VM that sizes itself, or uses an instancetype, is left alone
+    assert call_vm(sample("01-vm-containerdisk-hostdisk-cloudinit.yaml"), policy=STRICT).obj == \
+        sample("01-vm-containerdisk-hostdisk-cloudinit.yaml")
+    with_type = copy.deepcopy(plain)
+    with_type["spec"]["instancetype"] = {"name": "u1.medium"}
+    assert call_vm(with_type, policy=STRICT).obj == with_type
+
+
+def test_update_of_sizing_warns_about_the_next_start() -> None:
+    first = mutate(vm_create()).obj
+    m = mutate(annotate(copy.deepcopy(first), profile="large"), operation="UPDATE", old=first)
+    assert tspec(m.obj)["domain"]["memory"] == {"guest": "64Gi"}
+    assert any("takes effect at the next start" in w for w in m.warnings)
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile input: every case is a denial naming the field
+# ------------------------------------------------------------------------------------------------
+Case = Callable[[], tuple[dict[str, Any], dict[str, Any]]]
+
+
+def _plain(**annotations: str) -> Case:
+    return lambda: (annotate(vm_create(), **annotations), {})
+
+
+def _with_volume(volume: dict[str, Any], *, annotations: dict[str, str] | None = None,
+                 disk: bool = True) -> Case:
+    def build() -> tuple[dict[str, Any], dict[str, Any]]:
+        vm = vm_create()
+        if annotations is not None:
+            vm["metadata"]["annotations"] = annotations
+        spec = vm["spec"]["template"]["spec"]
+        spec["volumes"].append(volume)
+        if disk:
+            spec["domain"]["devices"]["disks"].append({"name": volume["name"], "disk": {"bus": "virtio"}})
+        return vm, {}
+    return build
+
+
+def _edit(fn: Callable[[dict[str, Any]], Any], **kw: Any) -> Case:
+    def build() -> tuple[dict[str, Any], dict[str, Any]]:
+        vm = vm_create()
+        fn(vm)
+        return vm, kw
+    return build
+
+
+def _shrink_from_plan() -> tuple[dict[str, Any], dict[str, Any]]:
+    first = call_vm(vm_create()).obj
+    edited = annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "100Gi"}]')
+    return edited, {"operation": "UPDATE", "old": first}
+
+
+def _shrink_from_annotation() -> tuple[dict[str, Any], dict[str, Any]]:
+    r = review("vm-update.json")  # the old object carries only the annotation (200Gi)
+    obj = annotate(r["object"], disks='[{"name": "pgdata", "size": "150Gi"}]')
+    return obj, {"operation": "UPDATE", "old": r["oldObject"]}
+
+
+def _recreated_smaller() -> tuple[dict[str, Any], dict[str, Any]]:
+    first = call_vm(vm_create()).obj  # a saved manifest with the plan, re-created smaller
+    return annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "100Gi"}]'), {}
+
+
+def _sidecars(entries: Any) -> Callable[[dict[str, Any]], None]:
+    def fn(vm: dict[str, Any]) -> None:
+        vm["spec"]["template"]["metadata"]["annotations"] = {
+            HOOKS: entries if isinstance(entries, str) else json.dumps(entries)}
+    return fn
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def fn(vm: dict[str, Any]) -> None:
+        target = vm
+        *parents, last = path.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[last] = value
+    return fn
+
+
+def _boot_from(kind: str) -> Callable[[dict[str, Any]], None]:
+    def fn(vm: dict[str, Any]) -> None:
+        spec = vm["spec"]["template"]["spec"]
+        vm["metadata"]["annotations"][K.ANN_PERSIST_ROOT] = "true"
+        if kind == "pvc":
+            spec["volumes"][0] = {"name": "root", "persistentVolumeClaim": {"claimName": "x"}}
+        elif kind == "cdrom":
+            spec["domain"]["devices"]["disks"][0] = {"name": "root", "cdrom": {"bus": "sata"}}
+        elif kind == "bootorder":
+            spec["volumes"].append({"name": "cloudinit", "cloudInitNoCloud": {"userData": "#cloud-config"}})
+            spec["domain"]["devices"]["disks"].append({"name": "cloudinit", "bootOrder": 1,
+                                                       "disk": {"bus": "virtio"}})
+        elif kind == "none":
+            spec["volumes"] = []
+            spec["domain"]["devices"]["disks"] = []
+            vm["metadata"]["annotations"][K.ANN_DISKS] = "[]"
+    return fn
+
+
+D = K.ANN_DISKS
+P = K.ANN_PASSTHROUGH
+VOL = "spec.template.spec.volumes[1].hostDisk.path"
+
+HOSTILE: list[tuple[str, Case, str]] = [
+    ("name with ..", _plain(disks='[{"name": "../../etc", "size": "1Gi"}]'), f"{D}[0].name"),
+    ("absolute path as name", _plain(disks='[{"name": "/etc/passwd", "size": "1Gi"}]'), f"{D}[0].name"),
+    ("name with a slash", _plain(disks="[{name: a/b, size: 1Gi}]"), f"{D}[0].name"),
+    ("backing with ..", _plain(disks="[{name: a, size: 1Gi, backing: ../x}]"), f"{D}[0].backing"),
+    ("1 MB value", _plain(disks="[" + "{name: a, size: 1Gi}," * 50000 + "]"), D),
+    ("YAML alias bomb", _plain(disks="a: &a [x, x, x, x]\nb: [*a, *a, *a, *a]\n"), D),
+    ("YAML tag", _plain(disks="!!python/object/apply:os.system ['id']"), D),
+    ("wrong type", _plain(disks="42"), D),
+    ("unknown key", _plain(disks="[{name: a, size: 1Gi, path: /etc/shadow}]"), f"{D}[0].path"),
+    ("too big", _plain(disks='[{"name": "a", "size": "1Gi"}, {"name": "b", "size": "9Ti"}]'),
+     f"{D}[1].size"),
+    ("unknown profile", _plain(profile="gigantic"), K.ANN_PROFILE),
+    ("hostDisk in another VM's directory",
+     _with_volume({"name": "steal", "hostDisk": {"path": f"{ROOT_DIR}/vms/other/data.qcow2", "type": "Disk"}},
+                  annotations={}), VOL),
+    ("hostDisk in another namespace",
+     _with_volume({"name": "steal", "hostDisk": {"path": f"{ROOT_DIR}/prod/db/data.qcow2", "type": "Disk"}}),
+     VOL),
+    ("hostDisk with .. into the root",
+     _with_volume({"name": "steal", "hostDisk": {"path": "/var/lib/x/../diskhooks/vms/prod/db/a.qcow2",
+                                                 "type": "Disk"}}), VOL),
+    ("hostDisk with // into the root",
+     _with_volume({"name": "steal", "hostDisk": {"path": "//var/lib/diskhooks//vms/prod/db/a.qcow2",
+                                                 "type": "Disk"}}), VOL),
+    ("hostDisk whose directory holds the root",
+     _with_volume({"name": "steal", "hostDisk": {"path": "/var/lib/diskhooks/x.img", "type": "Disk"}}), VOL),
+    ("hostDisk at /", _with_volume({"name": "steal", "hostDisk": {"path": "/x.img", "type": "Disk"}}), VOL),
+    ("hostDisk in the image library",
+     _with_volume({"name": "steal", "hostDisk": {"path": "/var/lib/diskhooks/images/almalinux-9.qcow2",
+                                                 "type": "Disk"}}), VOL),
+    ("our path under another volume name",
+     _with_volume({"name": "steal", "hostDisk": {"path": f"{ROOT_DIR}/vms/pg01/pgdata.qcow2",
+                                                 "type": "DiskOrCreate", "capacity": "1Gi"}}), VOL),
+    ("disk named like a user volume", _plain(disks="[{name: root, size: 1Gi}]"), f"{D}[0].name"),
+    ("disk named like a cdrom without volume",
+     _edit(lambda vm: (vm["spec"]["template"]["spec"]["domain"]["devices"]["disks"].append(
+         {"name": "pgdata", "cdrom": {"bus": "sata"}}))), f"{D}[0].name"),
+    ("boot order taken",
+     _edit(lambda vm: (vm["metadata"]["annotations"].update({D: "[{name: a, size: 1Gi, bootOrder: 1}]"}),
+                       vm["spec"]["template"]["spec"]["domain"]["devices"]["disks"][0].update(bootOrder=1))),
+     f"{D}[0].bootOrder"),
+    ("annotations on the template",
+     _edit(_set("spec.template.metadata.annotations", {D: "[{name: a, size: 1Gi}]"})),
+     f"spec.template.metadata.annotations[{D}]"),
+    ("generateName", _edit(lambda vm: (vm["metadata"].pop("name"),
+                                       vm["metadata"].update(generateName="pg-"))), "metadata.name"),
+    ("instancetype + sizing", _edit(_set("spec.instancetype", {"name": "u1.large"})), "spec.instancetype"),
+    ("preference + sizing", _edit(_set("spec.preference", {"name": "fedora"})), "spec.preference"),
+    ("lun not allowed", _edit(lambda vm: vm["metadata"]["annotations"].update(
+        {P: "[{name: f0, claim: node1-nvme0, mode: lun}]"}), policy=STRICT), f"{P}[0].mode"),
+    ("claim not found", _plain(passthrough="[{name: f0, claim: nope}]"), f"{P}[0].claim"),
+    ("claim only in another namespace", _plain(passthrough="[{name: f0, claim: other-only}]"),
+     f"{P}[0].claim"),
+    ("PVC not Block", _plain(passthrough="[{name: f0, claim: fs-claim}]"), f"{P}[0].claim"),
+    ("wrong StorageClass", _plain(passthrough="[{name: f0, claim: ceph-claim}]"), f"{P}[0].claim"),
+    ("claim used by a user volume",
+     _with_volume({"name": "mine", "persistentVolumeClaim": {"claimName": "node1-nvme0"}},
+                  annotations={P: "[{name: f0, claim: node1-nvme0}]"}), f"{P}[0].claim"),
+    ("sidecar image not allowed", _edit(_sidecars([{"image": "quay.io/evil/hook:1"}])),
+     f"{TEMPLATE_SIDECARS}[0].image"),
+    ("sidecar prefix trick", _edit(_sidecars([{"image": "registry.example.com/qcow2-hook:0.1.0"},
+                                             {"image": "registry.example.com/qcow2-hook:0.1.0-evil"}])),
+     f"{TEMPLATE_SIDECARS}[1].image"),
+    ("sidecar shim with a script", _edit(_sidecars([{"args": ["--version", "v1alpha3"],
+                                                    "configMap": {"name": "x", "key": "y", "hookPath": "/z"}}])),
+     f"{TEMPLATE_SIDECARS}[0].image"),
+    ("sidecar annotation not JSON", _edit(_sidecars("[{image: x}")), TEMPLATE_SIDECARS),
+    ("sidecar annotation not a list", _edit(_sidecars({"image": "x"})), TEMPLATE_SIDECARS),
+    ("shrink (old plan)", _shrink_from_plan, f"{D}[0].size"),
+    ("shrink (old annotation)", _shrink_from_annotation, f"{D}[0].size"),
+    ("shrink (re-created from a saved manifest)", _recreated_smaller, f"{D}[0].size"),
+    ("persist-root on a PVC", _edit(_boot_from("pvc")), K.ANN_PERSIST_ROOT),
+    ("persist-root on a cdrom", _edit(_boot_from("cdrom")), K.ANN_PERSIST_ROOT),
+    ("persist-root: boot order picks cloud-init", _edit(_boot_from("bootorder")), K.ANN_PERSIST_ROOT),
+    ("persist-root without disks", _edit(_boot_from("none")), K.ANN_PERSIST_ROOT),
+    ("sockets above the VM's maxSockets",
+     _edit(lambda vm: (vm["metadata"]["annotations"].update({K.ANN_CPU: "{sockets: 2}"}),
+                       vm["spec"]["template"]["spec"]["domain"].update(cpu={"maxSockets": 1}))), K.ANN_CPU),
+    ("memory above the VM's maxGuest",
+     _edit(lambda vm: vm["spec"]["template"]["spec"]["domain"].update(memory={"maxGuest": "4Gi"})),
+     K.ANN_MEMORY),
+    ("memory not a hugepage multiple",
+     _edit(lambda vm: (vm["metadata"]["annotations"].update({K.ANN_MEMORY: "1536Mi"}),
+                       vm["spec"]["template"]["spec"]["domain"].update(memory={"hugepages": {"pageSize": "1Gi"}}))),
+     K.ANN_MEMORY),
+    ("volumes not a list", _edit(_set("spec.template.spec.volumes", "oops")), "spec.template.spec.volumes"),
+    ("a volume without a name", _edit(lambda vm: vm["spec"]["template"]["spec"]["volumes"].append({})),
+     "spec.template.spec.volumes[1]"),
+]
+
+
+@pytest.mark.parametrize(("build", "field"), [(h[1], h[2]) for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_hostile_vms_are_refused_naming_the_field(build: Case, field: str) -> None:
+    vm, kw = build()
+    pristine = copy.deepcopy(vm)
+    with pytest.raises(Refused) as err:
+        call_vm(vm, **kw)
+    assert str(err.value).startswith(field + ":"), str(err.value)
+    assert vm == pristine
+
+
+def test_a_few_messages_read_well() -> None:
+    def message(case: Case) -> str:
+        vm, kw = case()
+        with pytest.raises(Refused) as err:
+            call_vm(vm, **kw)
+        return str(err.value)
+
+    assert message(_plain(disks='[{"name": "a", "size": "1Gi"}, {"name": "b", "size": "9Ti"}]')) == \
+        "diskhooks.io/disks[1].size: 9Ti exceeds the platform limit 2Ti"
+    assert message(_shrink_from_plan) == ("diskhooks.io/disks[0].size: 100Gi is smaller than the disk's "
+                                          "current size 200Gi; disks can grow but never shrink")
+    assert message(_plain(passthrough="[{name: f0, claim: fs-claim}]")) == (
+        "diskhooks.io/passthrough[0].claim: claim 'fs-claim' has volumeMode Filesystem; passthrough "
+        "needs a Block-mode claim (a whole device)")
+    assert "KubeVirt would mount /var/lib/diskhooks/vms/vms/other" in message(HOSTILE[11][1])
+
+
+@pytest.mark.parametrize(("obj", "field"), [
+    ([1, 2], ""),
+    ({"kind": "Pod", "spec": {}}, "kind"),
+    ({"apiVersion": "v1", "kind": "VirtualMachine", "spec": {}}, "apiVersion"),
+    ({"kind": "VirtualMachine"}, "spec"),
+    ({"kind": "VirtualMachine", "metadata": [], "spec": {}}, "metadata"),
+    ({"kind": "VirtualMachine", "metadata": {"annotations": "x"}, "spec": {}}, "metadata.annotations"),
+    ({"kind": "VirtualMachine", "metadata": {"name": "a", "annotations": {D: "[]"}}, "spec": {}},
+     "spec.template"),
+])
+def test_an_object_that_is_not_a_vm_is_malformed(obj: Any, field: str) -> None:
+    with pytest.raises(Malformed) as err:
+        call_vm(obj)
+    assert err.value.field == field
+
+
+# ------------------------------------------------------------------------------------------------
+# plans the webhook did not write
+# ------------------------------------------------------------------------------------------------
+def _forge(plan_text: str, **changes: Any) -> str:
+    doc = json.loads(plan_text)
+    doc.update(changes)
+    return json.dumps(doc)
+
+
+def test_a_forged_plan_on_the_template_is_recomputed() -> None:
+    first = call_vm(vm_create()).obj
+    forged = copy.deepcopy(first)
+    anns = forged["spec"]["template"]["metadata"]["annotations"]
+    anns[K.ANN_PLAN] = _forge(anns[K.ANN_PLAN], hostDir="/etc")
+    m = mutate(forged)
+    assert m.obj == first
+    assert plan_of(m.obj).host_dir == f"{ROOT_DIR}/vms/pg01"
+
+
+def test_a_forged_plan_without_annotations_is_stripped() -> None:
+    donor = call_vm(vm_create()).obj
+    vm = sample("05-vm-mixed-smbios.yaml")
+    meta = vm["spec"]["template"]["metadata"]
+    meta["annotations"][K.ANN_PLAN] = tmeta(donor)["annotations"][K.ANN_PLAN]
+    meta["labels"] = {K.LABEL_MANAGED: "true"}
+    m = mutate(vm, namespace="team-a")
+    assert K.ANN_PLAN not in tmeta(m.obj)["annotations"] and "labels" not in tmeta(m.obj)
+    assert m.obj["spec"] == sample("05-vm-mixed-smbios.yaml")["spec"]
+
+
+@pytest.mark.parametrize(("namespace", "keys"), [("vms", OTHER_KEYS), ("other", KEYS)],
+                         ids=["signed by another cluster", "copied from another namespace"])
+def test_a_copied_plan_never_makes_a_users_volume_ours(namespace: str, keys: PlanKeys) -> None:
+    """A plan that names the user's PVC volume ``mine`` as diskhooks passthrough: if it were
+    trusted, ``mine`` would be taken over (and dropped, as no annotation asks for it)."""
+    donor = annotate(vm_create(), passthrough="[{name: mine, claim: node1-nvme0}]")
+    donor_obj = call_vm(donor, namespace=namespace, keys=keys).obj
+    vm = annotate(vm_create(), passthrough="[]")
+    vm["spec"]["template"]["spec"]["volumes"].append({"name": "mine", "persistentVolumeClaim":
+                                                      {"claimName": "node1-nvme0"}})
+    vm["spec"]["template"]["spec"]["domain"]["devices"]["disks"].append({"name": "mine", "disk": {}})
+    vm["spec"]["template"]["metadata"]["annotations"] = {K.ANN_PLAN: tmeta(donor_obj)["annotations"][K.ANN_PLAN]}
+    m = mutate(vm)
+    assert volumes(tspec(m.obj))["mine"] == {"name": "mine", "persistentVolumeClaim": {"claimName": "node1-nvme0"}}
+    assert plan_of(m.obj).passthrough == ()
+
+
+def test_a_plan_copied_from_another_vm_is_replaced() -> None:
+    other = copy.deepcopy(vm_create())
+    other["metadata"]["name"] = "other"
+    donor = call_vm(other).obj
+    vm = vm_create()
+    vm["spec"]["template"]["metadata"]["annotations"] = {K.ANN_PLAN: tmeta(donor)["annotations"][K.ANN_PLAN]}
+    plan = plan_of(mutate(vm).obj)
+    assert plan.vm == "pg01" and plan.host_dir == f"{ROOT_DIR}/vms/pg01"
+
+
+# ------------------------------------------------------------------------------------------------
+# VMIs
+# ------------------------------------------------------------------------------------------------
+def _vmi_of_the_largest_vm() -> dict[str, Any]:
+    return vmi_from(call_vm(kitchen_sink()).obj)
+
+
+def call_vmi(vmi: dict[str, Any], *, namespace: str = "vms", policy: Policy = POLICY) -> Mutation:
+    return mutate_vmi(vmi, operation="CREATE", namespace=namespace, policy=policy, plan_keys=KEYS,
+                      cluster=CLUSTER)
+
+
+def test_a_vmi_from_a_template_is_verified_and_admitted_unchanged() -> None:
+    vmi = _vmi_of_the_largest_vm()
+    assert call_vmi(vmi).obj == vmi
+    assert_valid_vmi(vmi)
+
+
+def test_a_vmi_from_a_template_without_the_label_gets_it() -> None:
+    vmi = _vmi_of_the_largest_vm()
+    del vmi["metadata"]["labels"][K.LABEL_MANAGED]
+    assert call_vmi(vmi).obj["metadata"]["labels"][K.LABEL_MANAGED] == "true"
+
+
+def test_a_bare_vmi_with_a_stale_label_loses_it() -> None:
+    vmi = sample("02-vmi-two-hostdisks-disk.yaml")
+    vmi["metadata"]["labels"][K.LABEL_MANAGED] = "true"
+    assert call_vmi(vmi, namespace="default").obj == sample("02-vmi-two-hostdisks-disk.yaml")
+
+
+def test_a_bare_vmi_with_annotations_and_a_forged_plan_is_recomputed() -> None:
+    obj = review("vmi-create.json")["object"]
+    good = call_vmi(obj).obj
+    forged = copy.deepcopy(good)
+    anns = forged["metadata"]["annotations"]
+    anns[K.ANN_PLAN] = _forge(anns[K.ANN_PLAN], hostDir="/etc")
+    assert call_vmi(forged).obj == good
+
+
+def _tamper(fn: Callable[[dict[str, Any]], Any]) -> Callable[[], dict[str, Any]]:
+    def build() -> dict[str, Any]:
+        vmi = _vmi_of_the_largest_vm()
+        fn(vmi)
+        return vmi
+    return build
+
+
+def _vol(vmi: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(v for v in vmi["spec"]["volumes"] if v["name"] == name)
+
+
+PLAN_FIELD = f"metadata.annotations[{K.ANN_PLAN}]"
+VMI_HOSTILE: list[tuple[str, Callable[[], dict[str, Any]], str, str]] = [
+    ("forged plan", _tamper(lambda v: v["metadata"]["annotations"].update(
+        {K.ANN_PLAN: _forge(v["metadata"]["annotations"][K.ANN_PLAN], hostDir="/etc")})), PLAN_FIELD,
+     "does not verify"),
+    ("plan from another VM", _tamper(lambda v: v["metadata"].update(name="someone-else")), PLAN_FIELD,
+     "made for VM"),
+    ("unsigned plan", _tamper(lambda v: v["metadata"]["annotations"].update(
+        {K.ANN_PLAN: json.dumps({k: x for k, x in json.loads(v["metadata"]["annotations"][K.ANN_PLAN]).items()
+                                 if k != "auth"})})), PLAN_FIELD, "not signed"),
+    ("plan that is not JSON", _tamper(lambda v: v["metadata"]["annotations"].update({K.ANN_PLAN: "{nope"})),
+     PLAN_FIELD, "not valid JSON"),
+    ("disk path moved to /etc", _tamper(lambda v: _vol(v, "pgdata")["hostDisk"].update(path="/etc/pgdata.qcow2")),
+     "spec.volumes", "does not match its diskhooks plan"),
+    ("disk volume removed", _tamper(lambda v: v["spec"].update(
+        volumes=[x for x in v["spec"]["volumes"] if x["name"] != "wal"])), "spec.volumes", "disk 'wal'"),
+    ("passthrough claim swapped", _tamper(lambda v: _vol(v, "fast0")["persistentVolumeClaim"].update(
+        claimName="someone-elses-disk")), "spec.volumes", "passthrough volume 'fast0'"),
+    ("persist-root image swapped", _tamper(lambda v: _vol(v, "root")["containerDisk"].update(image="evil:1")),
+     "spec.volumes[0]", "persistent root"),
+    ("extra hostDisk into the root", _tamper(lambda v: v["spec"]["volumes"].append(
+        {"name": "steal", "hostDisk": {"path": f"{ROOT_DIR}/vms/other/x.qcow2", "type": "Disk"}})),
+     "spec.volumes[", "reaches into"),
+    ("diskhooks sidecar removed", _tamper(lambda v: v["metadata"]["annotations"].update(
+        {HOOKS: json.dumps([{"image": "registry.example.com/qcow2-hook:0.1.0"}])})),
+     f"metadata.annotations[{HOOKS}]", "qcow2 disks would reach the guest as raw"),
+    ("disallowed sidecar added", _tamper(lambda v: v["metadata"]["annotations"].update(
+        {HOOKS: json.dumps([{"image": "quay.io/evil/x:1"}, {"image": SIDECAR}])})),
+     f"metadata.annotations[{HOOKS}][0].image", "not an allowed"),
+]
+
+
+@pytest.mark.parametrize(("build", "field", "reason"), [h[1:] for h in VMI_HOSTILE],
+                         ids=[h[0] for h in VMI_HOSTILE])
+def test_a_tampered_vmi_is_refused(build: Callable[[], dict[str, Any]], field: str, reason: str) -> None:
+    vmi = build()
+    with pytest.raises(Refused) as err:
+        call_vmi(vmi)
+    assert str(err.value).startswith(field), str(err.value)
+    assert reason in err.value.reason, str(err.value)
+
+
+def test_a_vmi_in_another_namespace_is_refused() -> None:
+    with pytest.raises(Refused) as err:
+        call_vmi(_vmi_of_the_largest_vm(), namespace="prod")
+    assert "made for namespace 'vms'" in str(err.value)
+
+
+def test_a_bare_vmi_with_generate_name_is_refused() -> None:
+    obj = review("vmi-create.json")["object"]
+    del obj["metadata"]["name"]
+    obj["metadata"]["generateName"] = "scratch-"
+    with pytest.raises(Refused) as err:
+        call_vmi(obj)
+    assert err.value.field == "metadata.name" and "generateName" in err.value.reason
+
+
+def test_a_vm_being_deleted_or_only_touched_by_kubevirt_passes_unchanged() -> None:
+    """Finalizer and status updates must never be blocked, even when the policy was tightened
+    after the VM was admitted (here: its 200Gi disk is now above the limit)."""
+    first = call_vm(vm_create()).obj
+    tight = load_policy(EXAMPLE_POLICY.read_text().replace("maxDiskSize: 2Ti", "maxDiskSize: 100Gi"))
+    touched = copy.deepcopy(first)
+    touched["metadata"]["finalizers"] = ["kubevirt.io/virtualMachineControllerFinalize"]
+    assert call_vm(touched, policy=tight, operation="UPDATE", old=first).obj == touched
+    deleting = annotate(copy.deepcopy(first), disks="{{{ broken")
+    deleting["metadata"]["deletionTimestamp"] = "2026-11-28T05:00:00Z"
+    assert call_vm(deleting, policy=tight, operation="UPDATE", old=first).obj == deleting
+    with pytest.raises(Refused):  # a real change is judged by today's policy
+        call_vm(annotate(copy.deepcopy(first), profile="small"), policy=tight, operation="UPDATE", old=first)
+
+
+def test_yaml_timestamps_from_a_manifest_file_do_not_break_the_copy() -> None:
+    vm = vm_create()
+    vm["metadata"]["creationTimestamp"] = datetime.datetime(2026, 11, 28, 4, 46, 28)
+    m = call_vm(vm)
+    assert m.obj["metadata"]["creationTimestamp"] == vm["metadata"]["creationTimestamp"]
+    assert volumes(tspec(m.obj))["pgdata"]["hostDisk"]["capacity"] == "200Gi"
+
+
+# ------------------------------------------------------------------------------------------------
+# cluster lookups
+# ------------------------------------------------------------------------------------------------
+def test_file_cluster_forms() -> None:
+    assert len(CLUSTER) == 8
+    pvc = CLUSTER.get_pvc("vms", "node1-nvme0")
+    assert pvc is not None and pvc["spec"]["volumeMode"] == "Block"
+    pvc["spec"]["volumeMode"] = "changed"
+    assert CLUSTER.get_pvc("vms", "node1-nvme0")["spec"]["volumeMode"] == "Block"  # type: ignore[index]
+    assert CLUSTER.get_pvc("vms", "missing") is None and CLUSTER.get_pvc("nope", "node1-nvme0") is None
+    assert CLUSTER.get_storage_class("local-nvme") is not None and CLUSTER.get_node("node1") is not None
+    demo = FileCluster.from_text((ROOT / "examples" / "demo" / "cluster-objects.yaml").read_text())
+    assert demo.get_pvc("vms", "node1-nvme0") is not None  # a v1 List
+    listed = FileCluster.from_text('[{"kind": "Node", "metadata": {"name": "n1"}}]')  # a JSON list
+    assert listed.get_node("n1") == {"kind": "Node", "metadata": {"name": "n1"}}
+    assert EMPTY_CLUSTER.get_pvc("vms", "node1-nvme0") is None and len(EMPTY_CLUSTER) == 0
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ("kind: PersistentVolumeClaim\nmetadata: {name: a}\n", "items[0].metadata.namespace"),
+    ("- 5\n", "items[0]"),
+    ("- {metadata: {name: a}}\n", "items[0].kind"),
+    ("- {kind: Node}\n", "items[0].metadata.name"),
+    ("- {kind: Node, metadata: {name: a}}\n- {kind: Node, metadata: {name: a}}\n", "items[1]"),
+    ("{kind: List, items: 5}\n", "items"),
+    ("[unclosed\n", "cluster objects"),
+])
+def test_file_cluster_errors_name_the_item(text: str, field: str) -> None:
+    with pytest.raises(Malformed) as err:
+        FileCluster.from_text(text)
+    assert err.value.field == field
+
+
+class _Unreachable:
+    """Stands in for an API server that cannot be reached (the one fake here: no API server)."""
+
+    def get_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
+        raise ClusterError("looking up PersistentVolumeClaim failed: connection refused")
+
+    def get_storage_class(self, name: str) -> dict[str, Any] | None:
+        raise ClusterError("unreachable")
+
+    def get_node(self, name: str) -> dict[str, Any] | None:
+        raise ClusterError("unreachable")
+
+
+def test_a_failed_lookup_is_a_denial_naming_the_claim() -> None:
+    vm = annotate(vm_create(), passthrough="[{name: f0, claim: node1-nvme0}]")
+    with pytest.raises(Refused) as err:
+        call_vm(vm, cluster=_Unreachable())
+    assert err.value.field == f"{P}[0].claim" and "connection refused" in err.value.reason
+
+
+def test_kube_cluster_against_a_closed_port() -> None:
+    """No API server exists here: build the real client against a port nothing listens on and
+    check that a lookup fails as a ClusterError (so the webhook denies), not with a crash."""
+    from kubernetes import client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = client.Configuration(host=f"http://127.0.0.1:{port}")
+    config.retries = 0
+    kube = KubeCluster(client.ApiClient(config), timeout=1.0)
+    with pytest.raises(ClusterError) as err:
+        kube.get_pvc("vms", "node1-nvme0")
+    assert "PersistentVolumeClaim vms/node1-nvme0" in str(err.value)
+    vm = annotate(vm_create(), passthrough="[{name: f0, claim: node1-nvme0}]")
+    with pytest.raises(Refused):
+        call_vm(vm, cluster=kube)
+
+
+def test_kube_cluster_in_cluster_outside_a_pod_raises() -> None:
+    from kubernetes.config import ConfigException
+
+    with pytest.raises(ConfigException):
+        KubeCluster.in_cluster()
+
+
+def test_plan_sizes_are_what_the_volumes_say() -> None:
+    """The plan and the volume capacities agree for every disk of the largest VM."""
+    m = call_vm(kitchen_sink())
+    vols = volumes(tspec(m.obj))
+    for d in plan_of(m.obj).disks:
+        assert parse_bytes(vols[d.name]["hostDisk"]["capacity"]) == d.size_bytes
+
+
+def test_a_plan_signed_by_the_previous_key_is_still_recognised() -> None:
+    """After a key rotation the old plan still verifies, so passthrough volumes stay ours."""
+    old_keys = PlanKeys(current=b"previous-key-0123456789abcdefghij")
+    vm = annotate(vm_create(), passthrough="[{name: f0, claim: node1-nvme0}]")
+    first = call_vm(vm, keys=old_keys).obj
+    rotated = PlanKeys(current=KEYS.current, previous=(old_keys.current,))
+    edited = annotate(copy.deepcopy(first), passthrough="[]")
+    m = mutate_vm(edited, operation="UPDATE", old_obj=first, namespace="vms", policy=POLICY,
+                  plan_keys=rotated, cluster=CLUSTER)
+    assert "f0" not in volumes(tspec(m.obj)) and "f0" not in disks(tspec(m.obj))
+    assert sign_plan(verify_plan(tmeta(m.obj)["annotations"][K.ANN_PLAN], rotated, namespace="vms",
+                                 vm="pg01"), KEYS) == tmeta(m.obj)["annotations"][K.ANN_PLAN]

@@ -1,0 +1,177 @@
+"""Static sizing: a CPU topology and guest memory written into a VMI spec, with requests and limits
+derived from the platform's overcommit settings.
+
+Pure, and part of the VM/VMI mutation core: :func:`apply_sizing` edits the *copy* of a VMI spec
+(``spec.template.spec`` of a VM, or ``spec`` of a bare VMI) that :mod:`webhook.vm_mutation` made,
+and returns warnings for values the user had set differently. The rules:
+
+- topology ``sockets/cores/threads`` as requested (an integer N means 1 socket x N cores x 1 thread);
+- ``domain.memory.guest`` = the guest memory;
+- ``resources.limits.cpu`` = vCPUs, ``resources.requests.cpu`` = ceil(vCPUs x 1000 /
+  cpuAllocationRatio) millicores (vCPUs when ``dedicatedCpuPlacement``: KubeVirt requires
+  requests = limits there);
+- ``resources.limits.memory`` = guest, ``resources.requests.memory`` = guest x 100 /
+  memoryOvercommitPercent, rounded up to whole Mi, never above the limit (the guest itself with
+  hugepages or dedicated CPUs, which cannot be overcommitted).
+
+Everything emitted passes KubeVirt's own checks (request <= limit, guest <= limit, sockets <=
+maxSockets, guest <= maxGuest, hugepage multiples); a combination that cannot is refused naming
+the sizing annotation.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from diskplan import keys as K
+from diskplan.annotations import Sizing, quantity_text
+from diskplan.errors import Refused
+from diskplan.policy import MIB, Policy
+from diskplan.quantity import format_millicpu, parse_bytes
+
+TOPOLOGY_KEYS = ("sockets", "cores", "threads")
+
+
+def sets_own_sizing(spec: Any) -> bool:
+    """Whether a VMI spec already chooses CPU or memory itself (then a default profile is skipped)."""
+    domain = spec.get("domain") if isinstance(spec, dict) else None
+    if not isinstance(domain, dict):
+        return False
+    cpu = domain.get("cpu")
+    if isinstance(cpu, dict) and any(cpu.get(k) is not None for k in TOPOLOGY_KEYS):
+        return True
+    memory = domain.get("memory")
+    if isinstance(memory, dict) and memory.get("guest") is not None:
+        return True
+    resources = domain.get("resources")
+    if isinstance(resources, dict):
+        for section in ("requests", "limits"):
+            values = resources.get(section)
+            if isinstance(values, dict) and (values.get("cpu") is not None
+                                             or values.get("memory") is not None):
+                return True
+    return False
+
+
+def sizing_view(spec: Any) -> tuple[Any, ...]:
+    """The sized values of a spec, comparable between an old and a new object."""
+    domain = spec.get("domain") if isinstance(spec, dict) else None
+    if not isinstance(domain, dict):
+        return ()
+    cpu, memory = _dict(domain.get("cpu")), _dict(domain.get("memory"))
+    resources = _dict(domain.get("resources"))
+    requests, limits = _dict(resources.get("requests")), _dict(resources.get("limits"))
+    return (tuple(cpu.get(k) for k in TOPOLOGY_KEYS), _bytes(memory.get("guest")),
+            _millis(requests.get("cpu")), _millis(limits.get("cpu")),
+            _bytes(requests.get("memory")), _bytes(limits.get("memory")))
+
+
+def apply_sizing(spec: dict[str, Any], sizing: Sizing, policy: Policy, *, spec_path: str) -> list[str]:
+    """Write ``sizing`` into ``spec`` (a copy owned by the caller). Returns warnings."""
+    warnings: list[str] = []
+    domain = _child(spec, "domain", spec_path)
+    dpath = f"{spec_path}.domain"
+    resources = _child(domain, "resources", dpath)
+    requests = _child(resources, "requests", f"{dpath}.resources")
+    limits = _child(resources, "limits", f"{dpath}.resources")
+    field = K.ANN_CPU if sizing.from_annotations else "defaultProfile"
+    if sizing.cpu is not None:
+        cpu = _child(domain, "cpu", dpath)
+        topo = sizing.cpu
+        max_sockets = cpu.get("maxSockets")
+        if isinstance(max_sockets, int) and max_sockets and topo.sockets > max_sockets:
+            raise Refused(field, f"{topo.sockets} sockets exceed {dpath}.cpu.maxSockets "
+                          f"{max_sockets} set on the VM")
+        for key, value in zip(TOPOLOGY_KEYS, (topo.sockets, topo.cores, topo.threads)):
+            _set(cpu, key, value, f"{dpath}.cpu.{key}", sizing, warnings, same=lambda a, b: a == b)
+        vcpus = topo.vcpus
+        dedicated = cpu.get("dedicatedCpuPlacement") is True
+        request = vcpus * 1000 if dedicated else \
+            math.ceil(vcpus * 1000 / policy.sizing.cpu_ratio)
+        _set(requests, "cpu", format_millicpu(max(request, 1)), f"{dpath}.resources.requests.cpu",
+             sizing, warnings, same=_same_cpu)
+        _set(limits, "cpu", str(vcpus), f"{dpath}.resources.limits.cpu", sizing, warnings,
+             same=_same_cpu)
+    if sizing.memory is not None:
+        mfield = K.ANN_MEMORY if sizing.from_annotations else "defaultProfile"
+        memory = _child(domain, "memory", dpath)
+        guest = sizing.memory
+        max_guest = _bytes(memory.get("maxGuest"))
+        if max_guest is not None and guest > max_guest:
+            raise Refused(mfield, f"{quantity_text(guest)} exceeds {dpath}.memory.maxGuest "
+                          f"{memory.get('maxGuest')} set on the VM")
+        hugepages = memory.get("hugepages")
+        cpu_spec = domain.get("cpu")
+        no_overcommit = hugepages is not None or (isinstance(cpu_spec, dict)
+                                                   and cpu_spec.get("dedicatedCpuPlacement") is True)
+        if isinstance(hugepages, dict):
+            page = _bytes(hugepages.get("pageSize"))
+            if page and guest % page:
+                raise Refused(mfield, f"{quantity_text(guest)} is not a multiple of the hugepage size "
+                              f"{hugepages.get('pageSize')} set on the VM")
+        if no_overcommit:
+            request = guest
+        else:
+            raw = -(-guest * 100 // policy.sizing.memory_overcommit_percent)
+            request = min(guest, -(-raw // MIB) * MIB)
+        _set(memory, "guest", quantity_text(guest), f"{dpath}.memory.guest", sizing, warnings,
+             same=_same_bytes)
+        _set(requests, "memory", quantity_text(request), f"{dpath}.resources.requests.memory",
+             sizing, warnings, same=_same_bytes)
+        _set(limits, "memory", quantity_text(guest), f"{dpath}.resources.limits.memory", sizing,
+             warnings, same=_same_bytes)
+    return warnings
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _child(parent: dict[str, Any], key: str, path: str) -> dict[str, Any]:
+    value = parent.get(key)
+    if value is None:
+        value = parent[key] = {}
+    if not isinstance(value, dict):
+        raise Refused(f"{path}.{key}", "must be an object")
+    return value
+
+
+def _set(target: dict[str, Any], key: str, value: Any, path: str, sizing: Sizing,
+         warnings: list[str], *, same: Any) -> None:
+    old = target.get(key)
+    if old is not None and not same(old, value):
+        warnings.append(f"{path}: {old} is replaced by {value} from {sizing.source}")
+    if old is None or not same(old, value):
+        target[key] = value  # an equal value in the user's own notation is kept
+
+
+def _same_bytes(a: Any, b: Any) -> bool:
+    return _bytes(a) is not None and _bytes(a) == _bytes(b)
+
+
+def _same_cpu(a: Any, b: Any) -> bool:
+    return _millis(a) is not None and _millis(a) == _millis(b)
+
+
+def _bytes(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError:
+        return None
+
+
+def _millis(value: Any) -> int | None:
+    """A CPU quantity in millicores (``"500m"``, ``"2"``, ``1.5``); None when unreadable."""
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).strip()
+    try:
+        if text.endswith("m"):
+            return int(Decimal(text[:-1]))
+        return int(Decimal(text) * 1000)
+    except (InvalidOperation, ValueError):
+        return None
