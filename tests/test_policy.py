@@ -36,7 +36,8 @@ def test_the_example_policy_loads() -> None:
             p.sizing.memory_overcommit_percent, p.sizing.max_sockets) == (64, 256 * GI, 2.0, 100, 2)
     assert p.sidecar == SidecarPolicy(image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
                                       image_pull_policy="IfNotPresent",
-                                      allowed_images=("registry.example.com/qcow2-hook:0.1.0",))
+                                      allowed_images=("registry.example.com/qcow2-hook:0.1.0",
+                                                      "quay.io/kubevirt/example-hook-sidecar:*"))
     assert p.default_profile is None
 
 

@@ -958,3 +958,26 @@ def test_a_plan_signed_by_the_previous_key_is_still_recognised() -> None:
     assert "f0" not in volumes(tspec(m.obj)) and "f0" not in disks(tspec(m.obj))
     assert sign_plan(verify_plan(tmeta(m.obj)["annotations"][K.ANN_PLAN], rotated, namespace="vms",
                                  vm="pg01"), KEYS) == tmeta(m.obj)["annotations"][K.ANN_PLAN]
+
+
+@pytest.mark.parametrize("kind", ["vm", "vmi"])
+def test_a_plain_object_asking_for_an_unlisted_sidecar_is_denied(kind: str) -> None:
+    """The Sidecar gate lets any VM owner run code in virt-launcher: in opted-in namespaces the
+    allowlist holds for every VM, not only for those that use diskhooks."""
+    sidecars = json.dumps([{"image": "quay.io/evil/miner:1", "args": ["--version", "v1alpha3"]}])
+    if kind == "vm":
+        vm = yaml.safe_load((SAMPLES / "01-vm-containerdisk-hostdisk-cloudinit.yaml").read_text())
+        vm["spec"]["template"]["metadata"]["annotations"]["hooks.kubevirt.io/hookSidecars"] = sidecars
+        with pytest.raises(Refused) as err:
+            mutate_vm(vm, operation="CREATE", old_obj=None, namespace="vms", policy=POLICY,
+                      plan_keys=KEYS, cluster=EMPTY_CLUSTER)
+        assert err.value.field.startswith("spec.template.metadata.annotations[hooks.kubevirt.io/hookSidecars][0]")
+    else:
+        vmi = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+               "metadata": {"name": "x", "annotations": {"hooks.kubevirt.io/hookSidecars": sidecars}},
+               "spec": {"domain": {"devices": {}, "memory": {"guest": "1Gi"}}}}
+        with pytest.raises(Refused) as err:
+            mutate_vmi(vmi, operation="CREATE", namespace="vms", policy=POLICY, plan_keys=KEYS,
+                       cluster=EMPTY_CLUSTER)
+        assert err.value.field.startswith("metadata.annotations[hooks.kubevirt.io/hookSidecars][0]")
+    assert "quay.io/evil/miner:1" in str(err.value)

@@ -97,6 +97,8 @@ def mutate_vm(obj: Mapping[str, Any], *, operation: str, old_obj: Mapping[str, A
         own_dir = policy.host_disks.vm_dir(namespace, name) if name else ""
         if not any(_is_own_disk(v, own_dir) for v in _seq(tspec.get("volumes"))):
             _check_user_volumes(tspec, "spec.template.spec", policy, ours=lambda v: False)
+            _check_requested_sidecars(tmeta.get("annotations"), f"spec.template.metadata.{SIDECARS}",
+                                      policy)
             return Mutation(dict(obj))
         # else: diskhooks disks left behind without their annotation: detached below, with a warning
 
@@ -128,6 +130,7 @@ def mutate_vmi(obj: Mapping[str, Any], *, operation: str, namespace: str, policy
     has_label = isinstance(labels, Mapping) and K.LABEL_MANAGED in labels
     if not user_keys and not has_plan:
         _check_user_volumes(spec, "spec", policy, ours=lambda v: False)
+        _check_requested_sidecars(annotations, f"metadata.{SIDECARS}", policy)
         if not has_label:
             return Mutation(dict(obj))
         new = _json_copy(obj)  # a label without a plan would select the launcher pod for nothing
@@ -542,8 +545,7 @@ def _merge_sidecars(t: _Target, policy: Policy, *, want: bool) -> None:
         image = e.get("image") if isinstance(e, Mapping) else None
         if isinstance(image, str) and image_repository(image) == repo:
             continue  # ours (perhaps an older tag, or with other args): replaced below
-        if want:
-            _check_sidecar(e, f"{where}[{i}]", policy)
+        _check_sidecar(e, f"{where}[{i}]", policy)
         kept.append(e)
     new = kept + [_our_sidecar(policy)] if want else kept
     if new == entries:
@@ -555,6 +557,18 @@ def _merge_sidecars(t: _Target, policy: Policy, *, want: bool) -> None:
             del t.plan_meta["annotations"]
         return
     _mapping_rw(t.plan_meta, "annotations", t.meta_path)[K.ANN_HOOK_SIDECARS] = json.dumps(new)
+
+
+def _check_requested_sidecars(annotations: Any, where: str, policy: Policy) -> None:
+    """The Sidecar feature gate lets any VM owner run code in virt-launcher: in opted-in
+    namespaces every requested hook sidecar must be diskhooks' own or in sidecar.allowedImages,
+    whether or not the VM uses diskhooks."""
+    entries = _read_sidecars(annotations, where)
+    for i, e in enumerate(entries or []):
+        image = e.get("image") if isinstance(e, Mapping) else None
+        if isinstance(image, str) and image_repository(image) == policy.sidecar.repository:
+            continue
+        _check_sidecar(e, f"{where}[{i}]", policy)
 
 
 def _check_sidecar(entry: Any, where: str, policy: Policy) -> None:
