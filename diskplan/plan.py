@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from diskplan import keys as K
 from diskplan.errors import Malformed, Refused
@@ -284,14 +285,19 @@ def parse_plan(text: str | bytes, field_path: str = K.ANN_PLAN) -> Plan:
 
 
 def _load(text: str | bytes, field_path: str) -> dict[str, Any]:
-    if len(text) > MAX_PLAN_BYTES:
-        raise Malformed(field_path, f"the plan is larger than {MAX_PLAN_BYTES} bytes")
+    return load_json_object(text, field=field_path, what="the plan", max_bytes=MAX_PLAN_BYTES)
+
+
+def load_json_object(data: str | bytes, *, field: str, what: str, max_bytes: int) -> dict[str, Any]:
+    """A JSON object from untrusted text, size-bounded; :class:`Malformed` naming ``field``."""
+    if len(data) > max_bytes:
+        raise Malformed(field, f"{what} is {len(data)} bytes, more than the {max_bytes} accepted")
     try:
-        doc = json.loads(text)
+        doc = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise Malformed(field_path, f"the plan is not valid JSON: {exc}") from None
+        raise Malformed(field, f"{what} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise Malformed(field_path, "the plan must be a JSON object")
+        raise Malformed(field, f"{what} must be a JSON object")
     return doc
 
 

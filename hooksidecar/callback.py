@@ -17,12 +17,11 @@ Imports stay light (lxml, json, the diskplan core): the sidecar runs under a 64M
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from diskplan import keys as K
 from diskplan.errors import Malformed, Refused
-from diskplan.plan import PersistRoot, Plan, parse_plan
+from diskplan.plan import PersistRoot, Plan, load_json_object, parse_plan
 from hooksidecar import domain, images, xmlsafe
 
 MAX_VMI_JSON_BYTES = 4 * 1024 * 1024
@@ -59,15 +58,7 @@ def on_define_domain(domain_xml: bytes, vmi_json: bytes, *, path_prefix: str = "
 # ------------------------------------------------------------------------------------------------
 def parse_vmi(data: bytes) -> dict[str, Any]:
     """The VMI JSON as a dict; :class:`Malformed` if it is too large, not JSON or not an object."""
-    if len(data) > MAX_VMI_JSON_BYTES:
-        raise Malformed(VMI_FIELD, f"the VMI JSON is {len(data)} bytes, more than {MAX_VMI_JSON_BYTES}")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Malformed(VMI_FIELD, f"the VMI is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise Malformed(VMI_FIELD, "the VMI must be a JSON object")
-    return doc
+    return load_json_object(data, field=VMI_FIELD, what="the VMI JSON", max_bytes=MAX_VMI_JSON_BYTES)
 
 
 def plan_annotation(vmi: dict[str, Any]) -> str | None:

@@ -71,14 +71,14 @@ def sizing_view(spec: Any) -> tuple[Any, ...]:
 def apply_sizing(spec: dict[str, Any], sizing: Sizing, policy: Policy, *, spec_path: str) -> list[str]:
     """Write ``sizing`` into ``spec`` (a copy owned by the caller). Returns warnings."""
     warnings: list[str] = []
-    domain = _child(spec, "domain", spec_path)
+    domain = child_dict(spec, "domain", spec_path)
     dpath = f"{spec_path}.domain"
-    resources = _child(domain, "resources", dpath)
-    requests = _child(resources, "requests", f"{dpath}.resources")
-    limits = _child(resources, "limits", f"{dpath}.resources")
+    resources = child_dict(domain, "resources", dpath)
+    requests = child_dict(resources, "requests", f"{dpath}.resources")
+    limits = child_dict(resources, "limits", f"{dpath}.resources")
     field = K.ANN_CPU if sizing.from_annotations else "defaultProfile"
     if sizing.cpu is not None:
-        cpu = _child(domain, "cpu", dpath)
+        cpu = child_dict(domain, "cpu", dpath)
         topo = sizing.cpu
         max_sockets = cpu.get("maxSockets")
         if isinstance(max_sockets, int) and max_sockets and topo.sockets > max_sockets:
@@ -96,7 +96,7 @@ def apply_sizing(spec: dict[str, Any], sizing: Sizing, policy: Policy, *, spec_p
              same=_same_cpu)
     if sizing.memory is not None:
         mfield = K.ANN_MEMORY if sizing.from_annotations else "defaultProfile"
-        memory = _child(domain, "memory", dpath)
+        memory = child_dict(domain, "memory", dpath)
         guest = sizing.memory
         max_guest = _bytes(memory.get("maxGuest"))
         if max_guest is not None and guest > max_guest:
@@ -129,7 +129,8 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _child(parent: dict[str, Any], key: str, path: str) -> dict[str, Any]:
+def child_dict(parent: dict[str, Any], key: str, path: str) -> dict[str, Any]:
+    """``parent[key]``, created empty when missing; :class:`Refused` if it is not an object."""
     value = parent.get(key)
     if value is None:
         value = parent[key] = {}

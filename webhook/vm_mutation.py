@@ -63,7 +63,7 @@ from diskplan.quantity import parse_bytes
 from diskplan.yamlsafe import load_document
 from webhook.cluster import Cluster, ClusterError
 from webhook.mutation import Mutation
-from webhook.sizing import apply_sizing, sets_own_sizing, sizing_view
+from webhook.sizing import apply_sizing, child_dict, sets_own_sizing, sizing_view
 
 VM_KIND = "VirtualMachine"
 VMI_KIND = "VirtualMachineInstance"
@@ -385,8 +385,8 @@ def _rebuild(t: _Target, requests: Requests, volumes: dict[str, dict[str, Any]],
         new_volumes.append(v)
     new_volumes += [v for n, v in volumes.items() if n not in placed]
 
-    domain = _mapping_rw(t.spec, "domain", t.spec_path)
-    devices = _mapping_rw(domain, "devices", f"{t.spec_path}.domain")
+    domain = child_dict(t.spec, "domain", t.spec_path)
+    devices = child_dict(domain, "devices", f"{t.spec_path}.domain")
     old_disks = _list(devices, "disks", f"{t.spec_path}.domain.devices")
     new_disks: list[Any] = []
     placed = set()
@@ -506,8 +506,8 @@ def _set_plan(t: _Target, text: str | None) -> None:
             if t.plan_meta.get(name) == {} and name in t.plan_meta:
                 del t.plan_meta[name]
         return
-    _mapping_rw(t.plan_meta, "annotations", t.meta_path)[K.ANN_PLAN] = text
-    _mapping_rw(t.plan_meta, "labels", t.meta_path)[K.LABEL_MANAGED] = K.LABEL_MANAGED_VALUE
+    child_dict(t.plan_meta, "annotations", t.meta_path)[K.ANN_PLAN] = text
+    child_dict(t.plan_meta, "labels", t.meta_path)[K.LABEL_MANAGED] = K.LABEL_MANAGED_VALUE
 
 
 def _our_sidecar(policy: Policy) -> dict[str, Any]:
@@ -556,7 +556,7 @@ def _merge_sidecars(t: _Target, policy: Policy, *, want: bool) -> None:
         if annotations == {}:
             del t.plan_meta["annotations"]
         return
-    _mapping_rw(t.plan_meta, "annotations", t.meta_path)[K.ANN_HOOK_SIDECARS] = json.dumps(new)
+    child_dict(t.plan_meta, "annotations", t.meta_path)[K.ANN_HOOK_SIDECARS] = json.dumps(new)
 
 
 def _check_requested_sidecars(annotations: Any, where: str, policy: Policy) -> None:
@@ -639,7 +639,7 @@ def _verify_vmi(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[s
     if isinstance(labels, Mapping) and labels.get(K.LABEL_MANAGED) == K.LABEL_MANAGED_VALUE:
         return Mutation(dict(obj))
     new = _json_copy(obj)  # the launcher pod needs the label to be prepared
-    _mapping_rw(new["metadata"], "labels", "metadata")[K.LABEL_MANAGED] = K.LABEL_MANAGED_VALUE
+    child_dict(new["metadata"], "labels", "metadata")[K.LABEL_MANAGED] = K.LABEL_MANAGED_VALUE
     return Mutation(new)
 
 
@@ -732,15 +732,6 @@ def _mapping(value: Any, where: str) -> Mapping[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise Malformed(where, "must be an object")
-    return value
-
-
-def _mapping_rw(parent: dict[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = parent.get(key)
-    if value is None:
-        value = parent[key] = {}
-    if not isinstance(value, dict):
-        raise Refused(f"{where}.{key}", "must be an object")
     return value
 
 
