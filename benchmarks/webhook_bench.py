@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ADMISSION = ROOT.parent / "shared" / "kubevirt" / "admission"
 POLICY = ROOT / "examples" / "policy.yaml"
 DEMO = ROOT / "examples" / "demo"
+DATA = ROOT / "tests" / "data"
 
 
 @dataclass
@@ -251,12 +252,19 @@ def core_timings(repeat: int = 7) -> list[tuple[str, float, int]]:
     demo = load_review("vm-create.json")
     demo["request"]["object"] = yaml.safe_load((DEMO / "vm.yaml").read_text())
     cluster = FileCluster.from_text((DEMO / "cluster-objects.yaml").read_text())
+    # the largest test VM: every diskhooks feature at once (six disks, persist-root, two passthrough
+    # claims, explicit topology) beside the user's own volumes
+    sink = load_review("vm-create.json")
+    sink["request"]["object"] = yaml.safe_load((DATA / "vm-kitchen-sink.yaml").read_text())
+    sink["request"]["name"] = sink["request"]["object"]["metadata"]["name"]
+    sink_cluster = FileCluster.from_text((DATA / "vm-cluster-objects.yaml").read_text())
     cases: list[tuple[str, dict[str, Any], Any]] = [
         ("handle_review plain VM", plain_review(), EMPTY_CLUSTER),
         ("handle_review vm-create.json", load_review("vm-create.json"), EMPTY_CLUSTER),
         ("handle_review vm-update.json", load_review("vm-update.json"), EMPTY_CLUSTER),
         ("handle_review vmi-create.json", load_review("vmi-create.json"), EMPTY_CLUSTER),
         ("handle_review examples/demo/vm.yaml", demo, cluster),
+        ("handle_review tests/data/vm-kitchen-sink.yaml", sink, sink_cluster),
     ]
     out = []
     for label, review, cl in cases:

@@ -374,3 +374,23 @@ def test_outcome_labels_are_bounded(policy: Policy) -> None:
     review["request"]["kind"]["kind"] = "x" * 500
     outcome = admit(review, route="mutate", policy=policy, plan_keys=KEYS, cluster=EMPTY_CLUSTER)
     assert outcome.kind == "other"
+
+
+@pytest.mark.parametrize("before, after", [
+    ({"a": 1}, {"a": 1}),
+    ({"a": 1}, {"a": 2, "b": [1]}),
+    ({"a": {"x/y": 1, "t~": 2}}, {"a": {"x/y": 3}}),
+    ({"l": [1, 2]}, {"l": [1, 2, {"n": 3}, 4]}),          # appended
+    ({"l": [1, 2, 3]}, {"l": [1, 9, 2, 3]}),               # inserted in the middle
+    ({"l": [1, 2, 3]}, {"l": [3]}),                        # removed
+    ({"l": [{"name": "a"}, {"name": "b"}]}, {"l": [{"name": "b"}, {"name": "a", "x": 1}]}),
+    ({"m": {"k": [1]}}, {"m": {"k": {"now": "an object"}}}),
+    ({"meta": {"annotations": {"a": "1"}}, "spec": {}}, {"meta": {}, "spec": {"v": None}}),
+])
+def test_diff_patch_turns_before_into_after(before: Any, after: Any) -> None:
+    import copy
+
+    from webhook.admission import diff_patch
+    ops = diff_patch(before, after)
+    assert jsonpatch.apply_patch(copy.deepcopy(before), ops) == after
+    assert (ops == []) == (before == after)
