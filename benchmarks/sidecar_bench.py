@@ -13,7 +13,8 @@ Measured:
     the sidecar's, byte for byte;
 (c) peak RSS (``VmHWM`` of ``/proc/<pid>/status``) of the sidecar when idle and after all the calls,
     against a bare grpcio server (same thread pool, an echo handler, ``lxml`` imported) idle and
-    after the same calls;
+    after the same calls; the sidecar serves with its default transport (``h2``, pure-Python
+    HTTP/2) and, as a comparison row, with ``--transport grpcio`` (as-is mode only);
 (d) start-to-ready: from ``Popen`` to the first ``Info`` answer (``--starts`` starts each, median),
     sidecar and bare server.
 
@@ -226,8 +227,9 @@ class Server:
         return time.perf_counter() - began
 
 
-def sidecar_args(socket_dir: Path, prefix: Path) -> list[str]:
-    return ["-m", "hooksidecar.cli", "serve", "--socket-dir", str(socket_dir), "--path-prefix", str(prefix)]
+def sidecar_args(socket_dir: Path, prefix: Path, *extra: str) -> list[str]:
+    return ["-m", "hooksidecar.cli", "serve", "--socket-dir", str(socket_dir), "--path-prefix", str(prefix),
+            *extra]
 
 
 def bare_args(socket_path: Path, *extra: str) -> list[str]:
@@ -353,6 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         def sidecar(sock_dir: Path) -> tuple[list[str], Path]:
             return sidecar_args(sock_dir, workload.prefix), sock_dir / "diskhooks.sock"
 
+        def sidecar_grpcio(sock_dir: Path) -> tuple[list[str], Path]:
+            return (sidecar_args(sock_dir, workload.prefix, "--transport", "grpcio"),
+                    sock_dir / "diskhooks.sock")
+
         def bare(sock_dir: Path) -> tuple[list[str], Path]:
             return bare_args(sock_dir / "bare.sock"), sock_dir / "bare.sock"
 
@@ -369,13 +375,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             shims[mode.label] = (times, max(shim_call(workload, mode)[1] for _ in range(3)))
             kinds = [("sidecar", sidecar), ("bare", bare)]
             if mode.label == "as-is":
-                kinds.append(("bare+protobuf", bare_protobuf))
+                kinds += [("bare+protobuf", bare_protobuf), ("sidecar-grpcio", sidecar_grpcio)]
             for name, make in kinds:
                 runs[(name, mode.label)] = measure_server(make, mode, workdir=workdir, workload=workload,
                                                           starts=args.starts, calls=args.calls, log=log,
-                                                          removes_socket=name == "sidecar")
-            if runs[("sidecar", mode.label)].answer != expected:
-                raise RuntimeError("the sidecar's answer differs from the in-process one")
+                                                          removes_socket=name.startswith("sidecar"))
+            for name in ("sidecar", "sidecar-grpcio"):
+                if (name, mode.label) in runs and runs[(name, mode.label)].answer != expected:
+                    raise RuntimeError(f"the {name} answer differs from the in-process one")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -393,8 +400,11 @@ def report(args: argparse.Namespace, *, runs: dict[tuple[str, str], ServerRun],
           "'no-site' = python -S (see docstring)")
     print()
     print(f"{'OnDefineDomain latency':50} {'calls':>6} {'median ms':>10} {'p99 ms':>8}")
+    grpcio_side = runs[("sidecar-grpcio", "as-is")]
     print(f"{'(a) sidecar over the socket, new channel per call':50} {args.calls:6d} "
           f"{p50(side.calls) * ms:10.2f} {p99(side.calls) * ms:8.2f}")
+    print(f"{'    same, sidecar --transport grpcio':50} {args.calls:6d} "
+          f"{p50(grpcio_side.calls) * ms:10.2f} {p99(grpcio_side.calls) * ms:8.2f}")
     for label, (times, _) in shims.items():
         print(f"{'(b) shim model: fresh python per call, ' + label:50} {args.shim_calls:6d} "
               f"{p50(times) * ms:10.2f} {p99(times) * ms:8.2f}")
@@ -421,6 +431,11 @@ def report(args: argparse.Namespace, *, runs: dict[tuple[str, str], ServerRun],
               f"{mib(b.after['VmHWM']):>10} {mib(b.after['RssAnon']):>8} {b.after['Threads']:>8}")
         print(f"{'  sidecar minus bare':50} {mib(s.idle['VmHWM'] - b.idle['VmHWM']):>6} "
               f"{mib(s.after['VmHWM'] - b.after['VmHWM']):>10}")
+    g = grpcio_side
+    print(f"{'diskhooks sidecar --transport grpcio, as-is':50} {mib(g.idle['VmHWM']):>6} "
+          f"{mib(g.after['VmHWM']):>10} {mib(g.after['RssAnon']):>8} {g.after['Threads']:>8}")
+    print(f"{'  h2 transport saves (grpcio minus h2)':50} {mib(g.idle['VmHWM'] - side.idle['VmHWM']):>6} "
+          f"{mib(g.after['VmHWM'] - side.after['VmHWM']):>10}")
     pb = runs[("bare+protobuf", "as-is")]
     print(f"{'bare + protobuf runtime + generated _pb2':50} {mib(pb.idle['VmHWM']):>6} "
           f"{mib(pb.after['VmHWM']):>10} {mib(pb.after['RssAnon']):>8} {pb.after['Threads']:>8}")
@@ -439,6 +454,8 @@ def report(args: argparse.Namespace, *, runs: dict[tuple[str, str], ServerRun],
             r = runs[(name, mode)]
             label = f"{'diskhooks sidecar' if name == 'sidecar' else 'bare grpc server + lxml'}, {mode}"
             print(f"{label:50} {len(r.ready):6d} {p50(r.ready) * ms:10.0f} {max(r.ready) * ms:8.0f}")
+    print(f"{'diskhooks sidecar --transport grpcio, as-is':50} {len(grpcio_side.ready):6d} "
+          f"{p50(grpcio_side.ready) * ms:10.0f} {max(grpcio_side.ready) * ms:8.0f}")
     print(f"{'sidecar: SIGTERM to exit (graceful stop), as-is':50} {len(side.stop):6d} "
           f"{p50(side.stop) * ms:10.0f} {max(side.stop) * ms:8.0f}")
     print(f"{'target: ready < 1000 ms':50} {'':6} {'met' if p50(side.ready) < 1 else 'MISSED':>10}")

@@ -1,23 +1,32 @@
-"""The hook sidecar's gRPC transport: KubeVirt's ``Info`` and ``Callbacks`` (v1alpha1-3) on a unix socket.
+"""The hook sidecar's gRPC service: KubeVirt's ``Info`` and ``Callbacks`` (v1alpha1-3) on a unix socket.
 
 Thin: the servicers decode a request, call :func:`hooksidecar.callback.on_define_domain`, encode the
 answer, map the two error families to gRPC codes (``Malformed`` -> INVALID_ARGUMENT, ``Refused`` ->
 FAILED_PRECONDITION, anything else -> INTERNAL) and log one JSON line per call. No decision about
 disks is taken here.
 
+Transport-independent method table. :func:`method_table` maps each served path
+(``/kubevirt.hooks.v1alpha3.Callbacks/OnDefineDomain``, ...) to a ``request bytes -> response
+bytes`` function that raises :class:`hooksidecar.h2grpc.RpcStatus` for an error status. Two
+transports serve that table: ``h2`` (the default, :mod:`hooksidecar.h2grpc`: pure-Python HTTP/2 from
+the ``h2`` package, ~4 MiB to import) and ``grpcio`` (:func:`generic_handlers`, grpcio's C core, ~27 MiB just
+to import; kept for comparison and as a fallback, needs grpcio installed, which the sidecar image
+does not ship). The sidecar runs under a 64M limit.
+
 Wire format. Every message of this API holds only ``bytes``/``string`` fields, plus ``InfoResult``'s
 repeated ``HookPoint`` (a string and an int32). The server therefore does not load the protobuf
-runtime: it registers grpcio *generic* handlers that receive and return raw bytes and uses the small
-codec below (:func:`decode_fields`, :func:`encode_bytes_field`, :func:`encode_info_result`). Measured
-on this machine, the protobuf runtime and the generated modules add about 2.8 MiB of peak RSS, and the
-sidecar runs under a 64M limit; ``tests/test_sidecar_server.py`` checks the codec against the modules
-generated from ``hooksidecar/protos/`` (``hooksidecar/_pb/``), which the tests use as virt-launcher.
+runtime: handlers receive and return raw bytes and use the small codec below
+(:func:`decode_fields`, :func:`encode_bytes_field`, :func:`encode_info_result`). Measured on this
+machine, the protobuf runtime and the generated modules add about 2.8 MiB of peak RSS;
+``tests/test_sidecar_server.py`` checks the codec against the modules generated from
+``hooksidecar/protos/`` (``hooksidecar/_pb/``), which the tests use as virt-launcher.
 
 Lifecycle. :class:`HookServer` refuses to take over a live socket or a non-socket file, replaces a
-stale socket, serves with a two-thread pool, and stops gracefully (answer in-flight calls, then close)
-on SIGTERM/SIGINT or a ``Shutdown`` call; the socket is removed on exit. Signals and the ``Shutdown``
+stale socket, serves (h2: a thread per connection, at most four; grpcio: a two-thread pool), and
+stops gracefully (answer in-flight calls, then close) on SIGTERM/SIGINT or a ``Shutdown`` call; the
+socket is removed on exit. Signals and the ``Shutdown``
 servicer wake the main thread through a pipe (``signal.set_wakeup_fd``), so no lock is ever taken in a
-signal handler and a signal delivered to one of gRPC's own threads still wakes it.
+signal handler and a signal delivered to one of the transport's own threads still wakes it.
 """
 
 from __future__ import annotations
@@ -30,23 +39,27 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterable
-from concurrent import futures
 from dataclasses import dataclass, field
-from typing import IO, Any, NoReturn
-
-import grpc
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from diskplan.errors import Malformed, Refused
 from diskplan.keys import HOOK_VERSIONS
 from hooksidecar import logfmt
 from hooksidecar.callback import on_define_domain
+from hooksidecar.h2grpc import H2GrpcServer, RpcStatus, StatusCode
+
+if TYPE_CHECKING:
+    import grpc
 
 HOOK_NAME = "diskhooks"
 DEFAULT_SOCKET_DIR = "/var/run/kubevirt-hooks"
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 DEFAULT_GRACE_SECONDS = 5.0
-THREADS = 2  # virt-launcher calls one hook at a time; a second thread serves Info/Shutdown meanwhile
+THREADS = 2  # grpcio: virt-launcher calls one hook at a time; a second thread serves Info/Shutdown meanwhile
 MAX_CONCURRENT_RPCS = 8
+MAX_CONNECTIONS = 4  # h2: one thread per connection; virt-launcher dials one connection per call
+TRANSPORTS = ("h2", "grpcio")
+DEFAULT_TRANSPORT = "h2"
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 INFO_SERVICE = "kubevirt.hooks.info.Info"
@@ -191,7 +204,8 @@ OnDefine = Callable[..., bytes]
 
 @dataclass
 class Servicers:
-    """The RPC implementations, as ``(request bytes, context) -> response bytes`` functions."""
+    """The RPC implementations, as ``request bytes -> response bytes`` functions that raise
+    :class:`RpcStatus` to answer with an error status."""
 
     settings: SidecarSettings
     log: logfmt.JsonLog
@@ -203,12 +217,12 @@ class Servicers:
         self._info = encode_info_result(name=self.settings.name, hook_points=self.settings.hook_points(),
                                         versions=self.settings.versions)
 
-    def info(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def info(self, request: bytes) -> bytes:
         self.log.emit("call", hook="Info", result="ok", code="OK", ms=0.0)
         return self._info
 
-    def on_define_domain(self, version: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
-        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+    def on_define_domain(self, version: str) -> Callable[[bytes], bytes]:
+        def handle(request: bytes) -> bytes:
             started = time.perf_counter()
             fields: dict[str, Any] = {"hook": ON_DEFINE_DOMAIN, "version": version, "vmi": "?"}
             try:
@@ -219,17 +233,17 @@ class Servicers:
                 result = self.on_define(domain_xml, vmi_json, path_prefix=self.settings.path_prefix,
                                         check_images=self.settings.check_images)
             except WireError as exc:
-                self._fail(context, fields, started, grpc.StatusCode.INVALID_ARGUMENT,
+                self._fail(fields, started, StatusCode.INVALID_ARGUMENT,
                            f"OnDefineDomainParams: not a valid protobuf message: {exc}")
             except Malformed as exc:
-                self._fail(context, fields, started, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                self._fail(fields, started, StatusCode.INVALID_ARGUMENT, str(exc))
             except Refused as exc:
-                self._fail(context, fields, started, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+                self._fail(fields, started, StatusCode.FAILED_PRECONDITION, str(exc))
             except Exception as exc:  # noqa: BLE001 - a bug must still answer, with a reason, and be logged
                 import traceback
 
                 fields["trace"] = traceback.format_exc(limit=-8)
-                self._fail(context, fields, started, grpc.StatusCode.INTERNAL,
+                self._fail(fields, started, StatusCode.INTERNAL,
                            f"internal error in the diskhooks sidecar: {type(exc).__name__}: {exc}")
             unchanged = result is domain_xml or result == domain_xml
             self.log.emit("call", **fields, result="ok", code="OK", unchanged=unchanged,
@@ -239,14 +253,14 @@ class Servicers:
 
         return handle
 
-    def pre_cloud_init_iso(self, version: str) -> Callable[[bytes, grpc.ServicerContext], bytes]:
-        def handle(request: bytes, context: grpc.ServicerContext) -> bytes:
+    def pre_cloud_init_iso(self, version: str) -> Callable[[bytes], bytes]:
+        def handle(request: bytes) -> bytes:
             started = time.perf_counter()
             fields: dict[str, Any] = {"hook": PRE_CLOUD_INIT_ISO, "version": version}
             try:
                 params = decode_fields(request, (F_CI_SOURCE, F_CI_VMI, F_CI_DATA))
             except WireError as exc:
-                self._fail(context, fields, started, grpc.StatusCode.INVALID_ARGUMENT,
+                self._fail(fields, started, StatusCode.INVALID_ARGUMENT,
                            f"PreCloudInitIsoParams: not a valid protobuf message: {exc}")
             fields["vmi"] = logfmt.vmi_identity(params[F_CI_VMI])
             self.log.emit("call", **fields, result="ok", code="OK", unchanged=True, ms=_ms(started))
@@ -255,37 +269,55 @@ class Servicers:
 
         return handle
 
-    def shutdown(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def shutdown(self, request: bytes) -> bytes:
         self.log.emit("call", hook=SHUTDOWN, version="v1alpha3", result="ok", code="OK", ms=0.0)
         self.request_shutdown()  # only wakes the main thread: this answer goes out before the stop
         return b""
 
-    def _fail(self, context: grpc.ServicerContext, fields: dict[str, Any], started: float,
-              code: grpc.StatusCode, message: str) -> NoReturn:
+    def _fail(self, fields: dict[str, Any], started: float, code: StatusCode, message: str) -> NoReturn:
         self.log.emit("call", **fields, result="error", code=code.name, error=message, ms=_ms(started))
-        context.abort(code, message)  # raises
-        raise AssertionError("grpc's abort returned")  # pragma: no cover
+        raise RpcStatus(code, message)
 
 
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 3)
 
 
-def generic_handlers(servicers: Servicers) -> list[grpc.GenericRpcHandler]:
-    """One generic handler per service; requests and responses stay raw bytes."""
-    def rpc(fn: Callable[[bytes, grpc.ServicerContext], bytes]) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=None, response_serializer=None)
+Handler = Callable[[bytes], bytes]
 
-    handlers = [grpc.method_handlers_generic_handler(INFO_SERVICE, {"Info": rpc(servicers.info)})]
+
+def method_table(servicers: Servicers) -> dict[str, Handler]:
+    """Every served path (``/<service>/<method>``) and its handler; the same for every transport."""
+    table: dict[str, Handler] = {f"/{INFO_SERVICE}/Info": servicers.info}
     for version in servicers.settings.versions:
-        methods: dict[str, grpc.RpcMethodHandler] = {
-            ON_DEFINE_DOMAIN: rpc(servicers.on_define_domain(version))}
+        service = callbacks_service(version)
+        table[f"/{service}/{ON_DEFINE_DOMAIN}"] = servicers.on_define_domain(version)
         if version in ("v1alpha2", "v1alpha3"):
-            methods[PRE_CLOUD_INIT_ISO] = rpc(servicers.pre_cloud_init_iso(version))
+            table[f"/{service}/{PRE_CLOUD_INIT_ISO}"] = servicers.pre_cloud_init_iso(version)
         if version == "v1alpha3":
-            methods[SHUTDOWN] = rpc(servicers.shutdown)
-        handlers.append(grpc.method_handlers_generic_handler(callbacks_service(version), methods))
-    return handlers
+            table[f"/{service}/{SHUTDOWN}"] = servicers.shutdown
+    return table
+
+
+def generic_handlers(table: dict[str, Handler]) -> list[grpc.GenericRpcHandler]:
+    """The grpcio transport: one generic handler per service; requests and responses stay raw bytes."""
+    import grpc
+
+    def rpc(fn: Handler) -> grpc.RpcMethodHandler:
+        def call(request: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                return fn(request)
+            except RpcStatus as exc:
+                context.abort(grpc.StatusCode[exc.code.name], exc.message)  # raises
+                raise AssertionError("grpc's abort returned") from None  # pragma: no cover
+
+        return grpc.unary_unary_rpc_method_handler(call, request_deserializer=None, response_serializer=None)
+
+    services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+    for path, fn in table.items():
+        service, _, method = path[1:].partition("/")
+        services.setdefault(service, {})[method] = rpc(fn)
+    return [grpc.method_handlers_generic_handler(service, methods) for service, methods in services.items()]
 
 
 # ================================================================================================
@@ -334,15 +366,18 @@ class HookServer:
     """The gRPC server on ``socket_path``; :meth:`run` serves until a signal or ``Shutdown``."""
 
     def __init__(self, socket_path: str, settings: SidecarSettings, *, log: logfmt.JsonLog,
-                 on_define: OnDefine = on_define_domain) -> None:
+                 on_define: OnDefine = on_define_domain, transport: str = DEFAULT_TRANSPORT) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
         self.socket_path = socket_path
         self.settings = settings
         self.log = log
+        self.transport = transport
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._servicers = Servicers(settings=settings, log=log, request_shutdown=self._wake_for_shutdown,
                                     on_define=on_define)
-        self._server: grpc.Server | None = None
+        self._server: grpc.Server | H2GrpcServer | None = None
         self._socket_ino: int | None = None
 
     def _wake_for_shutdown(self) -> None:
@@ -353,9 +388,36 @@ class HookServer:
 
     def start(self) -> None:
         claim_socket_path(self.socket_path)
+        table = method_table(self._servicers)
+        if self.transport == "h2":
+            h2_server = H2GrpcServer(self.socket_path, table, max_message_bytes=MAX_MESSAGE_BYTES,
+                                     max_connections=MAX_CONNECTIONS, log=self.log.emit)
+            try:
+                h2_server.start()
+            except OSError as exc:
+                raise SocketInUse(f"cannot listen on {self.socket_path}: {exc.strerror}") from None
+            self._server = h2_server
+        else:
+            self._server = self._start_grpcio(table)
+        try:
+            self._socket_ino = os.lstat(self.socket_path).st_ino
+        except OSError:
+            self._socket_ino = None
+        self.log.emit("serving", socket=self.socket_path, name=self.settings.name,
+                      versions=list(self.settings.versions), pid=os.getpid(),
+                      pathPrefix=self.settings.path_prefix or None, transport=self.transport)
+
+    def _start_grpcio(self, table: dict[str, Handler]) -> grpc.Server:
+        from concurrent import futures
+
+        try:
+            import grpc
+        except ModuleNotFoundError:
+            raise SocketInUse("--transport grpcio needs the grpcio package, which is not installed "
+                              "(the default transport, h2, does not)") from None
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="hook"),
-            handlers=generic_handlers(self._servicers),
+            handlers=generic_handlers(table),
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
@@ -365,14 +427,7 @@ class HookServer:
         except RuntimeError as exc:
             raise SocketInUse(f"cannot listen on {self.socket_path}: {exc}") from None
         server.start()
-        self._server = server
-        try:
-            self._socket_ino = os.lstat(self.socket_path).st_ino
-        except OSError:
-            self._socket_ino = None
-        self.log.emit("serving", socket=self.socket_path, name=self.settings.name,
-                      versions=list(self.settings.versions), pid=os.getpid(),
-                      pathPrefix=self.settings.path_prefix or None)
+        return server
 
     def wait_for_stop(self) -> str:
         """Block until SIGTERM/SIGINT or a ``Shutdown`` call; the reason, e.g. ``"SIGTERM"``."""
@@ -391,9 +446,11 @@ class HookServer:
 
     def stop(self, reason: str) -> None:
         """Stop accepting calls, let in-flight ones finish (``grace_seconds``), remove the socket."""
-        if self._server is not None:
+        if isinstance(self._server, H2GrpcServer):
+            self._server.stop(self.settings.grace_seconds)
+        elif self._server is not None:
             self._server.stop(self.settings.grace_seconds).wait()
-            self._server = None
+        self._server = None
         self._remove_socket()
         self.log.emit("stopped", reason=reason, socket=self.socket_path)
 
@@ -446,11 +503,12 @@ def restore_signals(previous: SavedSignals) -> None:
     signal.set_wakeup_fd(old_fd)
 
 
-def serve(*, socket_dir: str, settings: SidecarSettings, stream: IO[str] | None = None) -> int:
+def serve(*, socket_dir: str, settings: SidecarSettings, stream: IO[str] | None = None,
+          transport: str = DEFAULT_TRANSPORT) -> int:
     """Serve on ``<socket_dir>/<settings.name>.sock`` until stopped; the process exit status."""
     log = logfmt.JsonLog(stream or sys.stderr)
     path = os.path.join(socket_dir, f"{settings.name}.sock")
-    server = HookServer(path, settings, log=log)
+    server = HookServer(path, settings, log=log, transport=transport)
     try:
         server.run()
     except SocketInUse as exc:

@@ -3,7 +3,7 @@
 # The generated modules are committed; run this after editing a .proto and commit the result.
 #   Usage: scripts/gen_protos.sh            (needs: pip install grpcio-tools, e.g. the dev extra)
 # Only message modules (*_pb2.py + typed *_pb2.pyi) are generated, no *_pb2_grpc stubs: the server
-# serves with grpcio's generic handlers and its own codec, and the tests build their calls from the
+# serves with its own codec (over h2grpc, or grpcio's generic handlers), and the tests build their calls from the
 # service descriptors in the *_pb2 modules (the stubs would also pin grpcio >= the tools' version).
 # The include mapping -Ihooksidecar/_pb=hooksidecar/protos records each file as
 # hooksidecar/_pb/<name>.proto in the descriptor pool, where the modules live.
@@ -34,7 +34,7 @@ Regenerate with \`\`scripts/gen_protos.sh\`\`, which runs (grpcio-tools $tools_v
         hooksidecar/_pb/info.proto hooksidecar/_pb/v1alpha1.proto hooksidecar/_pb/v1alpha2.proto \\\\
         hooksidecar/_pb/v1alpha3.proto
 
-Message modules only. The server does not import them: it serves with grpcio's generic handlers and
+Message modules only. The server does not import them: it serves with its own HTTP/2 layer (``h2grpc``) and
 the small codec in \`\`hooksidecar/server.py\`\` (the protobuf runtime and these modules cost ~2.6 MiB
 of peak RSS, measured by \`\`python -m benchmarks sidecar\`\`; the sidecar runs under a 64M limit).
 The tests use them, with the service descriptors they carry, as virt-launcher's side of the wire,
