@@ -387,8 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary[name] = (rate, p50, p99)
         ratio = ""
         if name != "baseline":
-            cost = statistics.median(b.rate / r.rate for b, r in zip(closed["baseline"], runs))
-            lat = statistics.median(r.p50 / b.p50 for b, r in zip(closed["baseline"], runs))
+            cost = statistics.median(b.rate / r.rate for b, r in zip(closed["baseline"], runs, strict=True))
+            lat = statistics.median(r.p50 / b.p50 for b, r in zip(closed["baseline"], runs, strict=True))
             ratio = f"{cost:5.2f}x (p50 {lat:4.2f}x)"
             summary[name + "-ratio"] = (cost, lat, 0.0)
         errors = sum(r.errors for r in runs)

@@ -20,3 +20,11 @@ DATA = Path(__file__).resolve().parent / "data"
 def shared_dir() -> Path:
     assert SAMPLES.is_dir(), f"the shared KubeVirt material is missing at {SHARED}"
     return SHARED
+
+
+@pytest.fixture
+def sock_dir(tmp_path: Path) -> Path:
+    """A fresh socket directory, as /var/run/kubevirt-hooks is for one launcher."""
+    d = tmp_path / "hooks"
+    d.mkdir()
+    return d

@@ -56,13 +56,6 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> PlannedSample:
     return build_sample(tmp_path_factory.mktemp("prefix"))
 
 
-@pytest.fixture
-def sock_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "hooks"
-    d.mkdir()
-    return d
-
-
 def call_shutdown(target: str) -> Any:
     with grpc.insecure_channel(target) as channel:
         return rpc(channel, v1alpha3_pb2, "Callbacks", "Shutdown")(v1alpha3_pb2.ShutdownParams(), timeout=5)

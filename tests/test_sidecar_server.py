@@ -255,13 +255,6 @@ def shared_sidecar(tmp_path_factory: pytest.TempPathFactory, sample: PlannedSamp
     sidecar.stop()
 
 
-@pytest.fixture
-def sock_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "hooks"
-    d.mkdir()
-    return d
-
-
 # ================================================================================================
 # Info
 # ================================================================================================

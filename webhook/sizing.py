@@ -84,7 +84,7 @@ def apply_sizing(spec: dict[str, Any], sizing: Sizing, policy: Policy, *, spec_p
         if isinstance(max_sockets, int) and max_sockets and topo.sockets > max_sockets:
             raise Refused(field, f"{topo.sockets} sockets exceed {dpath}.cpu.maxSockets "
                           f"{max_sockets} set on the VM")
-        for key, value in zip(TOPOLOGY_KEYS, (topo.sockets, topo.cores, topo.threads)):
+        for key, value in zip(TOPOLOGY_KEYS, (topo.sockets, topo.cores, topo.threads), strict=True):
             _set(cpu, key, value, f"{dpath}.cpu.{key}", sizing, warnings, same=lambda a, b: a == b)
         vcpus = topo.vcpus
         dedicated = cpu.get("dedicatedCpuPlacement") is True
