@@ -72,10 +72,34 @@ def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
     raise SystemExit(f"demo: {what} did not come up within {timeout:.0f} s")
 
 
-class Webhook:
-    """The real webhook server, talked to over HTTPS with the CA it generated."""
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a child started with ``start_new_session`` and everything in its process group."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+    try:  # a gunicorn worker may outlive its master by a moment
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
-    def __init__(self, work: Path, keys_dir: Path) -> None:
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through main's finally, which stops the servers
+
+
+class Webhook:
+    """The real webhook server, talked to over HTTPS with the CA it generated.
+
+    The process is added to ``children`` as soon as it exists, before waiting for it to come up,
+    so the demo's cleanup stops it whatever happens next."""
+
+    def __init__(self, work: Path, keys_dir: Path, children: list[subprocess.Popen[bytes]]) -> None:
         self.port = free_port()
         self.state = work / "webhook-tls"
         self.state.mkdir()
@@ -86,13 +110,16 @@ class Webhook:
         self.log = open(work / "webhook.log", "wb")  # noqa: SIM115 - held while the server runs
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        children.append(self.proc)
         wait_for(lambda: (self.state / "ca.crt").exists() and self._healthy(), "the webhook")
         self.ctx = ssl.create_default_context(cafile=str(self.state / "ca.crt"))
         self.conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=10)
 
     def _healthy(self) -> bool:
         if self.proc.poll() is not None:
-            raise SystemExit(f"demo: the webhook exited; see {self.log.name}")
+            self.log.flush()
+            tail = Path(self.log.name).read_text(errors="replace").splitlines()[-15:]
+            raise SystemExit("demo: the webhook exited; the end of its log:\n" + "\n".join(tail))
         try:
             ctx = ssl.create_default_context(cafile=str(self.state / "ca.crt"))
             c = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=2)
@@ -123,15 +150,9 @@ class Webhook:
             raise SystemExit(f"demo: {path} answered HTTP {resp.status}: {body[:300]!r}")
         return dict(json.loads(body)["response"])
 
-    def stop(self) -> None:
-        self.conn.close()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+    def close(self) -> None:
+        if hasattr(self, "conn"):
+            self.conn.close()
         self.log.close()
 
 
@@ -189,11 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     (keys / "current").write_text(secrets.token_urlsafe(32))
     prefix = work / "launcher"  # plays the virt-launcher pod's filesystem
     print(f"{BOLD}diskhooks demo{RESET} — work directory {work}")
+    children: list[subprocess.Popen[bytes]] = []  # stopped, with their process groups, at the end
     webhook: Webhook | None = None
-    sidecar: subprocess.Popen[bytes] | None = None
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
     try:
         step(1, "Start the webhook (gunicorn, self-signed TLS) and send the VirtualMachine")
-        webhook = Webhook(work, keys)
+        webhook = Webhook(work, keys, children)
         print(f"  webhook ready on https://127.0.0.1:{webhook.port} (CA {webhook.state / 'ca.crt'})")
         vm = yaml.safe_load((DEMO / "vm.yaml").read_text())
         resp = webhook.review("/mutate", obj=vm, kind="VirtualMachine", resource="virtualmachines",
@@ -275,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                     str(sock_dir), "--path-prefix", str(prefix)], cwd=ROOT,
                                    stderr=open(work / "sidecar.log", "wb"),  # noqa: SIM115
                                    start_new_session=True)
+        children.append(sidecar)
         sock = sock_dir / "diskhooks.sock"
         wait_for(sock.exists, "the sidecar socket", timeout=15)
         from hooksidecar.client import call_info, call_on_define_domain, call_shutdown
@@ -302,11 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{BOLD}{GREEN}demo complete{RESET}")
         return 0
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
         if webhook is not None:
-            webhook.stop()
-        if sidecar is not None and sidecar.poll() is None:
-            os.killpg(sidecar.pid, signal.SIGTERM)
-            sidecar.wait(10)
+            webhook.close()
+        for child in children:
+            stop_group(child)
         if args.keep:
             print(f"kept {work}")
         else:

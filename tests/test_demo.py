@@ -9,6 +9,7 @@ are the real ones.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -39,3 +40,43 @@ def test_the_demo_plays_one_vm_start_end_to_end() -> None:
     assert "second call on its own output: identical" in text
     assert "socket removed: True" in text
     assert "demo complete" in text
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry}: {cmdline}")
+    return found
+
+
+def test_a_demo_stopped_midway_leaves_nothing_running() -> None:
+    """SIGTERM (Ctrl-C in a CI job, a timeout) while the webhook runs: the webhook's whole process
+    group is stopped and the temp directory removed, as the README promises."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISKHOOKS_")}
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "scripts.demo"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        work = first.rsplit("work directory ", 1)[-1].strip()
+        assert work.startswith("/") and "diskhooks-demo-" in work, first
+        for line in proc.stdout:  # wait until the webhook answers
+            if "webhook ready on" in line:
+                break
+        assert _processes_mentioning(work), "the webhook should be running now"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert _processes_mentioning(work) == []
+    assert not os.path.exists(work)
