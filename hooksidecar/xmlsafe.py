@@ -3,10 +3,16 @@
 The domain XML reaching the hook sidecar is untrusted input. This module:
 
 - refuses input over :data:`MAX_DOMAIN_XML_BYTES` before any parsing (:class:`Malformed`);
-- refuses any DOCTYPE or entity declaration outright (no XXE, no entity bombs), both by a byte scan
-  before parsing and by checking the parsed document;
-- parses with lxml with entity resolution, DTD loading and network access off and libxml2's
-  huge-tree limits on;
+- accepts **UTF-8 only** (KubeVirt always sends Go's UTF-8 output): the bytes must decode as strict
+  UTF-8, carry no byte-order mark, and an XML declaration may only name UTF-8. A document in
+  another encoding (UTF-16, UTF-32, EBCDIC...) would hide its markup from a byte scan while libxml2
+  reads it, so it is refused instead of being looked at;
+- refuses any DOCTYPE or entity declaration outright (no XXE, no external parameter entities, no
+  entity bombs), by a scan of the *decoded* text before parsing and by checking the parsed
+  document. libxml2 reads the internal subset and loads external parameter entities even with DTD
+  loading and entity resolution off, so the scan is what keeps the parser away from the filesystem;
+- parses with lxml forced to UTF-8 (whatever the document claims), entity resolution, DTD loading
+  and network access off and libxml2's huge-tree limits on;
 - serialises a tree back to UTF-8 bytes in the style KubeVirt itself emits (explicit close tags,
   whitespace as it was), without an XML declaration.
 
@@ -24,23 +30,50 @@ from diskplan.errors import Malformed
 
 MAX_DOMAIN_XML_BYTES = 4 * 1024 * 1024
 FIELD = "domainXML"
-_FORBIDDEN = (b"<!DOCTYPE", b"<!ENTITY")
+_FORBIDDEN = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+_DECLARATION = re.compile(r"<\?xml\b[^>]*?\?>", re.DOTALL)
+_DECLARED_ENCODING = re.compile(r"""\bencoding\s*=\s*(["'])(.*?)\1""", re.DOTALL)
+_UTF8_NAMES = ("utf-8", "utf8")
+
+
+def _check_text(data: bytes, max_bytes: int) -> str:
+    """The document as text, after every check that needs no parser; :class:`Malformed` if not."""
+    if len(data) > max_bytes:
+        raise Malformed(FIELD, f"the domain XML is {len(data)} bytes, more than the {max_bytes} "
+                        "bytes a libvirt domain can plausibly need; refused before parsing")
+    if not data.strip():
+        raise Malformed(FIELD, "the domain XML is empty")
+    if data.startswith(_BOMS):
+        raise Malformed(FIELD, "the domain XML starts with a byte-order mark; only UTF-8 without a "
+                        "BOM is accepted (KubeVirt sends plain UTF-8)")
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Malformed(FIELD, f"the domain XML is not UTF-8 (invalid byte at offset {exc.start}); only "
+                        "UTF-8 is accepted (KubeVirt sends UTF-8)") from None
+    if "\x00" in text:
+        raise Malformed(FIELD, "the domain XML contains NUL bytes (UTF-16 or UTF-32 without a byte-order "
+                        "mark?); only UTF-8 is accepted (KubeVirt sends UTF-8)")
+    declaration = _DECLARATION.match(text.lstrip())
+    if declaration is not None:
+        named = _DECLARED_ENCODING.search(declaration.group(0))
+        if named is not None and named.group(2).strip().lower() not in _UTF8_NAMES:
+            raise Malformed(FIELD, f"the domain XML declares encoding {named.group(2)[:40]!r}; only "
+                            "UTF-8 is accepted (KubeVirt sends UTF-8)")
+    forbidden = _FORBIDDEN.search(text)
+    if forbidden is not None:
+        raise Malformed(FIELD, f"the domain XML contains <!{forbidden.group(1).upper()}: document type "
+                        "and entity declarations are refused (KubeVirt never sends them)")
+    return text
 
 
 def parse_domain(data: bytes, *, max_bytes: int = MAX_DOMAIN_XML_BYTES) -> etree._Element:
     """Parse ``data`` into the ``<domain>`` element. Raises :class:`Malformed` with the reason."""
     if not isinstance(data, (bytes, bytearray)):
         raise Malformed(FIELD, "the domain XML must be bytes")
-    if len(data) > max_bytes:
-        raise Malformed(FIELD, f"the domain XML is {len(data)} bytes, more than the {max_bytes} "
-                        "bytes a libvirt domain can plausibly need; refused before parsing")
-    if not data.strip():
-        raise Malformed(FIELD, "the domain XML is empty")
-    for marker in _FORBIDDEN:
-        if marker in data:
-            raise Malformed(FIELD, f"the domain XML contains {marker.decode()}: document type and "
-                            "entity declarations are refused (KubeVirt never sends them)")
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+    _check_text(data, max_bytes)
+    parser = etree.XMLParser(encoding="utf-8", resolve_entities=False, no_network=True, load_dtd=False,
                              dtd_validation=False, huge_tree=False, remove_comments=False,
                              remove_blank_text=False, collect_ids=False)
     try:
@@ -48,7 +81,7 @@ def parse_domain(data: bytes, *, max_bytes: int = MAX_DOMAIN_XML_BYTES) -> etree
     except etree.XMLSyntaxError as exc:
         raise Malformed(FIELD, f"the domain XML is not well-formed: {exc}") from None
     docinfo = root.getroottree().docinfo
-    if docinfo.doctype or docinfo.internalDTD is not None:
+    if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
         raise Malformed(FIELD, "the domain XML has a document type declaration; refused")
     if any(isinstance(node, etree._Entity) for node in root.iter()):
         raise Malformed(FIELD, "the domain XML contains entity references; refused")
@@ -79,7 +112,11 @@ def serialise_domain(root: etree._Element, *, like: bytes | None = None) -> byte
     mine = _ROOT_START.match(data)
     if original is None or mine is None:
         return data
-    before = etree.fromstring(original.group(0) + b"</domain>")
+    start_parser = etree.XMLParser(encoding="utf-8", resolve_entities=False, no_network=True, load_dtd=False)
+    try:
+        before = etree.fromstring(original.group(0) + b"</domain>", start_parser)
+    except etree.XMLSyntaxError:
+        return data
     if dict(before.attrib) != dict(root.attrib) or before.nsmap != root.nsmap:
         return data
     tail = like[len(like.rstrip()):]

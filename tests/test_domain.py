@@ -10,9 +10,14 @@ planned hostDisk volumes at ``<hostDir>/<name>.qcow2`` (KubeVirt then renders th
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +28,7 @@ from diskplan.errors import Malformed, Refused
 from diskplan.plan import Backing, Passthrough, PersistRoot, Plan, PlanKeys, PlannedDisk, sign_plan
 from hooksidecar import domain, xmlsafe
 from hooksidecar.callback import on_define_domain
-from tests.conftest import DATA, SAMPLES
+from tests.conftest import DATA, ROOT, SAMPLES
 
 GiB = 1024**3
 KEYS = PlanKeys(current=b"test-plan-key-0123456789abcdef")
@@ -538,9 +543,13 @@ LAUGHS = (b'<?xml version="1.0"?>\n<!DOCTYPE lolz [\n <!ENTITY lol "lol">\n'
 @pytest.mark.parametrize("label,xml,words", [
     ("XXE to /etc/passwd", XXE, "<!DOCTYPE"),
     ("XXE in UTF-16 (no byte pattern to catch)", XXE.replace(b'<?xml version="1.0"?>', b'<?xml version="1.0" encoding="UTF-16"?>').decode().encode("utf-16"),
-     "document type declaration"),
+     "byte-order mark"),
+    ("XXE in UTF-16 without a BOM", XXE.replace(b'<?xml version="1.0"?>', b'<?xml version="1.0" encoding="UTF-16"?>').decode().encode("utf-16-le"),
+     "NUL bytes"),
+    ("lower-case doctype", XXE.replace(b"<!DOCTYPE", b"<!doctype"), "<!DOCTYPE"),
     ("billion laughs", LAUGHS, "<!DOCTYPE"),
-    ("not XML", b"\x00\x01garbage", "not well-formed"),
+    ("not XML", b"\x00\x01garbage", "NUL bytes"),
+    ("not XML either", b"\x01garbage", "not well-formed"),
     ("empty", b"", "empty"),
     ("another root", b"<network><name>x</name></network>", "not <domain>"),
 ])
@@ -552,6 +561,110 @@ def test_hostile_xml_is_malformed(label: str, xml: bytes, words: str) -> None:
     assert words in str(err.value), str(err.value)
     assert "root:" not in str(err.value)  # nothing of /etc/passwd leaks into the error
     print(f"{label}: refused in {elapsed * 1000:.2f} ms")
+
+
+# An external *parameter* entity is what libxml2 loads even with DTD loading and entity resolution
+# off; in UTF-16 (or any encoding but UTF-8) a byte scan for "<!DOCTYPE" does not see it.
+_PARAM_ENTITY = '<!DOCTYPE domain [<!ENTITY % x SYSTEM "file://{path}"> %x;]><domain type="kvm"></domain>'
+_ENCODINGS = {
+    "UTF-16 with BOM": ("UTF-16", "utf-16"),
+    "UTF-16LE without BOM": ("UTF-16", "utf-16-le"),
+    "UTF-16BE without BOM": ("UTF-16BE", "utf-16-be"),
+    "UTF-32 with BOM": ("UTF-32", "utf-32"),
+    "EBCDIC (IBM500)": ("IBM500", "cp500"),
+    "UTF-8 with BOM": ("UTF-8", "utf-8-sig"),
+    "UTF-8": ("UTF-8", "utf-8"),
+}
+_PARSE_IN_CHILD = """
+import sys
+from diskplan.errors import Malformed
+from hooksidecar.callback import on_define_domain
+xml, vmi = open(sys.argv[1], "rb").read(), open(sys.argv[2], "rb").read()
+try:
+    on_define_domain(xml, vmi, check_images=False)
+except Malformed as exc:
+    print("MALFORMED", exc)
+else:
+    print("ACCEPTED")
+"""
+
+
+def _parse_in_child(tmp_path: Path, xml: bytes) -> subprocess.Popen[str]:
+    (tmp_path / "domain.xml").write_bytes(xml)
+    (tmp_path / "vmi.json").write_bytes(S05.vmi_json())
+    return subprocess.Popen([sys.executable, "-c", _PARSE_IN_CHILD, str(tmp_path / "domain.xml"),
+                             str(tmp_path / "vmi.json")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("label", list(_ENCODINGS))
+def test_external_parameter_entity_never_reaches_the_file(tmp_path: Path, label: str) -> None:
+    """The entity points at a FIFO: if the parser ever opened it, a writer could open it too (and the
+    parser would block until one did). The child must answer Malformed and the FIFO never have had
+    a reader."""
+    declared, codec = _ENCODINGS[label]
+    fifo = tmp_path / "entity.fifo"
+    os.mkfifo(fifo)
+    doc = (f'<?xml version="1.0" encoding="{declared}"?>' + _PARAM_ENTITY.format(path=fifo)).encode(codec)
+    child = _parse_in_child(tmp_path, doc)
+    opened = False
+    deadline = time.monotonic() + 20
+    while child.poll() is None and time.monotonic() < deadline:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while nobody reads it
+        except OSError as exc:
+            assert exc.errno == errno.ENXIO, exc
+            time.sleep(0.005)
+            continue
+        opened = True
+        os.write(fd, b"<!ENTITY y 'leaked'>")
+        os.close(fd)
+    if child.poll() is None:
+        child.kill()
+    out, err = child.communicate(timeout=10)
+    assert not opened, f"{label}: the parser opened {fifo}"
+    assert child.returncode == 0, err
+    assert out.startswith("MALFORMED domainXML:"), out + err
+    print(f"{label}: {out.strip()}")
+
+
+def test_external_parameter_entity_on_dev_zero_does_not_hang(tmp_path: Path) -> None:
+    doc = ('<?xml version="1.0" encoding="UTF-16"?>'
+           '<!DOCTYPE domain [<!ENTITY % x SYSTEM "file:///dev/zero"> %x;]><domain/>').encode("utf-16")
+    child = _parse_in_child(tmp_path, doc)
+    try:
+        out, err = child.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate()
+        pytest.fail("parsing a parameter entity on /dev/zero hung")
+    assert out.startswith("MALFORMED domainXML:"), out + err
+
+
+@pytest.mark.parametrize("label,xml,words", [
+    ("Latin-1 declared", '<?xml version="1.0" encoding="ISO-8859-1"?><domain>\xe9</domain>'.encode("latin-1"),
+     "not UTF-8"),
+    ("Latin-1 declared, ASCII body", b'<?xml version="1.0" encoding="ISO-8859-1"?><domain></domain>',
+     "declares encoding 'ISO-8859-1'"),
+    ("UTF-7 declared", b'<?xml version="1.0" encoding="UTF-7"?>+ADw-domain/+AD4-', "declares encoding 'UTF-7'"),
+    ("UTF-16 declared in ASCII", b"<?xml version='1.0' encoding='UTF-16'?><domain></domain>",
+     "declares encoding 'UTF-16'"),
+    ("invalid UTF-8", b"<domain><name>\xff\xfe</name></domain>", "not UTF-8 (invalid byte at offset 14)"),
+    ("UTF-8 BOM", b"\xef\xbb\xbf<domain></domain>", "byte-order mark"),
+])
+def test_only_utf8_is_accepted(label: str, xml: bytes, words: str) -> None:
+    with pytest.raises(Malformed) as err:
+        xmlsafe.parse_domain(xml)
+    assert words in str(err.value), str(err.value)
+    assert str(err.value).startswith("domainXML: ")
+
+
+@pytest.mark.parametrize("declaration", [b'<?xml version="1.0" encoding="UTF-8"?>\n',
+                                         b"<?xml version='1.0' encoding='utf-8'?>", b'<?xml version="1.0"?>',
+                                         b""])
+def test_utf8_with_or_without_a_declaration_parses(declaration: bytes) -> None:
+    root = xmlsafe.parse_domain(declaration + '<domain><name>caf\u00e9</name></domain>'.encode())
+    assert root.findtext("name") == "caf\u00e9"
 
 
 def test_50_mb_is_refused_by_size_before_parsing() -> None:
