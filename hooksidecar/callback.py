@@ -24,7 +24,9 @@ from diskplan.errors import Malformed, Refused
 from diskplan.plan import PersistRoot, Plan, load_json_object, parse_plan
 from hooksidecar import domain, images, xmlsafe
 
-MAX_VMI_JSON_BYTES = 4 * 1024 * 1024
+#: 512 KiB: a launcher VMI is a few KiB (annotations are capped at 256 KiB in all by the API server;
+#: KubeVirt's own sidecar-shim passes at most 128 KiB); parsed JSON costs ~20x its text in memory
+MAX_VMI_JSON_BYTES = 512 * 1024
 VMI_FIELD = "vmi"
 
 
@@ -43,14 +45,17 @@ def on_define_domain(domain_xml: bytes, vmi_json: bytes, *, path_prefix: str = "
     if not (plan.disks or plan.persist_root or plan.passthrough):
         return domain_xml
     check_vmi(plan, vmi)
+    uid = vmi_uid(vmi) if check_images and plan.persist_root else ""
+    del vmi  # nothing else needs the VMI's objects: free them before the domain tree is built
     root = xmlsafe.parse_domain(domain_xml)
     base_format = None
     if check_images:
-        facts = images.check_images(plan, vmi_uid=vmi_uid(vmi) if plan.persist_root else "",
-                                    path_prefix=path_prefix)
+        facts = images.check_images(plan, vmi_uid=uid, path_prefix=path_prefix)
         base_format = facts.persist_root_base_format
-    new_root = domain.mutate_domain(root, plan, persist_root_base_format=base_format)
-    return xmlsafe.serialise_domain(new_root, like=domain_xml)
+    # the tree is ours and dropped after this call: edit it in place (a copy of an lxml tree costs as
+    # much memory as the parse; the sidecar runs under a 64M limit)
+    domain.apply_plan(root, plan, persist_root_base_format=base_format)
+    return xmlsafe.serialise_domain(root, like=domain_xml)
 
 
 # ------------------------------------------------------------------------------------------------

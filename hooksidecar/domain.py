@@ -1,8 +1,10 @@
 """The domain-XML core of the hook sidecar: a plan and a ``<domain>`` tree in, a new tree out.
 
-Pure: no I/O, no globals, no environment; the input tree is never changed (the work happens on a deep
-copy). Everything it does is driven by the plan; disks the plan does not name are left exactly as
-they were, and so is everything that is not a planned disk (interfaces, metadata, namespaces...).
+Pure: no I/O, no globals, no environment. :func:`mutate_domain` never changes the input tree (it works
+on a deep copy); :func:`apply_plan` is the same edit in place, for a tree the caller owns (the
+sidecar's freshly parsed domain, which it then serialises and drops). Everything it does is driven
+by the plan; disks the plan does not name are left exactly as they were, and so is everything that
+is not a planned disk (interfaces, metadata, namespaces...).
 
 For every planned disk, found by its alias ``ua-<volume>`` (never by position: later
 ``OnDefineDomain`` calls carry libvirt's read-back, with disks reordered and addresses added):
@@ -57,6 +59,18 @@ def mutate_domain(root: etree._Element, plan: Plan, *,
     for the base is kept, qcow2 if it stated none. Raises :class:`Refused`.
     """
     out = copy.deepcopy(root)
+    apply_plan(out, plan, persist_root_base_format=persist_root_base_format)
+    return out
+
+
+def apply_plan(root: etree._Element, plan: Plan, *, persist_root_base_format: str | None = None) -> None:
+    """:func:`mutate_domain` without the copy: edits ``root`` itself.
+
+    For a tree the caller owns and throws away on error (the sidecar's freshly parsed domain): a
+    copy of an lxml tree costs as much memory as the parse, and the sidecar runs under a 64M limit.
+    On :class:`Refused` the tree may be half edited and must not be used.
+    """
+    out = root
     disks = _disks_by_alias(out)
     _refuse_double_planning(plan)
     for planned in plan.disks:
@@ -66,7 +80,6 @@ def mutate_domain(root: etree._Element, plan: Plan, *,
         _apply_persist_root(_planned_disk_element(disks, pr.volume), pr, persist_root_base_format)
     for pt in plan.passthrough:
         _apply_passthrough(_planned_disk_element(disks, pt.name), pt)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -329,6 +329,8 @@ class _Connection:
                                 f"received message larger than max ({len(stream.body) - PREFIX_BYTES} vs. "
                                 f"{limit})")
         except RpcStatus as exc:
+            if exc.code == StatusCode.RESOURCE_EXHAUSTED and self.server.oversize_note:
+                exc = RpcStatus(exc.code, f"{exc.message}; {self.server.oversize_note}")
             self._fail(sid, exc, ended=event.stream_ended is not None)
 
     def _drop(self, sid: int) -> _Stream | None:
@@ -419,10 +421,11 @@ class H2GrpcServer:
 
     def __init__(self, socket_path: str, methods: Mapping[str, Handler], *,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, max_connections: int = MAX_CONNECTIONS,
-                 log: Log | None = None) -> None:
+                 log: Log | None = None, oversize_note: str = "") -> None:
         self.socket_path = socket_path
         self.methods = dict(methods)
         self.max_message_bytes = max_message_bytes
+        self.oversize_note = oversize_note  # appended to RESOURCE_EXHAUSTED for a too large request
         self._log = log
         self._slots = threading.BoundedSemaphore(max_connections)
         self._stop_r, self._stop_w = os.pipe()

@@ -22,7 +22,9 @@ machine, the protobuf runtime and the generated modules add about 2.8 MiB of pea
 ``hooksidecar/protos/`` (``hooksidecar/_pb/``), which the tests use as virt-launcher.
 
 Lifecycle. :class:`HookServer` refuses to take over a live socket or a non-socket file, replaces a
-stale socket, serves (h2: a thread per connection, at most four; grpcio: a two-thread pool), and
+stale socket, serves (h2: a thread per connection, at most four; grpcio: a two-thread pool; either
+way one ``OnDefineDomain`` runs at a time, so peak memory is one call's, and a request larger than
+the core's input bounds is refused before it is buffered whole), and
 stops gracefully (answer in-flight calls, then close) on SIGTERM/SIGINT or a ``Shutdown`` call; the
 socket is removed on exit. Signals and the ``Shutdown``
 servicer wake the main thread through a pipe (``signal.set_wakeup_fd``), so no lock is ever taken in a
@@ -37,6 +39,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,15 +48,19 @@ from typing import IO, TYPE_CHECKING, Any, NoReturn
 from diskplan.errors import Malformed, Refused
 from diskplan.keys import HOOK_VERSIONS
 from hooksidecar import logfmt
-from hooksidecar.callback import on_define_domain
+from hooksidecar.callback import MAX_VMI_JSON_BYTES, on_define_domain
 from hooksidecar.h2grpc import H2GrpcServer, RpcStatus, StatusCode
+from hooksidecar.xmlsafe import MAX_DOMAIN_XML_BYTES
 
 if TYPE_CHECKING:
     import grpc
 
 HOOK_NAME = "diskhooks"
 DEFAULT_SOCKET_DIR = "/var/run/kubevirt-hooks"
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# one OnDefineDomainParams: the largest domain XML and VMI JSON the core accepts, plus field headers
+MAX_MESSAGE_BYTES = MAX_DOMAIN_XML_BYTES + MAX_VMI_JSON_BYTES + 4096
+OVERSIZE_NOTE = (f"the diskhooks sidecar accepts a domain XML of at most {MAX_DOMAIN_XML_BYTES // 1024} KiB "
+                 f"and a VMI JSON of at most {MAX_VMI_JSON_BYTES // 1024} KiB")
 DEFAULT_GRACE_SECONDS = 5.0
 THREADS = 2  # grpcio: virt-launcher calls one hook at a time; a second thread serves Info/Shutdown meanwhile
 MAX_CONCURRENT_RPCS = 8
@@ -212,6 +219,9 @@ class Servicers:
     request_shutdown: Callable[[], None]
     on_define: OnDefine = on_define_domain
     _info: bytes = field(init=False, repr=False)
+    #: one OnDefineDomain at a time (virt-launcher never overlaps calls): the peak memory of the
+    #: process is then one call's, whatever a client on the socket does
+    _core: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._info = encode_info_result(name=self.settings.name, hook_points=self.settings.hook_points(),
@@ -226,12 +236,13 @@ class Servicers:
             started = time.perf_counter()
             fields: dict[str, Any] = {"hook": ON_DEFINE_DOMAIN, "version": version, "vmi": "?"}
             try:
-                params = decode_fields(request, (F_DOMAIN_XML, F_VMI))
-                domain_xml, vmi_json = params[F_DOMAIN_XML], params[F_VMI]
-                fields["vmi"] = logfmt.vmi_identity(vmi_json)
-                fields["bytesIn"] = len(domain_xml)
-                result = self.on_define(domain_xml, vmi_json, path_prefix=self.settings.path_prefix,
-                                        check_images=self.settings.check_images)
+                with self._core:
+                    params = decode_fields(request, (F_DOMAIN_XML, F_VMI))
+                    domain_xml, vmi_json = params[F_DOMAIN_XML], params[F_VMI]
+                    fields["vmi"] = logfmt.vmi_identity(vmi_json)
+                    fields["bytesIn"] = len(domain_xml)
+                    result = self.on_define(domain_xml, vmi_json, path_prefix=self.settings.path_prefix,
+                                            check_images=self.settings.check_images)
             except WireError as exc:
                 self._fail(fields, started, StatusCode.INVALID_ARGUMENT,
                            f"OnDefineDomainParams: not a valid protobuf message: {exc}")
@@ -391,7 +402,8 @@ class HookServer:
         table = method_table(self._servicers)
         if self.transport == "h2":
             h2_server = H2GrpcServer(self.socket_path, table, max_message_bytes=MAX_MESSAGE_BYTES,
-                                     max_connections=MAX_CONNECTIONS, log=self.log.emit)
+                                     max_connections=MAX_CONNECTIONS, log=self.log.emit,
+                                     oversize_note=OVERSIZE_NOTE)
             try:
                 h2_server.start()
             except OSError as exc:

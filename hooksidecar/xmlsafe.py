@@ -16,19 +16,24 @@ The domain XML reaching the hook sidecar is untrusted input. This module:
 - serialises a tree back to UTF-8 bytes in the style KubeVirt itself emits (explicit close tags,
   whitespace as it was), without an XML declaration.
 
+Memory: the sidecar runs under a 64M limit and an lxml tree costs ~20-30x its text, so the bound
+is small (KubeVirt's domains are 3-6 KiB; its own sidecar-shim caps ``--domain`` at 128 KiB) and
+the caller mutates the one tree it parsed rather than copies of it.
+
 No I/O, no globals: a parser is made per call (lxml parsers must not be shared between threads).
 """
 
 from __future__ import annotations
 
-import copy
+import io
 import re
 
 from lxml import etree
 
 from diskplan.errors import Malformed
 
-MAX_DOMAIN_XML_BYTES = 4 * 1024 * 1024
+#: 512 KiB: ~100x a real KubeVirt domain, 4x the 128 KiB KubeVirt's own sidecar-shim passes on
+MAX_DOMAIN_XML_BYTES = 512 * 1024
 FIELD = "domainXML"
 _FORBIDDEN = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 _BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
@@ -40,8 +45,9 @@ _UTF8_NAMES = ("utf-8", "utf8")
 def _check_text(data: bytes, max_bytes: int) -> str:
     """The document as text, after every check that needs no parser; :class:`Malformed` if not."""
     if len(data) > max_bytes:
-        raise Malformed(FIELD, f"the domain XML is {len(data)} bytes, more than the {max_bytes} "
-                        "bytes a libvirt domain can plausibly need; refused before parsing")
+        raise Malformed(FIELD, f"the domain XML is {len(data)} bytes, more than the {max_bytes} bytes "
+                        f"({max_bytes // 1024} KiB) the diskhooks sidecar accepts (KubeVirt's domains "
+                        "are a few KiB); refused before parsing")
     if not data.strip():
         raise Malformed(FIELD, "the domain XML is empty")
     if data.startswith(_BOMS):
@@ -69,7 +75,10 @@ def _check_text(data: bytes, max_bytes: int) -> str:
 
 
 def parse_domain(data: bytes, *, max_bytes: int = MAX_DOMAIN_XML_BYTES) -> etree._Element:
-    """Parse ``data`` into the ``<domain>`` element. Raises :class:`Malformed` with the reason."""
+    """Parse ``data`` into the ``<domain>`` element. Raises :class:`Malformed` with the reason.
+
+    The tree returned is new and the caller's to change (the sidecar edits it in place).
+    """
     if not isinstance(data, (bytes, bytearray)):
         raise Malformed(FIELD, "the domain XML must be bytes")
     _check_text(data, max_bytes)
@@ -83,7 +92,7 @@ def parse_domain(data: bytes, *, max_bytes: int = MAX_DOMAIN_XML_BYTES) -> etree
     docinfo = root.getroottree().docinfo
     if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
         raise Malformed(FIELD, "the domain XML has a document type declaration; refused")
-    if any(isinstance(node, etree._Entity) for node in root.iter()):
+    if next(root.iter(etree.Entity), None) is not None:
         raise Malformed(FIELD, "the domain XML contains entity references; refused")
     if root.tag != "domain":
         raise Malformed(FIELD, f"the root element is <{root.tag}>, not <domain>")
@@ -91,6 +100,31 @@ def parse_domain(data: bytes, *, max_bytes: int = MAX_DOMAIN_XML_BYTES) -> etree
 
 
 _ROOT_START = re.compile(rb"<domain\b[^>]*>")
+# lxml writes an empty element as <name attrs/>; in its output a '<' inside attribute values and
+# text is always escaped, so every '<' starts markup: comments and processing instructions are
+# matched first and kept as they are
+_SELF_CLOSED = re.compile(rb"<!--.*?-->|<\?.*?\?>|<([^\s/>!?][^\s/>]*)([^<>]*?)/>", re.DOTALL)
+
+
+def _explicit_close_tags(data: bytes) -> bytes:
+    """``data`` with every ``<name attrs/>`` written as ``<name attrs></name>``.
+
+    Written piece by piece into one buffer: ``re.sub`` would hold a list of every piece, which for a
+    document of many small elements costs far more than the document (measured: +17 MiB for 512 KiB
+    of empty elements, against +1 MiB here)."""
+    out = io.BytesIO()
+    pos = 0
+    for match in _SELF_CLOSED.finditer(data):
+        name = match.group(1)
+        if name is None:  # a comment or processing instruction: copied with what precedes it
+            continue
+        out.write(data[pos:match.start()])
+        out.write(b"<" + name + match.group(2) + b"></" + name + b">")
+        pos = match.end()
+    if pos == 0:
+        return data
+    out.write(data[pos:])
+    return out.getvalue()
 
 
 def serialise_domain(root: etree._Element, *, like: bytes | None = None) -> bytes:
@@ -99,13 +133,12 @@ def serialise_domain(root: etree._Element, *, like: bytes | None = None) -> byte
     With ``like`` (the document ``root`` was parsed from, already accepted by :func:`parse_domain`),
     the root start tag and the trailing white space are kept as they were there, so that only the
     edited disks show in a diff: lxml would write ``xmlns:qemu`` before ``type``. Only done when the
-    root's attributes and namespace declarations are unchanged. Works on a copy.
+    root's attributes and namespace declarations are unchanged.
+
+    ``root`` is not changed and not copied: the close tags are written into the serialised bytes
+    (a copy of the tree, or a text node per empty element, would cost as much memory as the parse).
     """
-    out = copy.deepcopy(root)
-    for el in out.iter():
-        if el.text is None and len(el) == 0 and isinstance(el.tag, str):
-            el.text = ""
-    data: bytes = etree.tostring(out, encoding="UTF-8", xml_declaration=False)
+    data = _explicit_close_tags(etree.tostring(root, encoding="UTF-8", xml_declaration=False))
     if like is None:
         return data
     original = _ROOT_START.search(like)

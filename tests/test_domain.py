@@ -675,6 +675,74 @@ def test_50_mb_is_refused_by_size_before_parsing() -> None:
     assert "bytes" in str(err.value)
 
 
+def test_xml_just_over_the_bound_is_refused_naming_the_limit() -> None:
+    xml = S05.xml()
+    padded = xml.replace(b"</domain>", b"<!--" + b"x" * (xmlsafe.MAX_DOMAIN_XML_BYTES - len(xml)) + b"--></domain>")
+    assert xmlsafe.MAX_DOMAIN_XML_BYTES == 512 * 1024
+    with pytest.raises(Malformed) as err:
+        on_define_domain(padded, S05.vmi_json(), check_images=False)
+    assert str(err.value).startswith("domainXML: ")
+    assert "more than the 524288 bytes (512 KiB)" in str(err.value), str(err.value)
+
+
+def _largest_domain(kind: str) -> bytes:
+    """S05 grown to the largest domain the sidecar accepts: with more disks (what a big VM looks
+    like) or with empty elements (the most nodes per byte, the worst case for memory)."""
+    xml = S05.xml()
+    room = xmlsafe.MAX_DOMAIN_XML_BYTES - len(xml) - 64
+    if kind == "disks":
+        start = xml.index(b"<disk ")
+        one = b"\n\t\t" + xml[start:xml.index(b"</disk>", start) + len(b"</disk>")].replace(b"ua-", b"ux-")
+        pad = one * (room // len(one))
+    else:
+        pad = b"<x>" + b"<a/>" * ((room - 7) // 4) + b"</x>"
+    at = xml.index(b"</devices>")
+    grown = xml[:at] + pad + xml[at:]
+    assert xmlsafe.MAX_DOMAIN_XML_BYTES - 4096 < len(grown) <= xmlsafe.MAX_DOMAIN_XML_BYTES
+    return grown
+
+
+_PEAK_IN_CHILD = """
+import gc, sys
+from hooksidecar.callback import on_define_domain
+def hwm():  # VmHWM, not ru_maxrss: that one keeps the forking parent's peak across exec
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+xml, vmi, warm = (open(path, "rb").read() for path in sys.argv[1:4])
+on_define_domain(warm, vmi, check_images=False)  # imports and first-call caches
+gc.collect()
+before = hwm()
+out = on_define_domain(xml, vmi, check_images=False)
+after = hwm()
+assert b"almalinux-9.qcow2" in out
+print((after - before) / 1024)
+"""
+
+
+@pytest.mark.parametrize("kind,limit_mib", [("disks", 16), ("empty elements", 28)])
+def test_largest_accepted_domain_stays_small_in_memory(tmp_path: Path, kind: str, limit_mib: int) -> None:
+    """Peak RSS growth of one call on the largest accepted domain, in a fresh process: the sidecar
+    runs under a 64M limit and idles at ~23 MiB (benchmarks/sidecar_bench.py reports the whole
+    process). The tree is parsed once and edited in place; no copy of it is made."""
+    (tmp_path / "domain.xml").write_bytes(_largest_domain(kind))
+    (tmp_path / "vmi.json").write_bytes(S05.vmi_json())
+    (tmp_path / "warm.xml").write_bytes(S05.xml())
+    out = subprocess.run([sys.executable, "-c", _PEAK_IN_CHILD, str(tmp_path / "domain.xml"),
+                          str(tmp_path / "vmi.json"), str(tmp_path / "warm.xml")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    grew = float(out.stdout)
+    print(f"{kind}: +{grew:.1f} MiB for {xmlsafe.MAX_DOMAIN_XML_BYTES // 1024} KiB")
+    assert grew < limit_mib
+
+
+def test_serialising_leaves_the_tree_alone() -> None:
+    root = xmlsafe.parse_domain(S05.xml())
+    before = etree.tostring(root)
+    data = xmlsafe.serialise_domain(root, like=S05.xml())
+    assert etree.tostring(root) == before
+    assert data == S05.xml()  # nothing planned applied: KubeVirt's own bytes come back
+
+
 def test_xml_just_under_the_bound_still_parses() -> None:
     xml = S05.xml()
     padded = xml.replace(b"</domain>", b"<!--" + b"x" * (xmlsafe.MAX_DOMAIN_XML_BYTES - len(xml) - 100)

@@ -2,7 +2,7 @@
 
 Interop: grpcio's client (gRPC's C core, its own HTTP/2 stack) with default options calls the real
 sidecar (``python -m hooksidecar.cli serve``, h2 is its default transport) as virt-launcher does, on
-several sequential connections and from four threads at once, and with a 6 MiB domain XML that only
+several sequential connections and from four threads at once, and with a ~1 MiB domain XML that only
 gets through if both sides honour HTTP/2 flow control. ``tests/test_sidecar_server.py`` runs its whole
 suite against the same default transport.
 
@@ -31,6 +31,7 @@ import h2.exceptions
 import pytest
 
 from hooksidecar import h2grpc
+from hooksidecar import server as srv
 from hooksidecar._pb import v1alpha3_pb2
 from hooksidecar.h2grpc import H2GrpcServer, RpcStatus, StatusCode
 from tests.conftest import ROOT
@@ -137,22 +138,20 @@ def test_four_threads_at_once(sock_dir: Path, sample: PlannedSample) -> None:
     assert len(ok) == 1 + 4 * 5 * 2 and all(r["result"] == "ok" for r in ok)
 
 
-def test_six_mib_domain_both_ways(sock_dir: Path, sample: PlannedSample) -> None:
-    """6 MiB up and 6 MiB back (a VMI without a plan gets its domain back unchanged): far beyond
-    the 64 KiB default windows, so each side must wait for the other's WINDOW_UPDATEs. With the
-    plan, the core's own 4 MiB bound refuses the same request after it arrived whole."""
+def test_largest_message_both_ways(sock_dir: Path, sample: PlannedSample) -> None:
+    """Just under the sidecar's message bound up and back (a VMI without a plan gets its domain back
+    unchanged, never parsed): far beyond the 64 KiB default windows, so each side must wait for the
+    other's WINDOW_UPDATEs. With the plan, the core's own 512 KiB domain bound refuses the same
+    request after it arrived whole, naming the limit."""
     sidecar = start_sidecar(sock_dir, "--path-prefix", str(sample.prefix))
     try:
-        huge = big_domain(sample.first_call, 6 * MiB)
-        assert len(huge) > 6 * MiB
-        # gRPC clients refuse answers over 4 MiB by default (Go's as well): raise it for this call
-        with grpc.insecure_channel(sidecar.target,
-                                   options=[("grpc.max_receive_message_length", 16 * MiB)]) as channel:
-            result = rpc(channel, v1alpha3_pb2, "Callbacks", "OnDefineDomain")(
-                v1alpha3_pb2.OnDefineDomainParams(domainXML=huge, vmi=sample.vmi_without_plan), timeout=60)
-        assert result.domainXML == huge
+        huge = big_domain(sample.first_call, srv.MAX_MESSAGE_BYTES - len(sample.vmi) - len(sample.first_call) - 64)
+        assert 1 * MiB - 16 * 1024 < len(huge) < srv.MAX_MESSAGE_BYTES - len(sample.vmi) - 16
+        result = call_on_define(sidecar.target, "v1alpha3", huge, sample.vmi_without_plan)
+        assert result == huge
         err = rpc_error(call_on_define, sidecar.target, "v1alpha3", huge, sample.vmi)
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "domainXML" in err.details()
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "domainXML" in err.details() and "512 KiB" in err.details(), err.details()
         assert call_info(sidecar.target).name == "diskhooks"
     finally:
         sidecar.stop()

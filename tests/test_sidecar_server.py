@@ -359,11 +359,42 @@ def test_bytes_that_are_not_a_protobuf_message_are_invalid_argument(shared_sidec
     assert "OnDefineDomainParams" in err.details()
 
 
-def test_oversized_request_is_refused(shared_sidecar: Sidecar, sample: PlannedSample) -> None:
-    huge = sample.first_call + b" " * (9 * 1024 * 1024)
+def test_oversized_request_is_refused_naming_the_limits(shared_sidecar: Sidecar, sample: PlannedSample) -> None:
+    huge = sample.first_call + b" " * (2 * 1024 * 1024)
     err = rpc_error(call_on_define, shared_sidecar.target, "v1alpha3", huge, sample.vmi)
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "a domain XML of at most 512 KiB and a VMI JSON of at most 512 KiB" in err.details(), err.details()
+    assert srv.MAX_MESSAGE_BYTES < 1.1 * 1024 * 1024
     call_info(shared_sidecar.target)  # and it still serves
+
+
+def test_calls_run_one_at_a_time() -> None:
+    """Concurrent OnDefineDomain calls (four h2 connections) reach the core one after the other, so the
+    process never holds more than one call's parse in memory."""
+    inside = 0
+    most = 0
+    guard = threading.Lock()
+
+    def slow(domain_xml: bytes, vmi_json: bytes, **kw: Any) -> bytes:
+        nonlocal inside, most
+        with guard:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.05)
+        with guard:
+            inside -= 1
+        return domain_xml
+
+    servicers = srv.Servicers(settings=srv.SidecarSettings(), log=logfmt.JsonLog(io.StringIO()),
+                              request_shutdown=lambda: None, on_define=slow)
+    handle = servicers.on_define_domain("v1alpha3")
+    request = srv.encode_bytes_field(srv.F_DOMAIN_XML, b"<domain></domain>")
+    threads = [threading.Thread(target=handle, args=(request,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert most == 1
 
 
 def test_raw_image_is_failed_precondition_naming_the_volume(sock_dir: Path, tmp_path: Path) -> None:
