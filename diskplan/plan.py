@@ -289,12 +289,27 @@ def _load(text: str | bytes, field_path: str) -> dict[str, Any]:
 
 
 def load_json_object(data: str | bytes, *, field: str, what: str, max_bytes: int) -> dict[str, Any]:
-    """A JSON object from untrusted text, size-bounded; :class:`Malformed` naming ``field``."""
+    """A JSON object from untrusted text, size-bounded; :class:`Malformed` naming ``field``.
+
+    Bytes must be UTF-8 (what Kubernetes and KubeVirt send; ``json.loads`` would otherwise also
+    guess UTF-16/32), without a byte-order mark. Nesting deeper than the interpreter's recursion
+    limit is refused as "nested too deeply" instead of escaping as a ``RecursionError``.
+    """
     if len(data) > max_bytes:
         raise Malformed(field, f"{what} is {len(data)} bytes, more than the {max_bytes} accepted")
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Malformed(field, f"{what} is not UTF-8 (invalid byte at offset {exc.start}); only "
+                            "UTF-8 JSON is accepted") from None
+    else:
+        text = data
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = json.loads(text)
+    except RecursionError:
+        raise Malformed(field, f"{what} is nested too deeply to be read") from None
+    except ValueError as exc:
         raise Malformed(field, f"{what} is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise Malformed(field, f"{what} must be a JSON object")

@@ -171,8 +171,8 @@ def read_limited(path: str, limit: int = MAX_INPUT_BYTES) -> bytes:
 
 
 def load_vmi(path: str) -> bytes:
-    """The VMI as JSON bytes. JSON that does not parse is passed on as it is, so the core reports it
-    (``Malformed``, with the parser's reason); YAML (``.yaml``/``.yml``) is converted; a
+    """The VMI as JSON bytes. JSON that does not parse (or is nested too deeply) is passed on as it
+    is, so the core reports it (``Malformed``, with the reason); YAML (``.yaml``/``.yml``) is converted; a
     VirtualMachine becomes the VMI its template describes."""
     data = read_limited(path)
     if path.endswith((".yaml", ".yml")):
@@ -180,7 +180,7 @@ def load_vmi(path: str) -> bytes:
     else:
         try:
             doc = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # not JSON, not UTF-8, too deep
             return data
     if isinstance(doc, dict) and doc.get("kind") == "VirtualMachine":
         return json.dumps(vmi_from_vm(doc)).encode()
@@ -194,6 +194,8 @@ def _load_yaml(data: bytes, path: str) -> Any:
         docs = [d for d in yaml.safe_load_all(data) if d is not None]
     except yaml.YAMLError as exc:
         raise UsageError(f"{path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{path} is nested too deeply to be read") from None
     if len(docs) != 1:
         raise UsageError(f"{path} holds {len(docs)} documents; give exactly one VMI or VirtualMachine")
     return docs[0]

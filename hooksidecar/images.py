@@ -218,7 +218,7 @@ def _read_marker(pr: PersistRoot, plan: Plan, prefix: str, field: str) -> dict[s
         raise Refused(field, f"the base record {pr.marker_path} is larger than {MAX_MARKER_BYTES} bytes")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise Refused(field, f"the base record {pr.marker_path} is not JSON; the "
                       f"{K.PREPARE_CONTAINER} init container rewrites it on the next start") from None
     if not isinstance(doc, dict):

@@ -518,7 +518,7 @@ def read_marker(path: str) -> MarkerState:
         return MarkerState("invalid", f"is larger than {MAX_MARKER_BYTES} bytes")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         return MarkerState("invalid", "is not JSON")
     if not isinstance(doc, dict) or not isinstance(doc.get("image"), str) \
             or not isinstance(doc.get("sha256"), str) or not _SHA256.match(doc["sha256"]) \

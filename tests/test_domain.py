@@ -777,6 +777,11 @@ def test_bad_plans_are_malformed(label: str, body_edit: Any, words: str) -> None
     (json.dumps({"metadata": {"annotations": {K.ANN_PLAN: 5}}}).encode(), "must be a string"),
     (json.dumps({"metadata": {"annotations": {K.ANN_PLAN: "{"}}}).encode(), "not valid JSON"),
     (b" " * (5 * 1024 * 1024), "more than"),
+    (b'{"a":' * 100000, "the VMI JSON is nested too deeply"),
+    (json.dumps({"metadata": {"annotations": {K.ANN_PLAN: "[" * 60000}}}).encode(), "the plan is nested too deeply"),
+    (json.dumps({"metadata": {}}).encode("utf-16"), "the VMI JSON is not UTF-8"),
+    (json.dumps({"metadata": {}}).encode("utf-32"), "the VMI JSON is not UTF-8"),
+    (json.dumps({"metadata": {}}).encode("utf-8-sig"), "Unexpected UTF-8 BOM"),
 ])
 def test_bad_vmis_are_malformed(vmi: bytes, words: str) -> None:
     with pytest.raises(Malformed, match=words):

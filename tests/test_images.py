@@ -253,6 +253,7 @@ CASES: list[tuple[str, Callable[[Path], object], str]] = [
      "prepare did not run for this start"),
     ("marker with a bad format", _write_marker(format="vmdk"), "has format 'vmdk'"),
     ("marker not JSON", lambda r: _marker(r).write_text("{not json"), "is not JSON"),
+    ("marker nested too deeply", lambda r: _marker(r).write_text("[" * 60000), "is not JSON"),
     ("overlay on another base", _overlay_other_base, "disk_1.img"),
     ("overlay missing", lambda r: _overlay(r).unlink(), "persist-root.root.qcow2"),
 ]

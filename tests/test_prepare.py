@@ -395,6 +395,21 @@ def test_unreadable_plan_exits_2(node: Node) -> None:
     assert proc.returncode == 2 and K.ENV_PLAN in proc.stderr
 
 
+@pytest.mark.parametrize("from_env", [False, True])
+@pytest.mark.parametrize("deep", ["[" * 60000, '{"version":' + "[" * 60000])
+def test_deeply_nested_plan_exits_2(node: Node, deep: str, from_env: bool) -> None:
+    proc = run_prepare(node, deep, from_env=from_env)
+    assert proc.returncode == 2, proc.stderr
+    assert "diskhooks.io/plan: the plan is nested too deeply" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_deeply_nested_base_record_is_invalid_not_a_crash(tmp_path: Path) -> None:
+    record = tmp_path / "persist-root.rootdisk.base.json"
+    record.write_text("[" * 60000)
+    assert prepare.read_marker(str(record)) == prepare.MarkerState("invalid", "is not JSON")
+
+
 def test_persist_root_without_vmi_uid_exits_2(node: Node) -> None:
     plan = make_plan(persist=PersistRoot("rootdisk", ROOT_IMAGE, 0))
     proc = run_prepare(node, plan, uid=None)

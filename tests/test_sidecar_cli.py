@@ -99,12 +99,20 @@ def test_dry_run_raw_image_exits_1(files: dict[str, Path], tmp_path: Path) -> No
     ("vmi", b"[1, 2]", "JSON object"),
     ("domain", b"<domain><devices>", "not well-formed"),
     ("domain", b'<!DOCTYPE d [<!ENTITY e SYSTEM "file:///etc/passwd">]><domain>&e;</domain>', "DOCTYPE"),
+    ("vmi", b'{"a":' * 100000, "vmi: the VMI JSON is nested too deeply"),
 ])
 def test_dry_run_unusable_input_exits_2(files: dict[str, Path], what: str, content: bytes, reason: str) -> None:
     files[what].write_bytes(content)
     res = run_cli("dry-run", "--vmi", str(files["vmi"]), "--domain", str(files["domain"]), "--no-image-check")
     assert res.returncode == 2 and res.stdout == ""
     assert reason in res.stderr and "Traceback" not in res.stderr
+
+
+def test_dry_run_deeply_nested_yaml_exits_2(files: dict[str, Path], tmp_path: Path) -> None:
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 100000)
+    res = run_cli("dry-run", "--vmi", str(deep), "--domain", str(files["domain"]), "--no-image-check")
+    assert res.returncode == 2 and "nested too deeply" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_dry_run_missing_file_exits_2(files: dict[str, Path], tmp_path: Path) -> None:

@@ -349,6 +349,9 @@ def test_malformed_vmi_json_is_invalid_argument(shared_sidecar: Sidecar, sample:
     err = rpc_error(call_on_define, shared_sidecar.target, "v1alpha1", sample.first_call, b'{"metadata": ')
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "vmi" in err.details() and "JSON" in err.details()
+    err = rpc_error(call_on_define, shared_sidecar.target, "v1alpha3", sample.first_call, b'{"a":' * 100000)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert err.details().startswith("vmi: the VMI JSON is nested too deeply"), err.details()
 
 
 def test_bytes_that_are_not_a_protobuf_message_are_invalid_argument(shared_sidecar: Sidecar) -> None:
