@@ -7,7 +7,11 @@ limit, so ``serve`` must not pay for YAML or ``prepare`` for gRPC.
 
 - ``serve [--socket-dir DIR] [--name NAME] [--version V] [--path-prefix DIR] [--grace S]
   [--transport h2|grpcio]`` listens on ``unix://DIR/NAME.sock`` until SIGTERM/SIGINT or a
-  ``Shutdown`` call (``h2``, the default, needs no grpcio). Like KubeVirt's sidecar-shim, ``diskhooks-sidecar --version v1alpha3`` (no subcommand) serves too.
+  ``Shutdown`` call (``h2``, the default, needs no grpcio). ``--version V`` is the newest hook API
+  version offered: ``Info`` advertises V and every older one and all their ``Callbacks`` are served
+  (``v1alpha3`` -> v1alpha3, v1alpha2, v1alpha1), so a virt-launcher that knows no v1alpha3
+  (KubeVirt 1.0) still finds one it speaks. Like KubeVirt's sidecar-shim,
+  ``diskhooks-sidecar --version v1alpha3`` (no subcommand) serves too.
   Exit 0 after a clean stop, 1 when the socket cannot be taken, 2 on bad arguments. The image
   checks cannot be switched off when serving (only a dry run may skip them).
 - ``prepare ...`` hands its arguments to :func:`hooksidecar.prepare.main`.
@@ -81,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", type=_socket_name, default="diskhooks",
                        help="hook name and socket file name <name>.sock (default: diskhooks)")
     serve.add_argument("--version", choices=VERSIONS, default=None,
-                       help="serve only this Callbacks version (default: all of "
-                       f"{', '.join(VERSIONS)})")
+                       help="newest hook API version to offer: Info advertises it and every older "
+                       "version, and the Callbacks of all of them are served (v1alpha3 -> v1alpha3, "
+                       f"v1alpha2, v1alpha1; default: {VERSIONS[0]})")
     serve.add_argument("--path-prefix", type=_directory, default=None,
                        help="look for the launcher paths under this directory (tests, demos)")
     serve.add_argument("--grace", type=_grace, default=5.0,
@@ -116,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hooksidecar import server
 
     settings = server.SidecarSettings(
-        name=args.name, versions=(args.version,) if args.version else VERSIONS,
+        name=args.name, versions=versions_up_to(args.version),
         path_prefix=args.path_prefix or "", grace_seconds=args.grace)
     return server.serve(socket_dir=args.socket_dir, settings=settings, transport=args.transport)
 
@@ -159,6 +164,14 @@ def cmd_prepare(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------------------------
 # helpers (pure or file reading only)
 # ------------------------------------------------------------------------------------------------
+def versions_up_to(newest: str | None) -> tuple[str, ...]:
+    """The hook API versions to offer when ``newest`` is the newest: it and every older one, most
+    preferred first (``None``: all)."""
+    if newest is None:
+        return VERSIONS
+    return VERSIONS[VERSIONS.index(newest):]
+
+
 def read_limited(path: str, limit: int = MAX_INPUT_BYTES) -> bytes:
     try:
         with open(path, "rb") as handle:

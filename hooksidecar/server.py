@@ -190,7 +190,8 @@ class SidecarSettings:
 
     #: hook name answered by Info (virt-launcher logs it)
     name: str = HOOK_NAME
-    #: Callbacks versions served and advertised, most preferred first
+    #: Callbacks versions served and advertised, most preferred first (``serve --version V`` gives V
+    #: and every older version: virt-launcher takes the first it knows)
     versions: tuple[str, ...] = HOOK_VERSIONS
     #: prepended to every launcher path the image checks open (tests and demos; empty in a pod)
     path_prefix: str = ""

@@ -172,6 +172,18 @@ def test_serve_refuses_bad_arguments(tmp_path: Path, args: list[str], reason: st
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_webhooks_sidecar_args_offer_every_hook_version(tmp_path: Path) -> None:
+    """The webhook gives the sidecar ``serve --version v1alpha3``; that must offer v1alpha3, v1alpha2
+    and v1alpha1 (a KubeVirt 1.0 virt-launcher knows no v1alpha3)."""
+    from hooksidecar import cli
+    from webhook.vm_mutation import SIDECAR_ARGS
+
+    args = cli.build_parser().parse_args([*SIDECAR_ARGS, "--socket-dir", str(tmp_path)])
+    assert cli.versions_up_to(args.version) == ("v1alpha3", "v1alpha2", "v1alpha1")
+    assert cli.versions_up_to("v1alpha2") == ("v1alpha2", "v1alpha1")
+    assert "newest hook API version to offer" in run_cli("serve", "--help").stdout
+
+
 def test_serve_needs_an_existing_socket_dir(tmp_path: Path) -> None:
     res = run_cli("serve", "--socket-dir", str(tmp_path / "missing"))
     assert res.returncode == 2 and "is not a directory" in res.stderr

@@ -265,22 +265,33 @@ def test_info_names_the_hook_versions_and_hook_points(shared_sidecar: Sidecar) -
     assert [(p.name, p.priority) for p in info.hookPoints] == [("OnDefineDomain", 0), ("Shutdown", 0)]
 
 
-def test_version_flag_serves_only_that_version(sock_dir: Path, sample: PlannedSample) -> None:
-    sidecar = start_sidecar(sock_dir, "--version", "v1alpha2", "--path-prefix", str(sample.prefix))
+@pytest.mark.parametrize("newest,offered", [("v1alpha3", ["v1alpha3", "v1alpha2", "v1alpha1"]),
+                                             ("v1alpha2", ["v1alpha2", "v1alpha1"]),
+                                             ("v1alpha1", ["v1alpha1"])])
+def test_version_flag_is_the_newest_version_offered(sock_dir: Path, sample: PlannedSample, newest: str,
+                                                    offered: list[str]) -> None:
+    """``--version V`` (what the webhook gives the sidecar: v1alpha3) offers V and every older version:
+    a KubeVirt 1.0 virt-launcher, which knows no v1alpha3, must still find one it speaks."""
+    sidecar = start_sidecar(sock_dir, "--version", newest, "--path-prefix", str(sample.prefix))
     try:
         info = call_info(sidecar.target)
-        assert list(info.versions) == ["v1alpha2"]
-        assert [p.name for p in info.hookPoints] == ["OnDefineDomain"]  # Shutdown needs v1alpha3
-        out = call_on_define(sidecar.target, "v1alpha2", sample.first_call, sample.vmi)
-        assert b'type="qcow2"' in disk_by_alias(out, "ua-datadisk")
-        err = rpc_error(call_on_define, sidecar.target, "v1alpha3", sample.first_call, sample.vmi)
-        assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert list(info.versions) == offered
+        assert [p.name for p in info.hookPoints] == (
+            ["OnDefineDomain", "Shutdown"] if "v1alpha3" in offered else ["OnDefineDomain"])
+        for version in VERSIONS:
+            if version in offered:
+                out = call_on_define(sidecar.target, version, sample.first_call, sample.vmi)
+                assert b'type="qcow2"' in disk_by_alias(out, "ua-datadisk")
+            else:
+                err = rpc_error(call_on_define, sidecar.target, version, sample.first_call, sample.vmi)
+                assert err.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         sidecar.stop()
 
 
 def test_shim_style_arguments_serve(sock_dir: Path) -> None:
-    """``args: ["--version", "v1alpha3"]`` (KubeVirt's sidecar-shim style, no subcommand) serves."""
+    """``args: ["--version", "v1alpha3"]`` (KubeVirt's sidecar-shim style, no subcommand) serves, and
+    offers every version up to v1alpha3."""
     log_path = sock_dir.parent / "shim.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "hooksidecar.cli", "--version", "v1alpha3",
@@ -289,7 +300,7 @@ def test_shim_style_arguments_serve(sock_dir: Path) -> None:
     sidecar = Sidecar(proc, sock_dir / "diskhooks.sock", log_path)
     try:
         wait_ready(sidecar)
-        assert list(call_info(sidecar.target).versions) == ["v1alpha3"]
+        assert list(call_info(sidecar.target).versions) == ["v1alpha3", "v1alpha2", "v1alpha1"]
     finally:
         sidecar.stop()
 
