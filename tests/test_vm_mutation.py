@@ -981,3 +981,65 @@ def test_a_plain_object_asking_for_an_unlisted_sidecar_is_denied(kind: str) -> N
                        cluster=EMPTY_CLUSTER)
         assert err.value.field.startswith("metadata.annotations[hooks.kubevirt.io/hookSidecars][0]")
     assert "quay.io/evil/miner:1" in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# hook-sidecar entries that use the diskhooks image
+# ------------------------------------------------------------------------------------------------
+OURS = {"image": SIDECAR, "imagePullPolicy": "IfNotPresent", "args": ["serve", "--version", "v1alpha3"]}
+NOT_OURS = {
+    "command": dict(OURS, command=["python3", "-c", "import os; os.system('id')"]),
+    "other args": dict(OURS, args=["--version", "v1alpha2", "--debug"]),
+    "configMap script": dict(OURS, configMap={"name": "s", "key": "hook.sh", "hookPath": "/usr/bin/onDefineDomain"}),
+    "pvc": dict(OURS, pvc={"name": "tools", "volumePath": "/x", "sharedComputePath": "/y"}),
+    "other tag": dict(OURS, image="ghcr.io/diskhooks/diskhooks-sidecar:latest-debug"),
+    "digest": dict(OURS, image="ghcr.io/diskhooks/diskhooks-sidecar@sha256:" + "b" * 64),
+    "no args": {"image": SIDECAR, "imagePullPolicy": "IfNotPresent"},
+    "bad pull policy": dict(OURS, imagePullPolicy="Sometimes"),
+}
+
+
+def _bare_vmi(entries: list[dict[str, Any]], *, escape_slashes: bool = False) -> dict[str, Any]:
+    raw = json.dumps(entries)
+    return {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+            "metadata": {"name": "evil", "annotations": {HOOKS: raw.replace("/", "\\/") if escape_slashes
+                                                         else raw}},
+            "spec": {"domain": {"devices": {}, "memory": {"guest": "1Gi"}}}}
+
+
+@pytest.mark.parametrize("entry", list(NOT_OURS.values()), ids=list(NOT_OURS))
+def test_a_bare_vmi_cannot_run_other_code_with_the_diskhooks_image(entry: dict[str, Any]) -> None:
+    for escape in (False, True):
+        with pytest.raises(Refused) as err:
+            call_vmi(_bare_vmi([{"image": "registry.example.com/qcow2-hook:0.1.0"}, entry],
+                               escape_slashes=escape))
+        assert err.value.field == f"metadata.annotations[{HOOKS}][1]", str(err.value)
+        assert "diskhooks image" in err.value.reason
+
+
+@pytest.mark.parametrize("entry", list(NOT_OURS.values()), ids=list(NOT_OURS))
+def test_a_vmi_from_a_template_cannot_swap_in_another_diskhooks_entry(entry: dict[str, Any]) -> None:
+    for replace in (True, False):
+        vmi = _vmi_of_the_largest_vm()
+        entries = sidecars(vmi["metadata"])
+        assert entries[-1] == OURS
+        entries = entries[:-1] + [entry] if replace else entries + [entry]
+        vmi["metadata"]["annotations"][HOOKS] = json.dumps(entries)
+        with pytest.raises(Refused) as err:
+            call_vmi(vmi)
+        assert err.value.field == f"metadata.annotations[{HOOKS}][{len(entries) - 1}]", str(err.value)
+
+
+def test_exactly_our_entry_is_accepted_on_a_bare_vmi() -> None:
+    vmi = _bare_vmi([OURS])
+    assert call_vmi(vmi).obj == vmi
+
+
+@pytest.mark.parametrize("with_annotations", [True, False])
+def test_a_hand_edited_diskhooks_entry_on_a_vm_does_not_survive(with_annotations: bool) -> None:
+    vm = annotate(vm_create()) if with_annotations else sample("01-vm-containerdisk-hostdisk-cloudinit.yaml")
+    for escape in (False, True):
+        raw = json.dumps([NOT_OURS["command"], NOT_OURS["configMap script"]])
+        vm["spec"]["template"]["metadata"]["annotations"] = {HOOKS: raw.replace("/", "\\/") if escape else raw}
+        m = mutate(vm)
+        assert sidecars(tmeta(m.obj)) == ([OURS] if with_annotations else [])

@@ -103,6 +103,20 @@ def test_dry_run_denial_exits_1_with_the_reason(tmp_path: Path) -> None:
     assert "diskhooks.io/disks[0].size" in out.stderr
 
 
+def test_dry_run_denies_a_vmi_running_other_code_with_the_diskhooks_image(tmp_path: Path) -> None:
+    entry = {"image": SIDECAR_IMAGE, "command": ["python3", "-c", "import os; os.system('id')"]}
+    vmi = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+           "metadata": {"name": "evil", "namespace": "vms",
+                        "annotations": {K.ANN_HOOK_SIDECARS: json.dumps([entry])}},
+           "spec": {"domain": {"devices": {}, "memory": {"guest": "1Gi"}}}}
+    path = tmp_path / "vmi.yaml"
+    path.write_text(yaml.safe_dump(vmi))
+    out = run("dry-run", "--config", EXAMPLE_POLICY, path)
+    assert out.returncode == 1, out
+    assert f"denied: metadata.annotations[{K.ANN_HOOK_SIDECARS}][0]: uses the diskhooks image" in out.stderr
+    assert "with command" in out.stderr
+
+
 def test_dry_run_passthrough_needs_the_claim(tmp_path: Path) -> None:
     out = run("dry-run", "--config", EXAMPLE_POLICY, DEMO / "vm.yaml")
     assert out.returncode == 1

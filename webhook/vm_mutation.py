@@ -18,6 +18,12 @@ What a VM with diskhooks annotations gets, in ``spec.template`` (a bare VMI: in 
 - the diskhooks hook sidecar, last in ``hooks.kubevirt.io/hookSidecars`` (other entries must be
   allowed by policy), the signed plan ``diskhooks.io/plan`` and the label ``diskhooks.io/managed``.
 
+Every VM and VMI in an opted-in namespace has its requested hook sidecars checked, diskhooks or
+not: an entry with diskhooks' own image is accepted only as exactly the entry the webhook writes
+(``image``, ``imagePullPolicy``, ``args: [serve, --version, v1alpha3]``); on a VM such entries are
+dropped and rewritten, on a VMI any other entry with a diskhooks image is refused (it would run
+arbitrary code: a ``command``, other ``args``, a ``configMap`` or ``pvc`` script).
+
 The result is a function of the annotations, the policy and the user's own part of the spec: the
 webhook's own volumes, disks, sidecar entry, plan and label are recognised and rebuilt, so calling
 it again on its own output changes nothing (reinvocation, re-submission). A volume is recognised as
@@ -58,7 +64,7 @@ from diskplan.plan import (
     sign_plan,
     verify_plan,
 )
-from diskplan.policy import Policy, image_repository
+from diskplan.policy import PULL_POLICIES, Policy, image_repository
 from diskplan.quantity import parse_bytes
 from diskplan.yamlsafe import load_document
 from webhook.cluster import Cluster, ClusterError
@@ -527,6 +533,8 @@ def _read_sidecars(annotations: Mapping[str, Any] | None, where: str) -> list[An
         entries = json.loads(raw)
     except ValueError as exc:
         raise Refused(where, f"is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise Refused(where, "is nested too deeply to be read") from None
     if not isinstance(entries, list):
         raise Refused(where, "must be a JSON list of sidecars")
     return entries
@@ -561,14 +569,49 @@ def _merge_sidecars(t: _Target, policy: Policy, *, want: bool) -> None:
 
 def _check_requested_sidecars(annotations: Any, where: str, policy: Policy) -> None:
     """The Sidecar feature gate lets any VM owner run code in virt-launcher: in opted-in
-    namespaces every requested hook sidecar must be diskhooks' own or in sidecar.allowedImages,
-    whether or not the VM uses diskhooks."""
+    namespaces every requested hook sidecar must be exactly diskhooks' own entry or in
+    sidecar.allowedImages, whether or not the VM uses diskhooks."""
     entries = _read_sidecars(annotations, where)
     for i, e in enumerate(entries or []):
-        image = e.get("image") if isinstance(e, Mapping) else None
-        if isinstance(image, str) and image_repository(image) == policy.sidecar.repository:
-            continue
-        _check_sidecar(e, f"{where}[{i}]", policy)
+        _check_entry(e, f"{where}[{i}]", policy, own_image=policy.sidecar.image)
+
+
+def _check_entry(entry: Any, where: str, policy: Policy, *, own_image: str) -> bool:
+    """Check one requested hook sidecar; True when it is exactly diskhooks' own entry.
+
+    An entry using an image of diskhooks' repository (``own_image``'s or the policy's) runs
+    diskhooks' code with whatever ``command``, ``args``, ``configMap`` or ``pvc`` it carries, so it
+    is accepted only as the very entry the webhook writes; anything else must be allowed by
+    ``sidecar.allowedImages``."""
+    image = entry.get("image") if isinstance(entry, Mapping) else None
+    if isinstance(image, str) and image_repository(image) in (policy.sidecar.repository,
+                                                               image_repository(own_image)):
+        assert isinstance(entry, Mapping)
+        problem = _own_entry_problem(entry, own_image)
+        if problem is not None:
+            raise Refused(where, problem)
+        return True
+    _check_sidecar(entry, where, policy)
+    return False
+
+
+def _own_entry_problem(entry: Mapping[str, Any], own_image: str) -> str | None:
+    """Why an entry with a diskhooks image is not the entry diskhooks writes (None: it is)."""
+    extra = [str(k)[:40] for k in entry if k not in ("image", "imagePullPolicy", "args")]
+    if extra:
+        problem = f"with {', '.join(sorted(extra))}"
+    elif entry.get("image") != own_image:
+        problem = f"instead of {own_image!r}"
+    elif entry.get("args") != list(SIDECAR_ARGS):
+        problem = f"with args {str(entry.get('args'))[:100]}"
+    elif entry.get("imagePullPolicy") not in PULL_POLICIES:
+        problem = f"with imagePullPolicy {str(entry.get('imagePullPolicy'))[:40]!r}"
+    else:
+        return None
+    return (f"uses the diskhooks image {str(entry.get('image'))[:200]!r} {problem}, which would run "
+            f"other code under diskhooks' name: a diskhooks entry is exactly {{image: {own_image}, "
+            f"imagePullPolicy: {'|'.join(PULL_POLICIES)}, args: [{', '.join(SIDECAR_ARGS)}]}} and "
+            "nothing else, and the webhook writes it itself for VMs with diskhooks annotations")
 
 
 def _check_sidecar(entry: Any, where: str, policy: Policy) -> None:
@@ -627,11 +670,8 @@ def _verify_vmi(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[s
     entries = _read_sidecars(meta.get("annotations"), f"metadata.{SIDECARS}") or []
     found = False
     for i, e in enumerate(entries):
-        image = e.get("image") if isinstance(e, Mapping) else None
-        if image == plan.sidecar_image:
+        if _check_entry(e, f"metadata.{SIDECARS}[{i}]", policy, own_image=plan.sidecar_image):
             found = True
-        elif not (isinstance(image, str) and image_repository(image) == policy.sidecar.repository):
-            _check_sidecar(e, f"metadata.{SIDECARS}[{i}]", policy)
     if not found:
         raise Refused(f"metadata.{SIDECARS}", f"the diskhooks sidecar {plan.sidecar_image} is missing; "
                       "without it the VM's qcow2 disks would reach the guest as raw data")
@@ -780,8 +820,21 @@ def _stale(tmeta: Mapping[str, Any], policy: Policy) -> bool:
         return False
     if any(isinstance(k, str) and k.startswith(K.PREFIX) for k in annotations):
         return True
-    sidecars = annotations.get(K.ANN_HOOK_SIDECARS)
-    return isinstance(sidecars, str) and policy.sidecar.repository in sidecars
+    return bool(_own_repo_entries(annotations.get(K.ANN_HOOK_SIDECARS), policy))
+
+
+def _own_repo_entries(raw: Any, policy: Policy) -> list[Mapping[str, Any]]:
+    """The entries of a hookSidecars value that use diskhooks' repository (lenient: a value that
+    cannot be read has none; it is refused where it is checked)."""
+    if not isinstance(raw, str) or len(raw) > MAX_SIDECARS_BYTES:
+        return []
+    try:
+        entries = json.loads(raw)
+    except (ValueError, RecursionError):
+        return []
+    return [e for e in entries if isinstance(e, Mapping) and isinstance(e.get("image"), str)
+            and image_repository(e["image"]) == policy.sidecar.repository] \
+        if isinstance(entries, list) else []
 
 
 def _unchanged(obj: Mapping[str, Any], old_obj: Mapping[str, Any], user_keys: list[str]) -> bool:
