@@ -19,7 +19,9 @@ limit, so ``serve`` must not pay for YAML or ``prepare`` for gRPC.
   [--no-image-check]`` prints the domain XML the sidecar would answer (or a unified diff against
   the input); exit 1 with the reason when the plan is refused, 2 on unusable input. A
   VirtualMachine manifest (e.g. ``diskhooks-webhook dry-run`` output) is accepted too: its
-  template stands for the VMI.
+  template stands for the VMI. The images are checked only with ``--path-prefix`` (the launcher
+  paths under DIR; ``--path-prefix /`` inside the pod): a laptop has no pod mounts. A note on
+  stderr says which it was.
 """
 
 from __future__ import annotations
@@ -99,19 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare", add_help=False,
                    help="create/grow the planned qcow2 images (init container); see 'prepare --help'")
 
-    dry = sub.add_parser("dry-run", help="print the domain XML the sidecar would answer for a VMI")
+    dry = sub.add_parser(
+        "dry-run", help="print the domain XML the sidecar would answer for a VMI",
+        description="Print the domain XML the sidecar would answer for a VMI (the plan is taken from "
+        "the VMI's diskhooks.io/plan annotation). The images are checked, as 'serve' always does, only "
+        "when --path-prefix is given: without it the XML is rewritten from the plan alone.")
     dry.add_argument("--vmi", required=True, help="VMI (or VirtualMachine) as JSON or YAML")
     dry.add_argument("--domain", required=True, help="libvirt domain XML as virt-launcher sends it")
     dry.add_argument("--diff", action="store_true", help="print a unified diff instead of the XML")
-    _add_core_options(dry)
+    dry.add_argument("--path-prefix", type=_directory, default=None,
+                     help="check the images at the launcher paths under this directory (a copy of the "
+                     "pod's mounts; '/' inside the pod); without it no image is looked at")
+    dry.add_argument("--no-image-check", dest="check_images", action="store_false",
+                     help="do not look at the images even with --path-prefix")
     return parser
-
-
-def _add_core_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--path-prefix", type=_directory, default=None,
-                        help="look for the launcher paths under this directory (tests, demos)")
-    parser.add_argument("--no-image-check", dest="check_images", action="store_false",
-                        help="do not look at the images (dry runs without the files)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,9 +139,16 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         print(f"{PROG} dry-run: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    check_images = args.check_images and args.path_prefix is not None
+    if check_images:
+        print(f"{PROG} dry-run: checking the images under {args.path_prefix}", file=sys.stderr)
+    else:
+        why = "--no-image-check" if args.path_prefix is not None else "no --path-prefix given"
+        print(f"{PROG} dry-run: images not checked ({why}); the sidecar checks them on every call",
+              file=sys.stderr)
     try:
         result = on_define_domain(domain_xml, vmi_json, path_prefix=args.path_prefix or "",
-                                  check_images=args.check_images)
+                                  check_images=check_images)
     except Malformed as exc:
         print(f"{PROG} dry-run: unusable input: {exc}", file=sys.stderr)
         return EXIT_USAGE

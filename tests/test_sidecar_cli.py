@@ -77,6 +77,45 @@ def test_dry_run_without_a_plan_changes_nothing(files: dict[str, Path], sample: 
     assert diff.returncode == 0 and diff.stdout == "" and "no change" in diff.stderr
 
 
+def test_dry_run_without_a_path_prefix_checks_no_images(files: dict[str, Path]) -> None:
+    """On a laptop there are no pod mounts: without --path-prefix the plan is applied from the VMI
+    alone, and stderr says the images were not checked."""
+    res = run_cli("dry-run", "--vmi", str(files["vmi"]), "--domain", str(files["domain"]), "--diff")
+    assert res.returncode == 0, res.stderr
+    assert any('type="qcow2"' in line for line in res.stdout.splitlines() if line.startswith("+"))
+    assert "images not checked (no --path-prefix given)" in res.stderr
+    help_text = run_cli("dry-run", "--help").stdout
+    assert "only when --path-prefix is given" in " ".join(help_text.split())
+
+
+def test_dry_run_with_a_path_prefix_says_it_checks_the_images(files: dict[str, Path],
+                                                              sample: PlannedSample) -> None:
+    res = run_cli("dry-run", "--vmi", str(files["vmi"]), "--domain", str(files["domain"]),
+                  "--path-prefix", str(sample.prefix))
+    assert res.returncode == 0, res.stderr
+    assert f"checking the images under {sample.prefix}" in res.stderr
+    skipped = run_cli("dry-run", "--vmi", str(files["vmi"]), "--domain", str(files["domain"]),
+                      "--path-prefix", "/nonexistent-prefix-is-refused")
+    assert skipped.returncode == 2 and "not a directory" in skipped.stderr
+
+
+def test_serve_always_checks_the_images(sock_dir: Path, sample: PlannedSample) -> None:
+    """``serve`` has no way to skip the checks: without a prefix it looks at the real launcher
+    paths, which do not exist here, and refuses naming the volume."""
+    import grpc
+
+    from tests.test_sidecar_server import call_on_define, rpc_error, start_sidecar
+
+    assert "--no-image-check" not in run_cli("serve", "--help").stdout
+    sidecar = start_sidecar(sock_dir)
+    try:
+        err = rpc_error(call_on_define, sidecar.target, "v1alpha3", sample.first_call, sample.vmi)
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.details().startswith("volume datadisk: ") and "not mounted" in err.details()
+    finally:
+        sidecar.stop()
+
+
 def test_dry_run_refused_exits_1_naming_the_volume(files: dict[str, Path], tmp_path: Path) -> None:
     """Images checked under an empty prefix: nothing is mounted, the plan cannot be applied."""
     empty = tmp_path / "empty"
