@@ -16,7 +16,10 @@ Three layers, in this order:
    create, grow, unchanged, or refuse. Nothing is done when any volume is refused.
 3. :func:`apply` (I/O, writes): creates beside the target and publishes atomically (no half-made image
    is ever left under the final name), grows with ``qemu-img resize``, writes the persistent root's
-   base record, gives what it writes to qemu's 107:107 with mode 0660 when running as root.
+   base record. Every image it leaves, created, grown or unchanged (and the base record), is
+   qemu's: 107:107 with mode 0660 when running as root (mode 0660 only otherwise), set through an
+   fd opened with ``O_NOFOLLOW``; when that cannot be done the volume is refused with the reason,
+   since qemu could not open the file and the VM would fail later with a less clear error.
 
 ``--path-prefix DIR`` (tests, the local demo) prefixes every path this process opens; the backing
 file names written into qcow2 headers stay the launcher paths. Exit status: 0 done (one JSON line per
@@ -148,6 +151,7 @@ class Unchanged:
     volume: str
     path: str
     virtual_size: int
+    also: tuple[str, ...] = ()  # files kept as they are that qemu's user must still be able to read
 
 
 @dataclass(frozen=True)
@@ -380,7 +384,7 @@ def _persist_actions(pr: PersistRoot, obs: PersistObservation, plan: Plan,
         return [Refuse(vol, problem)]
     assert overlay.virtual_size is not None
     if dict(rec) == fresh:  # same start again (the init container was restarted)
-        return [Unchanged(vol, pr.launcher_path, overlay.virtual_size)]
+        return [Unchanged(vol, pr.launcher_path, overlay.virtual_size, also=(pr.marker_path,))]
     # same content (perhaps now pinned by digest): record this start and the current reference
     return [WriteMarker(vol, pr.marker_path, fresh),
             Unchanged(vol, pr.launcher_path, overlay.virtual_size)]
@@ -602,6 +606,7 @@ def apply(actions: Sequence[Action], *, prefix: str = "", owner: tuple[int, int]
                 if action.backing is not None:
                     summary.update(backing=action.backing, backingFormat=action.backing_format)
             elif isinstance(action, GrowImage):
+                _note_ownership(summary, action.path, hand_to_qemu(prefix + action.path, owner, action.path))
                 backing = None if action.backing_here is None else \
                     (prefix + action.backing_here[0], action.backing_here[1])
                 qemuimg.resize(prefix + action.path, size=action.size, backing=backing, binary=binary)
@@ -609,6 +614,9 @@ def apply(actions: Sequence[Action], *, prefix: str = "", owner: tuple[int, int]
                 summary.update(result="grown", path=action.path, fromSize=action.from_size,
                                virtualSize=action.size)
             elif isinstance(action, Unchanged):
+                _note_ownership(summary, action.path, hand_to_qemu(prefix + action.path, owner, action.path))
+                for extra in action.also:
+                    _note_ownership(summary, extra, hand_to_qemu(prefix + extra, owner, extra))
                 summary.setdefault("result", "unchanged")
                 summary.update(path=action.path, virtualSize=action.virtual_size)
             elif isinstance(action, WriteMarker):
@@ -616,6 +624,8 @@ def apply(actions: Sequence[Action], *, prefix: str = "", owner: tuple[int, int]
                 summary.update(baseSha256=action.record["sha256"], baseFormat=action.record["format"])
         except qemuimg.QemuImgError as exc:
             raise ApplyError(vol, exc.reason) from None
+        except HandoverError as exc:
+            raise ApplyError(vol, str(exc)) from None
         except OSError as exc:
             shown = vol if isinstance(action, Refuse) else action.path
             raise ApplyError(vol, f"{shown}: {exc.strerror or exc}") from None
@@ -663,6 +673,65 @@ def _create(action: CreateImage, *, prefix: str, owner: tuple[int, int] | None, 
         _unlink_quietly(tmp)
         raise
     _fsync_dir(os.path.dirname(final))
+
+
+class HandoverError(Exception):
+    """A file that cannot be given to qemu; ``path`` is the launcher path shown to the user."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"{path}: {reason}")
+
+
+def hand_to_qemu(path: str, owner: tuple[int, int] | None, shown: str) -> str | None:
+    """Make the existing file at ``path`` usable by qemu: owned by ``owner`` (when given, i.e. when
+    running as root) with mode 0660. Works on an fd opened with ``O_NOFOLLOW``, so a link put in
+    its place is never followed. Returns what changed (``"0:0 0600 -> 107:107 0660"``), None when
+    nothing did; raises :class:`HandoverError` with the reason when it cannot be done.
+
+    The init container has CHOWN but not FOWNER: only a file's owner may change its mode, so a file
+    of another owner is first taken (chown to this process's uid), then given its mode, then given
+    to qemu.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise HandoverError(shown, f"cannot be opened to give it to qemu ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise HandoverError(shown, "is not a regular file")
+        before = f"{st.st_uid}:{st.st_gid} {stat.S_IMODE(st.st_mode):04o}"
+        want_owner = owner is None or (st.st_uid, st.st_gid) == owner
+        if want_owner and stat.S_IMODE(st.st_mode) == IMAGE_MODE:
+            return None
+        who = "" if owner is None else f" {owner[0]}:{owner[1]}"
+        try:
+            if stat.S_IMODE(st.st_mode) != IMAGE_MODE:
+                if st.st_uid != os.geteuid() and owner is not None:
+                    os.fchown(fd, os.geteuid(), -1)
+                os.fchmod(fd, IMAGE_MODE)
+            if owner is not None:
+                os.fchown(fd, *owner)
+        except OSError as exc:
+            raise HandoverError(shown, f"is {before} and cannot be given to qemu's{who} with mode "
+                                f"{IMAGE_MODE:04o} ({exc.strerror}), so qemu could not open it; the "
+                                f"{K.PREPARE_CONTAINER} init container needs the CHOWN capability, or "
+                                "fix the file's owner and mode on the node") from None
+        st = os.fstat(fd)
+        after = f"{st.st_uid}:{st.st_gid} {stat.S_IMODE(st.st_mode):04o}"
+        if stat.S_IMODE(st.st_mode) != IMAGE_MODE or (owner is not None and (st.st_uid, st.st_gid) != owner):
+            raise HandoverError(shown, f"is still {after} after giving it to qemu's{who} with mode "
+                                f"{IMAGE_MODE:04o} (does the filesystem ignore chown/chmod?), so qemu "
+                                "could not open it")
+        return f"{before} -> {after}"
+    finally:
+        os.close(fd)
+
+
+def _note_ownership(summary: dict[str, Any], path: str, change: str | None) -> None:
+    if change is not None:
+        summary.setdefault("ownership", {})[path] = change
 
 
 def _chown(path: str, owner: tuple[int, int], shown: str) -> None:

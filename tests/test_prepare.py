@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from diskplan import keys as K
-from diskplan.plan import Backing, PersistRoot, Plan, PlanKeys, PlannedDisk, sign_plan
+from diskplan.plan import Backing, DetachedDisk, PersistRoot, Plan, PlanKeys, PlannedDisk, sign_plan
 from hooksidecar import prepare
 from tests.conftest import ROOT
 
@@ -186,6 +186,20 @@ def test_creates_missing_images_with_planned_size_and_backing(node: Node) -> Non
         st = node.path(d.launcher_path).stat()
         assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (K.QEMU_UID, K.QEMU_GID, 0o660)
     assert leftovers(node) == []
+
+
+def test_detached_disks_of_a_version_2_plan_are_left_alone(node: Node) -> None:
+    """Detached disks (plan version 2) are only the webhook's memory: prepare creates no image
+    for them and never touches the one that is still on the node."""
+    node.mount_volume("data")
+    node.mount_volume("old")
+    summaries(run_prepare(node, make_plan(make_disk("old", 32 * MiB))))
+    before = snapshot(node.root)
+    plan = replace(make_plan(make_disk("data", 16 * MiB)), detached=(DetachedDisk("old", 32 * MiB),))
+    assert json.loads(sign_plan(plan, KEYS))["version"] == 2
+    result = summaries(run_prepare(node, plan))
+    assert list(result) == ["data"] and result["data"]["result"] == "created"
+    assert {k: v for k, v in snapshot(node.root).items() if k in before} == before
 
 
 def test_plan_from_env_and_raw_base(node: Node) -> None:
@@ -376,7 +390,8 @@ def test_library_base_in_another_format_than_planned_is_refused(node: Node) -> N
     (lambda b: b["disks"][0].update(backing={"image": "x", "file": "../x.qcow2", "format": "qcow2"}),
      "backing.file"),
     (lambda b: b["disks"][0].update(sizeBytes=-1), "sizeBytes"),
-    (lambda b: b.update(version=2), "version"),
+    (lambda b: b.update(version=3), "version"),
+    (lambda b: b.update(detached=[{"name": "old", "sizeBytes": 1}]), "detached"),  # version 1: unknown
 ])
 def test_malformed_plan_exits_2(node: Node, mutate: Callable[[dict[str, Any]], None],
                                 field: str) -> None:
@@ -618,6 +633,103 @@ def test_runs_with_only_chown_and_dac_override(node: Node) -> None:
         {"data": "grown", "new": "created", "rootdisk": "created"}
     again = summaries(run_prepare(node, plan, wrap=wrap, uid="later-start"))
     assert again["rootdisk"]["result"] == "unchanged"
+
+
+# ------------------------------------------------------------------------------------------------
+# owner and mode of images prepare did not create this time
+# ------------------------------------------------------------------------------------------------
+def _owner_mode(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_uid, st.st_gid, st.st_mode & 0o7777
+
+
+QEMU_OWNED = (K.QEMU_UID, K.QEMU_GID, 0o660)
+
+
+def test_grown_and_unchanged_images_are_given_to_qemu(node: Node) -> None:
+    """An existing image keeps whatever owner and mode it had (restored from a backup, copied by an
+    admin...): prepare makes it qemu's 107:107 0660 whether it grows it or leaves it as it is."""
+    assert os.geteuid() == 0, "this test needs root (as the init container runs)"
+    node.mount_volume("data")
+    node.mount_volume("scratch")
+    base = library_base(node, "almalinux-9.qcow2", "qcow2", 8 * MiB)
+    summaries(run_prepare(node, make_plan(make_disk("data", 16 * MiB), make_disk("scratch", 32 * MiB, base))))
+    data, scratch = node.path(K.launcher_disk_dir("data")) / "data.qcow2", \
+        node.path(K.launcher_disk_dir("scratch")) / "scratch.qcow2"
+    os.chown(data, 0, 0)
+    os.chmod(data, 0o600)
+    os.chown(scratch, 107, 107)
+    os.chmod(scratch, 0o4644)
+
+    result = summaries(run_prepare(node, make_plan(make_disk("data", 48 * MiB),
+                                                   make_disk("scratch", 32 * MiB, base))))
+
+    assert (result["data"]["result"], result["scratch"]["result"]) == ("grown", "unchanged")
+    assert _owner_mode(data) == QEMU_OWNED and _owner_mode(scratch) == QEMU_OWNED
+    assert result["data"]["ownership"] == {"/var/run/kubevirt-private/vmi-disks/data/data.qcow2":
+                                           "0:0 0600 -> 107:107 0660"}
+    assert qinfo(data)["virtual-size"] == 48 * MiB
+    again = summaries(run_prepare(node, make_plan(make_disk("data", 48 * MiB),
+                                                  make_disk("scratch", 32 * MiB, base))))
+    assert "ownership" not in again["data"] and "ownership" not in again["scratch"]
+
+
+def test_persist_root_overlay_and_record_are_given_to_qemu(node: Node) -> None:
+    persist_layout(node, qcow2_size=8 * MiB)
+    plan = make_plan(persist=PERSIST)
+    summaries(run_prepare(node, plan))
+    overlay, record = node.path(PERSIST.launcher_path), node.path(PERSIST.marker_path)
+    for f in (overlay, record):
+        os.chown(f, 0, 0)
+        os.chmod(f, 0o600)
+
+    result = summaries(run_prepare(node, plan))  # the same start again: nothing to write
+
+    assert result["rootdisk"]["result"] == "unchanged"
+    assert _owner_mode(overlay) == QEMU_OWNED and _owner_mode(record) == QEMU_OWNED
+    assert set(result["rootdisk"]["ownership"]) == {PERSIST.launcher_path, PERSIST.marker_path}
+
+
+def _setpriv(*caps: str) -> list[str]:
+    setpriv = shutil.which("setpriv")
+    assert setpriv is not None, "setpriv (util-linux) is needed for this test"
+    return [setpriv, f"--bounding-set=-all{''.join(',+' + c for c in caps)}", "--inh-caps=-all",
+            "--no-new-privs", "--"]
+
+
+def test_images_are_given_to_qemu_with_chown_and_dac_override_only(node: Node) -> None:
+    """Without FOWNER root may not chmod a file it does not own: a 107-owned image with a wrong mode
+    is taken, given its mode, and handed back."""
+    node.mount_volume("data")
+    node.mount_volume("logs")
+    summaries(run_prepare(node, make_plan(make_disk("data", 16 * MiB), make_disk("logs", 16 * MiB))))
+    data, logs = (node.path(K.launcher_disk_dir(v)) / f"{v}.qcow2" for v in ("data", "logs"))
+    os.chown(data, 107, 107)
+    os.chmod(data, 0o600)
+    os.chown(logs, 0, 0)
+    os.chmod(logs, 0o600)
+
+    result = summaries(run_prepare(node, make_plan(make_disk("data", 16 * MiB), make_disk("logs", 32 * MiB)),
+                                   wrap=_setpriv("chown", "dac_override")))
+
+    assert (result["data"]["result"], result["logs"]["result"]) == ("unchanged", "grown")
+    assert _owner_mode(data) == QEMU_OWNED and _owner_mode(logs) == QEMU_OWNED
+
+
+def test_an_image_that_cannot_be_given_to_qemu_is_refused(node: Node) -> None:
+    node.mount_volume("data")
+    summaries(run_prepare(node, make_plan(make_disk("data", 16 * MiB))))
+    data = node.path(K.launcher_disk_dir("data")) / "data.qcow2"
+    os.chown(data, 0, 0)
+    os.chmod(data, 0o600)
+
+    proc = run_prepare(node, make_plan(make_disk("data", 32 * MiB)), wrap=_setpriv("dac_override"))
+
+    assert proc.returncode == 1, proc.stderr
+    assert ("volume data: /var/run/kubevirt-private/vmi-disks/data/data.qcow2: is 0:0 0600 and cannot be "
+            "given to qemu's 107:107 with mode 0660") in proc.stderr
+    assert "needs the CHOWN capability" in proc.stderr
+    assert qinfo(data)["virtual-size"] == 16 * MiB  # refused before anything was grown
 
 
 # ------------------------------------------------------------------------------------------------
