@@ -8,6 +8,11 @@ Wire form: the value of the ``diskhooks.io/plan`` annotation is one JSON object 
      "disks": [...], "persistRoot": null | {...}, "passthrough": [...],
      "auth": {"keyId": "k-1a2b3c4d", "hmac": "<hex sha256>"}}
 
+Version 2 adds ``"detached": [{"name": ..., "sizeBytes": ...}]``: disks removed from the VM whose
+images stay on the node, with the largest size ever planned (a disk re-added under that name may
+not be smaller). A plan with no detached disks is still written as version 1, which both versions'
+readers accept; the sidecar and prepare act only on ``disks``/``persistRoot``/``passthrough``.
+
 The HMAC covers the canonical JSON (sorted keys, no spaces) of everything but ``auth``; that body
 carries the namespace and VM name, so a plan copied to another VM or namespace fails verification.
 Only the webhook holds the keys. Parsing is strict: unknown keys, wrong types, names that are not
@@ -25,8 +30,10 @@ from typing import Any
 from diskplan import keys as K
 from diskplan.errors import Malformed, Refused
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # the newest version read and written; see Plan.version
+PLAN_VERSIONS = (1, 2)
 MAX_PLAN_BYTES = 64 * 1024
+MAX_DETACHED = 128  # detached disks one plan remembers (bounds the plan's size)
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # a DNS-1123 subdomain is what Kubernetes allows for namespaces-as-labels and VM names
@@ -142,6 +149,16 @@ class Passthrough:
 
 
 @dataclass(frozen=True)
+class DetachedDisk:
+    """A disk removed from the VM: its image stays on the node (diskhooks never deletes images),
+    ``size_bytes`` is the largest size ever planned for it. Nothing acts on it but the webhook,
+    which refuses to re-attach the name with a smaller size."""
+
+    name: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
 class Plan:
     namespace: str
     vm: str
@@ -151,7 +168,20 @@ class Plan:
     disks: tuple[PlannedDisk, ...] = ()
     persist_root: PersistRoot | None = None
     passthrough: tuple[Passthrough, ...] = ()
-    version: int = PLAN_VERSION
+    detached: tuple[DetachedDisk, ...] = ()  # version 2: only the webhook reads it
+
+    @property
+    def version(self) -> int:
+        """The wire version: 2 when the plan remembers detached disks (the member version 2 adds),
+        else 1, so plans without them stay readable by version-1 readers (an older sidecar)."""
+        return 2 if self.detached else 1
+
+    @property
+    def needs_launcher(self) -> bool:
+        """Whether the launcher has anything to do (disks, a persistent root, passthrough): then
+        the VMI needs the diskhooks sidecar and the label that selects its Pod. A plan that only
+        remembers detached disks needs neither."""
+        return bool(self.disks or self.persist_root is not None or self.passthrough)
 
     @property
     def managed_volumes(self) -> tuple[str, ...]:
@@ -177,7 +207,7 @@ class Plan:
                 out["bootOrder"] = d.boot_order
             return out
 
-        return {
+        body: dict[str, Any] = {
             "version": self.version,
             "namespace": self.namespace,
             "vm": self.vm,
@@ -194,6 +224,9 @@ class Plan:
                 for p in self.passthrough
             ],
         }
+        if self.detached:
+            body["detached"] = [{"name": d.name, "sizeBytes": d.size_bytes} for d in self.detached]
+        return body
 
 
 def canonical_json(doc: Mapping[str, Any]) -> bytes:
@@ -361,12 +394,15 @@ class _Reader:
 
 
 def plan_from_body(body: Mapping[str, Any], path: str = K.ANN_PLAN) -> Plan:
-    r = _Reader(body, path, {"version", "namespace", "vm", "hostDir", "imageLibrary", "sidecarImage",
-                              "disks", "persistRoot", "passthrough"})
-    version = r.integer("version", minimum=1)
-    if version != PLAN_VERSION:
+    if not isinstance(body, Mapping):
+        raise Malformed(path, "must be an object")
+    version = _Reader(body, path, set(body)).integer("version", minimum=1)
+    if version not in PLAN_VERSIONS:
         raise Malformed(f"{path}.version", f"plan version {version} is not supported "
-                        f"(this diskhooks reads version {PLAN_VERSION})")
+                        f"(this diskhooks reads versions {', '.join(map(str, PLAN_VERSIONS))})")
+    members = {"version", "namespace", "vm", "hostDir", "imageLibrary", "sidecarImage", "disks",
+               "persistRoot", "passthrough"}
+    r = _Reader(body, path, members | {"detached"} if version >= 2 else members)
     disks = []
     seen: set[str] = set()
     for i, raw in enumerate(r.items("disks")):
@@ -400,13 +436,22 @@ def plan_from_body(body: Mapping[str, Any], path: str = K.ANN_PLAN) -> Plan:
                            cache=q.text("cache", choices=CACHES), io=q.text("io", choices=IOS))
         seen_check(seen, item.name, f"{q.path}.name")
         passthrough.append(item)
+    detached = []
+    raw_detached = r.items("detached")
+    if len(raw_detached) > MAX_DETACHED:
+        raise Malformed(f"{path}.detached", f"lists {len(raw_detached)} disks, more than {MAX_DETACHED}")
+    for i, raw in enumerate(raw_detached):
+        x = _Reader(raw, f"{path}.detached[{i}]", {"name", "sizeBytes"})
+        gone = DetachedDisk(name=x.text("name", pattern=DNS_LABEL), size_bytes=x.integer("sizeBytes", minimum=1))
+        seen_check(seen, gone.name, f"{x.path}.name")
+        detached.append(gone)
     return Plan(
-        version=version,
         namespace=r.text("namespace", pattern=DNS_SUBDOMAIN), vm=r.text("vm", pattern=DNS_SUBDOMAIN),
         host_dir=r.text("hostDir", path_like=True),
         image_library=r.text("imageLibrary", optional=True, path_like=True),
         sidecar_image=r.text("sidecarImage"),
         disks=tuple(disks), persist_root=persist, passthrough=tuple(passthrough),
+        detached=tuple(detached),
     )
 
 

@@ -25,7 +25,16 @@ from lxml import etree
 
 from diskplan import keys as K
 from diskplan.errors import Malformed, Refused
-from diskplan.plan import Backing, Passthrough, PersistRoot, Plan, PlanKeys, PlannedDisk, sign_plan
+from diskplan.plan import (
+    Backing,
+    DetachedDisk,
+    Passthrough,
+    PersistRoot,
+    Plan,
+    PlanKeys,
+    PlannedDisk,
+    sign_plan,
+)
 from hooksidecar import domain, xmlsafe
 from hooksidecar.callback import on_define_domain
 from tests.conftest import DATA, ROOT, SAMPLES
@@ -751,13 +760,24 @@ def test_xml_just_under_the_bound_still_parses() -> None:
     assert b"almalinux-9.qcow2" in run(S05, padded)
 
 
+def test_a_version_2_plan_with_detached_disks_gives_the_same_domain() -> None:
+    """Detached disks (plan version 2) are only the webhook's memory: the sidecar reads the plan
+    and acts exactly as on the same plan without them."""
+    with_detached = replace(S05, plan=replace(S05.plan, detached=(DetachedDisk("old-data", 20 * GiB),)))
+    assert json.loads(sign_plan(with_detached.plan, KEYS))["version"] == 2
+    assert json.loads(sign_plan(S05.plan, KEYS))["version"] == 1
+    assert run(with_detached, S05.xml()) == run(S05, S05.xml())
+    assert b"old-data" not in run(with_detached, S05.xml())
+
+
 @pytest.mark.parametrize("label,body_edit,words", [
     ("dot-dot in a disk name", lambda b: b["disks"][0].update(name="../etc"), "is not a valid name"),
     ("dot-dot in a base file", lambda b: b["disks"][0]["backing"].update(file="../../etc/shadow"),
      "is not a valid name"),
     ("slash in a base file", lambda b: b["disks"][0]["backing"].update(file="a/b.qcow2"),
      "is not a valid name"),
-    ("unknown plan version", lambda b: b.update(version=2), "version 2 is not supported"),
+    ("unknown plan version", lambda b: b.update(version=3), "version 3 is not supported"),
+    ("detached in a version 1 plan", lambda b: b.update(detached=[]), "unknown key"),
     ("unknown key", lambda b: b.update(extra=1), "unknown key"),
 ])
 def test_bad_plans_are_malformed(label: str, body_edit: Any, words: str) -> None:

@@ -344,12 +344,18 @@ def test_removing_every_annotation_cleans_up() -> None:
     del plain["metadata"]["annotations"]
     m = mutate(plain, operation="UPDATE", old=first)
     meta = tmeta(m.obj)
-    assert K.ANN_PLAN not in meta["annotations"] and K.LABEL_MANAGED not in meta["labels"]
+    assert K.LABEL_MANAGED not in meta["labels"]
     assert [e["image"] for e in sidecars(meta)] == ["registry.example.com/qcow2-hook:0.1.0"]
     assert "extra" not in volumes(tspec(m.obj)) and "extra" not in disks(tspec(m.obj))
     assert any("'extra' is detached" in w for w in m.warnings)
-    # ... and the result is the original sample again
-    assert m.obj["spec"] == sample("01-vm-containerdisk-hostdisk-cloudinit.yaml")["spec"]
+    # ... and the result is the original sample again, but for a plan that only remembers the
+    # detached disk's image (no disks, nothing for the launcher)
+    plan = plan_of(m.obj)
+    assert (plan.disks, plan.persist_root, plan.passthrough) == ((), None, ())
+    assert [(d.name, d.size_bytes) for d in plan.detached] == [("extra", 5 * GI)]
+    del meta["annotations"][K.ANN_PLAN]
+    assert m.obj["spec"] | {"template": {"metadata": meta, "spec": tspec(m.obj)}} == \
+        sample("01-vm-containerdisk-hostdisk-cloudinit.yaml")["spec"]
 
 
 def test_disks_left_behind_without_any_diskhooks_trace_are_detached() -> None:
@@ -360,11 +366,16 @@ def test_disks_left_behind_without_any_diskhooks_trace_are_detached() -> None:
     del manual["metadata"]["annotations"]
     manual["spec"]["template"]["metadata"] = {"labels": {"kubevirt.io/domain": "pg01"}}
     m = mutate(manual, operation="UPDATE", old=first)
+    plan_text = tmeta(m.obj)["annotations"][K.ANN_PLAN]  # remembers the detached images only
     assert m.obj["spec"] == vm_create()["spec"] | {"template": {
-        "metadata": {"labels": {"kubevirt.io/domain": "pg01"}},
+        "metadata": {"labels": {"kubevirt.io/domain": "pg01"}, "annotations": {K.ANN_PLAN: plan_text}},
         "spec": m.obj["spec"]["template"]["spec"]}}
     assert list(volumes(tspec(m.obj))) == ["root"] and list(disks(tspec(m.obj))) == ["root"]
     assert sum("is detached" in w for w in m.warnings) == 2
+    assert [(d.name, d.size_bytes) for d in plan_of(m.obj).detached] == [("pgdata", 200 * GI), ("wal", 20 * GI)]
+    # ... also when only the volumes tell what was there (no old object): their capacities
+    m = mutate(manual)
+    assert [(d.name, d.size_bytes) for d in plan_of(m.obj).detached] == [("pgdata", 200 * GI), ("wal", 20 * GI)]
 
 
 def test_a_moved_root_rebuilds_the_disks_with_a_warning() -> None:
@@ -863,17 +874,17 @@ def test_yaml_timestamps_from_a_manifest_file_do_not_break_the_copy() -> None:
 # cluster lookups
 # ------------------------------------------------------------------------------------------------
 def test_file_cluster_forms() -> None:
-    assert len(CLUSTER) == 8
+    assert len(CLUSTER) == 7  # the file's Node is skipped: the webhook looks up PVCs and StorageClasses only
     pvc = CLUSTER.get_pvc("vms", "node1-nvme0")
     assert pvc is not None and pvc["spec"]["volumeMode"] == "Block"
     pvc["spec"]["volumeMode"] = "changed"
     assert CLUSTER.get_pvc("vms", "node1-nvme0")["spec"]["volumeMode"] == "Block"  # type: ignore[index]
     assert CLUSTER.get_pvc("vms", "missing") is None and CLUSTER.get_pvc("nope", "node1-nvme0") is None
-    assert CLUSTER.get_storage_class("local-nvme") is not None and CLUSTER.get_node("node1") is not None
+    assert CLUSTER.get_storage_class("local-nvme") is not None
     demo = FileCluster.from_text((ROOT / "examples" / "demo" / "cluster-objects.yaml").read_text())
     assert demo.get_pvc("vms", "node1-nvme0") is not None  # a v1 List
-    listed = FileCluster.from_text('[{"kind": "Node", "metadata": {"name": "n1"}}]')  # a JSON list
-    assert listed.get_node("n1") == {"kind": "Node", "metadata": {"name": "n1"}}
+    listed = FileCluster.from_text('[{"kind": "StorageClass", "metadata": {"name": "sc1"}}]')  # a JSON list
+    assert listed.get_storage_class("sc1") == {"kind": "StorageClass", "metadata": {"name": "sc1"}}
     assert EMPTY_CLUSTER.get_pvc("vms", "node1-nvme0") is None and len(EMPTY_CLUSTER) == 0
 
 
@@ -881,8 +892,9 @@ def test_file_cluster_forms() -> None:
     ("kind: PersistentVolumeClaim\nmetadata: {name: a}\n", "items[0].metadata.namespace"),
     ("- 5\n", "items[0]"),
     ("- {metadata: {name: a}}\n", "items[0].kind"),
-    ("- {kind: Node}\n", "items[0].metadata.name"),
-    ("- {kind: Node, metadata: {name: a}}\n- {kind: Node, metadata: {name: a}}\n", "items[1]"),
+    ("- {kind: Node}\n", "items[0].metadata.name"),  # skipped kinds still need a name
+    ("- {kind: StorageClass, metadata: {name: a}}\n- {kind: StorageClass, metadata: {name: a}}\n",
+     "items[1]"),
     ("{kind: List, items: 5}\n", "items"),
     ("[unclosed\n", "cluster objects"),
 ])
@@ -899,9 +911,6 @@ class _Unreachable:
         raise ClusterError("looking up PersistentVolumeClaim failed: connection refused")
 
     def get_storage_class(self, name: str) -> dict[str, Any] | None:
-        raise ClusterError("unreachable")
-
-    def get_node(self, name: str) -> dict[str, Any] | None:
         raise ClusterError("unreachable")
 
 
@@ -1043,3 +1052,79 @@ def test_a_hand_edited_diskhooks_entry_on_a_vm_does_not_survive(with_annotations
         vm["spec"]["template"]["metadata"]["annotations"] = {HOOKS: raw.replace("/", "\\/") if escape else raw}
         m = mutate(vm)
         assert sidecars(tmeta(m.obj)) == ([OURS] if with_annotations else [])
+
+
+# ------------------------------------------------------------------------------------------------
+# detached disks: the plan remembers them, so a disk cannot come back smaller
+# ------------------------------------------------------------------------------------------------
+TWO_DISKS = '[{name: data, size: 20Gi}, {name: logs, size: 5Gi}]'
+
+
+def _detached(vm: dict[str, Any]) -> list[tuple[str, int]]:
+    return [(d.name, d.size_bytes) for d in plan_of(vm).detached]
+
+
+def test_a_disk_removed_then_re_added_smaller_is_denied() -> None:
+    """The audit's bypass: UPDATE removing a disk, then UPDATE re-adding it smaller. The 20Gi
+    image stays on the node; prepare would refuse it at the next start."""
+    first = mutate(annotate(vm_create(), disks=TWO_DISKS)).obj
+    removed = mutate(annotate(copy.deepcopy(first), disks="[{name: logs, size: 5Gi}]"),
+                     operation="UPDATE", old=first).obj
+    assert _detached(removed) == [("data", 20 * GI)] and [d.name for d in plan_of(removed).disks] == ["logs"]
+    smaller = annotate(copy.deepcopy(removed), disks="[{name: logs, size: 5Gi}, {name: data, size: 1Gi}]")
+    with pytest.raises(Refused) as err:
+        call_vm(smaller, operation="UPDATE", old=removed)
+    assert str(err.value).startswith("diskhooks.io/disks[1].size: 1Gi is smaller than 20Gi, the size of "
+                                     "disk 'data' when it was detached"), str(err.value)
+    # an unrelated UPDATE carries the memory forward
+    later = mutate(annotate(copy.deepcopy(removed), profile="small"), operation="UPDATE", old=removed).obj
+    assert _detached(later) == [("data", 20 * GI)]
+    with pytest.raises(Refused):
+        call_vm(annotate(copy.deepcopy(later), disks="[{name: data, size: 10Gi}]"), operation="UPDATE",
+                old=later)
+    # the same size or larger attaches the image again: it moves back from detached to disks
+    back = mutate(annotate(copy.deepcopy(later), disks="[{name: logs, size: 5Gi}, {name: data, size: 30Gi}]"),
+                  operation="UPDATE", old=later)
+    assert _detached(back.obj) == [] and json.loads(tmeta(back.obj)["annotations"][K.ANN_PLAN])["version"] == 1
+    assert {d.name: d.size_bytes for d in plan_of(back.obj).disks} == {"logs": 5 * GI, "data": 30 * GI}
+    assert volumes(tspec(back.obj))["data"]["hostDisk"]["capacity"] == "30Gi"
+    assert any("'data' is attached again" in w and "grown from 20Gi to 30Gi" in w for w in back.warnings)
+
+
+def test_a_disk_cannot_come_back_smaller_after_every_annotation_was_removed() -> None:
+    first = mutate(annotate(vm_create(), disks=TWO_DISKS)).obj
+    bare = copy.deepcopy(first)
+    del bare["metadata"]["annotations"]
+    plain = mutate(bare, operation="UPDATE", old=first).obj
+    assert _detached(plain) == [("data", 20 * GI), ("logs", 5 * GI)]
+    meta = tmeta(plain)
+    assert K.LABEL_MANAGED not in meta.get("labels", {}) and HOOKS not in meta["annotations"]
+    assert "data" not in volumes(tspec(plain))
+    # the VMI made from it is admitted as it is: no sidecar, no label, nothing for the launcher
+    vmi = vmi_from(plain)
+    assert call_vmi(vmi).obj == vmi
+    again = annotate(copy.deepcopy(plain), disks="[{name: logs, size: 1Gi}]")
+    with pytest.raises(Refused) as err:
+        call_vm(again, operation="UPDATE", old=plain)
+    assert err.value.field == "diskhooks.io/disks[0].size" and "5Gi" in err.value.reason
+
+
+def test_a_version_1_plan_without_detached_disks_still_verifies() -> None:
+    """Plans written before version 2 carry no ``detached`` member: they verify and parse, and
+    the next UPDATE that detaches a disk writes version 2."""
+    first = mutate(annotate(vm_create(), disks=TWO_DISKS)).obj
+    text = tmeta(first)["annotations"][K.ANN_PLAN]
+    assert json.loads(text)["version"] == 1 and "detached" not in json.loads(text)
+    assert plan_of(first).detached == ()
+    assert call_vmi(vmi_from(first)).obj == vmi_from(first)
+    m = mutate(annotate(copy.deepcopy(first), disks="[{name: data, size: 20Gi}]"), operation="UPDATE", old=first)
+    assert json.loads(tmeta(m.obj)["annotations"][K.ANN_PLAN])["version"] == 2
+    assert _detached(m.obj) == [("logs", 5 * GI)]
+
+
+def test_a_forged_detached_list_is_not_trusted() -> None:
+    first = mutate(annotate(vm_create(), disks=TWO_DISKS)).obj
+    forged = copy.deepcopy(first)
+    anns = forged["spec"]["template"]["metadata"]["annotations"]
+    anns[K.ANN_PLAN] = _forge(anns[K.ANN_PLAN], version=2, detached=[{"name": "x", "sizeBytes": 1}])
+    assert _detached(mutate(forged).obj) == []

@@ -24,6 +24,10 @@ not: an entry with diskhooks' own image is accepted only as exactly the entry th
 dropped and rewritten, on a VMI any other entry with a diskhooks image is refused (it would run
 arbitrary code: a ``command``, other ``args``, a ``configMap`` or ``pvc`` script).
 
+Disks removed from the annotation are detached (their images stay on the node); the plan remembers
+them with their largest size (plan version 2, ``detached``), carried across UPDATEs even when every
+diskhooks annotation is gone, so a disk of that name can only come back at that size or larger.
+
 The result is a function of the annotations, the policy and the user's own part of the spec: the
 webhook's own volumes, disks, sidecar entry, plan and label are recognised and rebuilt, so calling
 it again on its own output changes nothing (reinvocation, re-submission). A volume is recognised as
@@ -55,7 +59,9 @@ from diskplan.errors import Malformed, Refused
 from diskplan.plan import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
+    MAX_DETACHED,
     Backing,
+    DetachedDisk,
     Passthrough,
     PersistRoot,
     Plan,
@@ -172,12 +178,14 @@ class _Target:
 
 @dataclass
 class _Previous:
-    """What an UPDATE replaces: disk sizes and the plan of the old object, for growth checks."""
+    """What an UPDATE replaces: disk sizes and the plan of the old object, for growth checks.
+    ``detached``: disks removed earlier whose images stay on the node, with their largest size."""
 
     sizes: dict[str, int] = field(default_factory=dict)
     disks: set[str] = field(default_factory=set)
     plan: Plan | None = None
     sizing: tuple[Any, ...] | None = None
+    detached: dict[str, int] = field(default_factory=dict)
 
 
 def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, policy: Policy,
@@ -202,6 +210,9 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
         if plan is not None:
             for d in plan.disks:
                 previous.sizes[d.name] = max(previous.sizes.get(d.name, 0), d.size_bytes)
+                previous.disks.add(d.name)
+            for x in plan.detached:
+                previous.detached[x.name] = max(previous.detached.get(x.name, 0), x.size_bytes)
     host_dir = policy.host_disks.vm_dir(namespace, name) if name else ""
     known_dirs = {host_dir} | {p.host_dir for p in (current_plan, previous.plan) if p is not None}
     pass_claims = {p.name: p.claim for plan in (current_plan, previous.plan) if plan is not None
@@ -218,14 +229,17 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
     _check_growth(requests, previous, operation, warnings)
     desired_volumes, desired_disks = _desired(requests, namespace=namespace, host_dir=host_dir,
                                               t=t, policy=policy, cluster=cluster, ours=ours)
-    detached = _rebuild(t, requests, desired_volumes, desired_disks, ours=ours, policy=policy)
-    for gone in sorted((detached | previous.disks) - {d.name for d in requests.disks}):
+    left = _rebuild(t, requests, desired_volumes, desired_disks, ours=ours, policy=policy)
+    requested = {d.name for d in requests.disks}
+    for gone in sorted((set(left) | previous.disks) - requested):
         warnings.append(f"{K.ANN_DISKS}: disk {gone!r} is detached from the {t.kind}; its image stays "
                         "on the node (diskhooks never deletes disk images)")
+    detached = _detached(previous, left, requested)
     _check_boot_orders(t, requests)
     persist = _persist_root(t) if requests.persist_root else None
 
-    if requests.wants_plan:
+    if requests.wants_plan or (detached and name and DNS_SUBDOMAIN.match(name) and len(name) <= 253
+                               and DNS_LABEL.match(namespace)):
         plan = Plan(
             namespace=namespace, vm=name, host_dir=host_dir,
             image_library=policy.host_disks.image_library if any(d.backing for d in requests.disks)
@@ -234,10 +248,13 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
             disks=tuple(_planned(d) for d in requests.disks), persist_root=persist,
             passthrough=tuple(Passthrough(name=p.name, claim=p.claim, mode=p.mode)
                               for p in requests.passthrough),
+            detached=detached,
         )
-        _set_plan(t, sign_plan(plan, plan_keys))
-        _merge_sidecars(t, policy, want=True)
-        warnings += _plan_warnings(plan, previous.plan or current_plan, operation)
+        # a plan that only remembers detached disks: no sidecar, no label (nothing to prepare)
+        _set_plan(t, sign_plan(plan, plan_keys), label=plan.needs_launcher)
+        _merge_sidecars(t, policy, want=plan.needs_launcher)
+        if plan.needs_launcher:
+            warnings += _plan_warnings(plan, previous.plan or current_plan, operation)
     else:
         _set_plan(t, None)
         _merge_sidecars(t, policy, want=False)
@@ -272,6 +289,18 @@ def _wants_default_profile(vm_spec: Mapping[str, Any], tspec: Mapping[str, Any],
 def _check_growth(requests: Requests, previous: _Previous, operation: str, warnings: list[str]) -> None:
     for d in requests.disks:
         old = previous.sizes.get(d.name)
+        gone = previous.detached.get(d.name)
+        if gone is not None and (old is None or gone > old):
+            if d.size_bytes < gone:
+                raise Refused(f"{d.field}.size", f"{d.size_text} is smaller than {quantity_text(gone)}, "
+                              f"the size of disk {d.name!r} when it was detached: its image is still on "
+                              "the node, and disks can grow but never shrink (use another name for a "
+                              "new, smaller disk)")
+            grown = f", grown from {quantity_text(gone)} to {quantity_text(d.size_bytes)}" \
+                if d.size_bytes > gone else ""
+            warnings.append(f"{d.field}: disk {d.name!r} is attached again: its image still on the node "
+                            f"is used{grown} at the next start of the VM")
+            continue
         if old is None:
             continue
         if d.size_bytes < old:
@@ -280,6 +309,25 @@ def _check_growth(requests: Requests, previous: _Previous, operation: str, warni
         if d.size_bytes > old and operation == "UPDATE":
             warnings.append(f"{d.field}: disk {d.name!r} grows from {quantity_text(old)} to "
                             f"{quantity_text(d.size_bytes)} at the next start of the VM")
+
+
+def _detached(previous: _Previous, left: Mapping[str, int | None],
+              requested: set[str]) -> tuple[DetachedDisk, ...]:
+    """The detached disks the new plan remembers: those remembered before, those the old object
+    planned (or whose volumes it still had) but no longer requested, minus the re-attached ones;
+    each with the largest size known."""
+    sizes = dict(previous.detached)
+    for name in previous.disks | set(left):
+        size = max(previous.sizes.get(name, 0), left.get(name) or 0)
+        if size:
+            sizes[name] = max(sizes.get(name, 0), size)
+    for name in requested:
+        sizes.pop(name, None)
+    if len(sizes) > MAX_DETACHED:
+        raise Refused(K.ANN_DISKS, f"this VM would have {len(sizes)} detached disks whose images stay "
+                      f"on the node; diskhooks remembers at most {MAX_DETACHED} (re-attach some, or "
+                      "ask the platform team to remove their images and re-create the VM)")
+    return tuple(DetachedDisk(name=n, size_bytes=sizes[n]) for n in sorted(sizes))
 
 
 def _plan_warnings(plan: Plan, before: Plan | None, operation: str) -> list[str]:
@@ -363,14 +411,15 @@ def _check_claim(p: PassthroughRequest, *, namespace: str, policy: Policy, clust
 
 
 def _rebuild(t: _Target, requests: Requests, volumes: dict[str, dict[str, Any]],
-             disks: dict[str, dict[str, Any]], *, ours: Any, policy: Policy) -> set[str]:
+             disks: dict[str, dict[str, Any]], *, ours: Any, policy: Policy) -> dict[str, int | None]:
     """Put the desired volumes/disks in place of the webhook's previous ones (same positions),
-    append new ones, drop those no longer requested. Returns the detached hostDisk names."""
+    append new ones, drop those no longer requested. Returns the detached hostDisk names, with
+    their capacities where readable."""
     field_of = {d.name: d.field for d in requests.disks} | {p.name: p.field for p in requests.passthrough}
     old_volumes = _list(t.spec, "volumes", t.spec_path)
     new_volumes: list[Any] = []
     handled: set[str] = set()
-    detached: set[str] = set()
+    detached: dict[str, int | None] = {}
     placed: set[str] = set()
     for j, v in enumerate(old_volumes):
         if not isinstance(v, Mapping) or not isinstance(v.get("name"), str):
@@ -382,7 +431,7 @@ def _rebuild(t: _Target, requests: Requests, volumes: dict[str, dict[str, Any]],
                 new_volumes.append(volumes[vname])
                 placed.add(vname)
             elif vname not in volumes and "hostDisk" in v:
-                detached.add(vname)
+                detached[vname] = _lenient_capacity(v["hostDisk"])
             continue
         if vname in volumes:
             raise Refused(f"{field_of[vname]}.name", f"{vname!r} is already the name of a volume of "
@@ -501,19 +550,24 @@ def _persist_root(t: _Target) -> PersistRoot:
 # ------------------------------------------------------------------------------------------------
 # plan, label, sidecar
 # ------------------------------------------------------------------------------------------------
-def _set_plan(t: _Target, text: str | None) -> None:
+def _set_plan(t: _Target, text: str | None, *, label: bool = False) -> None:
+    """Write (or, for None, remove) the plan, and the label selecting the launcher Pod when
+    ``label`` (the plan gives the launcher something to do)."""
     annotations = t.plan_meta.get("annotations")
     labels = t.plan_meta.get("labels")
+    gone = [(labels, K.LABEL_MANAGED)] if not label else []
     if text is None:
-        for bag, key in ((annotations, K.ANN_PLAN), (labels, K.LABEL_MANAGED)):
-            if isinstance(bag, dict) and key in bag:
-                del bag[key]
-        for name in ("annotations", "labels"):
-            if t.plan_meta.get(name) == {} and name in t.plan_meta:
-                del t.plan_meta[name]
-        return
-    child_dict(t.plan_meta, "annotations", t.meta_path)[K.ANN_PLAN] = text
-    child_dict(t.plan_meta, "labels", t.meta_path)[K.LABEL_MANAGED] = K.LABEL_MANAGED_VALUE
+        gone.append((annotations, K.ANN_PLAN))
+    for bag, key in gone:
+        if isinstance(bag, dict) and key in bag:
+            del bag[key]
+    for name in ("annotations", "labels"):
+        if t.plan_meta.get(name) == {} and name in t.plan_meta:
+            del t.plan_meta[name]
+    if text is not None:
+        child_dict(t.plan_meta, "annotations", t.meta_path)[K.ANN_PLAN] = text
+    if label:
+        child_dict(t.plan_meta, "labels", t.meta_path)[K.LABEL_MANAGED] = K.LABEL_MANAGED_VALUE
 
 
 def _our_sidecar(policy: Policy) -> dict[str, Any]:
@@ -672,14 +726,19 @@ def _verify_vmi(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[s
     for i, e in enumerate(entries):
         if _check_entry(e, f"metadata.{SIDECARS}[{i}]", policy, own_image=plan.sidecar_image):
             found = True
-    if not found:
+    if not found and plan.needs_launcher:
         raise Refused(f"metadata.{SIDECARS}", f"the diskhooks sidecar {plan.sidecar_image} is missing; "
                       "without it the VM's qcow2 disks would reach the guest as raw data")
     labels = meta.get("labels")
-    if isinstance(labels, Mapping) and labels.get(K.LABEL_MANAGED) == K.LABEL_MANAGED_VALUE:
+    labelled = isinstance(labels, Mapping) and labels.get(K.LABEL_MANAGED) == K.LABEL_MANAGED_VALUE
+    if labelled == plan.needs_launcher and (labelled or not isinstance(labels, Mapping)
+                                            or K.LABEL_MANAGED not in labels):
         return Mutation(dict(obj))
-    new = _json_copy(obj)  # the launcher pod needs the label to be prepared
-    child_dict(new["metadata"], "labels", "metadata")[K.LABEL_MANAGED] = K.LABEL_MANAGED_VALUE
+    new = _json_copy(obj)
+    if plan.needs_launcher:  # the launcher pod needs the label to be prepared
+        child_dict(new["metadata"], "labels", "metadata")[K.LABEL_MANAGED] = K.LABEL_MANAGED_VALUE
+    else:  # a plan that only remembers detached disks: nothing for the launcher pod
+        del new["metadata"]["labels"][K.LABEL_MANAGED]
     return Mutation(new)
 
 
@@ -706,6 +765,13 @@ def _previous(old_obj: Mapping[str, Any] | None, *, namespace: str, name: str,
     if isinstance(tspec, Mapping):
         prev.sizing = sizing_view(tspec)
     return prev
+
+
+def _lenient_capacity(hd: Any) -> int | None:
+    try:
+        return parse_bytes(hd.get("capacity")) if isinstance(hd, Mapping) else None
+    except ValueError:
+        return None
 
 
 def _lenient_sizes(value: Any) -> dict[str, int]:
