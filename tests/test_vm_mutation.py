@@ -1128,3 +1128,52 @@ def test_a_forged_detached_list_is_not_trusted() -> None:
     anns = forged["spec"]["template"]["metadata"]["annotations"]
     anns[K.ANN_PLAN] = _forge(anns[K.ANN_PLAN], version=2, detached=[{"name": "x", "sizeBytes": 1}])
     assert _detached(mutate(forged).obj) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# a VM admitted without diskhooks is repaired by its next UPDATE
+# ------------------------------------------------------------------------------------------------
+def _started(vm: dict[str, Any]) -> dict[str, Any]:
+    """What ``virtctl start`` sends: the same VM with another runStrategy."""
+    out = copy.deepcopy(vm)
+    out["spec"]["runStrategy"] = "Halted" if vm["spec"].get("runStrategy") == "Always" else "Always"
+    return out
+
+
+def test_a_vm_admitted_unmutated_gets_its_plan_at_the_next_start() -> None:
+    """Admitted while the webhook was down (failurePolicy Ignore) or before its namespace opted
+    in: the first UPDATE, even one that only changes runStrategy, gives it its disks."""
+    unmutated = vm_create()
+    m = mutate(_started(unmutated), operation="UPDATE", old=unmutated)
+    assert {d.name for d in plan_of(m.obj).disks} == {"pgdata", "wal"}
+    assert volumes(tspec(m.obj))["pgdata"]["hostDisk"]["capacity"] == "200Gi"
+    assert sidecars(tmeta(m.obj))[-1] == OURS and m.obj["spec"]["runStrategy"] == "Halted"
+    assert call_vmi(vmi_from(m.obj)).obj == vmi_from(m.obj)
+    # one that cannot get a plan under today's policy is denied rather than started without disks
+    tight = load_policy(EXAMPLE_POLICY.read_text().replace("maxDiskSize: 2Ti", "maxDiskSize: 100Gi"))
+    with pytest.raises(Refused) as err:
+        call_vm(_started(unmutated), policy=tight, operation="UPDATE", old=unmutated)
+    assert err.value.field == "diskhooks.io/disks[0].size"
+
+
+def test_a_plan_behind_its_annotations_is_recomputed_at_the_next_start() -> None:
+    first = call_vm(vm_create()).obj
+    edited = annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "250Gi"}]')  # admitted unmutated
+    m = mutate(_started(edited), operation="UPDATE", old=edited)
+    assert {d.name: d.size_bytes for d in plan_of(m.obj).disks} == {"pgdata": 250 * GI}
+    assert "wal" not in volumes(tspec(m.obj))
+
+
+def test_an_unmutated_hand_edited_diskhooks_entry_is_dropped_at_the_next_start() -> None:
+    vm = sample("01-vm-containerdisk-hostdisk-cloudinit.yaml")
+    vm["spec"]["template"]["metadata"]["annotations"] = {HOOKS: json.dumps([NOT_OURS["command"]])}
+    m = mutate(_started(vm), operation="UPDATE", old=vm)
+    assert sidecars(tmeta(m.obj)) == []
+
+
+def test_updates_of_plain_sized_or_consistent_vms_keep_the_shortcut() -> None:
+    for vm in (sample("01-vm-containerdisk-hostdisk-cloudinit.yaml"),
+               annotate(sample("05-vm-mixed-smbios.yaml"), cpu="3"),  # sizing only: no plan needed
+               call_vm(vm_create()).obj):
+        started = _started(vm)
+        assert call_vm(started, operation="UPDATE", old=vm).obj == started

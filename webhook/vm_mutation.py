@@ -82,6 +82,7 @@ VMI_KIND = "VirtualMachineInstance"
 SIDECAR_ARGS = ("serve", "--version", K.HOOK_VERSIONS[0])
 MAX_SIDECARS_BYTES = 64 * 1024
 SIDECARS = f"annotations[{K.ANN_HOOK_SIDECARS}]"
+PLAN_ANNOTATIONS = (K.ANN_DISKS, K.ANN_PERSIST_ROOT, K.ANN_PASSTHROUGH)  # what needs a plan
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,11 +94,30 @@ def mutate_vm(obj: Mapping[str, Any], *, operation: str, old_obj: Mapping[str, A
     meta, spec = _shape(obj, VM_KIND)
     if operation not in ("CREATE", "UPDATE") or meta.get("deletionTimestamp"):
         return Mutation(dict(obj))  # never stand in the way of a deletion (finalizers)
-    template = spec.get("template")
     user_keys = user_annotation_keys(meta.get("annotations"))
     if operation == "UPDATE" and isinstance(old_obj, Mapping) and _unchanged(obj, old_obj, user_keys):
-        # status/finalizer updates by KubeVirt, start/stop: nothing diskhooks decides has changed
-        return Mutation(dict(obj))
+        # status/finalizer updates by KubeVirt, start/stop: nothing diskhooks decides has changed,
+        # unless the VM was admitted without diskhooks (webhook down with failurePolicy Ignore, or
+        # the namespace opted in later): then its VMI would start without its disks
+        verdict = _shortcut_verdict(meta, spec, user_keys, namespace=namespace, policy=policy,
+                                    plan_keys=plan_keys)
+        if verdict == "keep":
+            return Mutation(dict(obj))
+        if verdict == "recompute":  # a genuine plan that no longer matches the annotations
+            try:
+                return _mutate_vm(obj, meta, spec, user_keys, operation=operation, old_obj=old_obj,
+                                  namespace=namespace, policy=policy, plan_keys=plan_keys,
+                                  cluster=cluster)
+            except Refused:
+                return Mutation(dict(obj))  # the VM as admitted; today's policy judges real changes
+    return _mutate_vm(obj, meta, spec, user_keys, operation=operation, old_obj=old_obj,
+                      namespace=namespace, policy=policy, plan_keys=plan_keys, cluster=cluster)
+
+
+def _mutate_vm(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[str, Any],
+               user_keys: list[str], *, operation: str, old_obj: Mapping[str, Any] | None,
+               namespace: str, policy: Policy, plan_keys: PlanKeys, cluster: Cluster) -> Mutation:
+    template = spec.get("template")
     if not isinstance(template, Mapping):
         if user_keys:
             raise Malformed("spec.template", "must be an object")
@@ -901,6 +921,37 @@ def _own_repo_entries(raw: Any, policy: Policy) -> list[Mapping[str, Any]]:
     return [e for e in entries if isinstance(e, Mapping) and isinstance(e.get("image"), str)
             and image_repository(e["image"]) == policy.sidecar.repository] \
         if isinstance(entries, list) else []
+
+
+def _shortcut_verdict(meta: Mapping[str, Any], spec: Mapping[str, Any], user_keys: list[str], *,
+                      namespace: str, policy: Policy, plan_keys: PlanKeys) -> str:
+    """For an UPDATE that leaves the template and the diskhooks annotations alone: ``keep`` the
+    object as it is, ``repair`` it (a full mutation; a refusal is a denial), or ``recompute`` it
+    (a full mutation whose refusal keeps the object: it is consistent with itself).
+
+    Repaired: a VM asking for disks, a persistent root or passthrough whose template carries no
+    plan that verifies, and a template with a hook-sidecar entry of diskhooks' image that is not
+    exactly diskhooks' own. Recomputed: a genuine plan whose disks, passthrough or persistent root
+    differ from what the annotations ask for today (edited while the webhook was not called)."""
+    tmeta = _map(_map(spec.get("template")).get("metadata"))
+    plan = _verified(tmeta, namespace=namespace, name=_name_of_meta(meta), plan_keys=plan_keys)
+    own_image = plan.sidecar_image if plan is not None else policy.sidecar.image
+    if any(_own_entry_problem(e, own_image) is not None
+           for e in _own_repo_entries(_map(tmeta.get("annotations")).get(K.ANN_HOOK_SIDECARS), policy)):
+        return "repair"
+    if not any(k in PLAN_ANNOTATIONS for k in user_keys):
+        return "keep"
+    try:
+        requests = parse_requests(_map(meta.get("annotations")), policy)
+    except Refused:
+        return "keep" if plan is not None else "repair"
+    if plan is None:
+        return "repair" if requests.wants_plan else "keep"
+    same = plan.disks == tuple(_planned(d) for d in requests.disks) \
+        and plan.passthrough == tuple(Passthrough(name=p.name, claim=p.claim, mode=p.mode)
+                                      for p in requests.passthrough) \
+        and (plan.persist_root is not None) == requests.persist_root
+    return "keep" if same else "recompute"
 
 
 def _unchanged(obj: Mapping[str, Any], old_obj: Mapping[str, Any], user_keys: list[str]) -> bool:
