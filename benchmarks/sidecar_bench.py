@@ -100,6 +100,7 @@ class Workload:
     prefix: Path
     vmi: bytes
     domain: bytes
+    plan: str  # the signed plan: the VMI's annotation and the sidecar's DISKHOOKS_PLAN
 
 
 def build_workload(workdir: Path) -> Workload:
@@ -111,14 +112,15 @@ def build_workload(workdir: Path) -> Workload:
     host_dir = "/var/lib/diskhooks/vms/team-a/mixed"
     plan = Plan(
         namespace="team-a", vm="mixed", host_dir=host_dir, image_library="/var/lib/diskhooks/images",
-        sidecar_image="ghcr.io/diskhooks/sidecar:0.1.0",
+        sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
         disks=(PlannedDisk(name="scratch", size_bytes=20 * GiB, bus="sata", cache="none", io="native",
                            discard="unmap"),
                PlannedDisk(name="logs", size_bytes=10 * GiB, bus="scsi", cache="none", io="native",
                            discard="unmap", backing=Backing(image="almalinux-9", file=BASE_FILE,
                                                             format="qcow2"))))
     vmi = json.loads(SAMPLE.with_name(SAMPLE.name + ".launcher-vmi.json").read_bytes())
-    vmi["metadata"]["annotations"][K.ANN_PLAN] = sign_plan(plan, PlanKeys(b"bench-plan-key-0123456789"))
+    plan_text = sign_plan(plan, PlanKeys(b"bench-plan-key-0123456789"))
+    vmi["metadata"]["annotations"][K.ANN_PLAN] = plan_text
     for volume in vmi["spec"]["volumes"]:
         if volume["name"] in ("scratch", "logs"):
             volume["hostDisk"] = {"path": f"{host_dir}/{volume['name']}.qcow2", "type": "DiskOrCreate",
@@ -141,7 +143,7 @@ def build_workload(workdir: Path) -> Workload:
     img(str(prefix / LAUNCHER_DISKS.lstrip("/") / "scratch" / "scratch.qcow2"), "20G")
     img("-u", "-F", "qcow2", "-b", f"{LAUNCHER_LIBRARY}/{BASE_FILE}",
         str(prefix / LAUNCHER_DISKS.lstrip("/") / "logs" / "logs.qcow2"), "10G")
-    return Workload(prefix=prefix, vmi=json.dumps(vmi).encode(), domain=domain)
+    return Workload(prefix=prefix, vmi=json.dumps(vmi).encode(), domain=domain, plan=plan_text)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,11 +158,14 @@ class Interp:
     env: dict[str, str]
 
 
-def interpreters(pycache: Path | None) -> list[Interp]:
+def interpreters(pycache: Path | None, plan: str) -> list[Interp]:
     """``as-is``: the environment as it is. ``no-site``: ``python -S`` with the same sys.path,
     which leaves out what this machine's ``site`` does at every start (a sandbox ``.pth`` that
-    imports ``certifi``, ~30 ms and ~5 MiB here) and a container image would not do."""
+    imports ``certifi``, ~30 ms and ~5 MiB here) and a container image would not do. Both carry
+    ``DISKHOOKS_PLAN``, the verified plan the Pod mutation gives the sidecar container (the other
+    children ignore it)."""
     env = dict(os.environ)
+    env["DISKHOOKS_PLAN"] = plan
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     if pycache is not None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -292,7 +297,8 @@ def measure_one_large_call(kind: str, interp: Interp, *, workdir: Path, workload
         time.sleep(0.2)
         idle = status_kib(server.proc.pid)
         out = on_define_over_socket(f"unix://{sock_dir / 'diskhooks.sock'}",
-                                    Workload(prefix=workload.prefix, vmi=workload.vmi, domain=domain))
+                                    Workload(prefix=workload.prefix, vmi=workload.vmi, domain=domain,
+                                             plan=workload.plan))
         if b"almalinux-9.qcow2" not in out:
             raise RuntimeError("the large domain was answered without the plan applied")
         after = status_kib(server.proc.pid)
@@ -395,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="dh-sbench-", dir="/tmp"))
     try:
         workload = build_workload(workdir)
-        modes = interpreters(None if args.no_bytecode_cache else workdir / "pyc")
+        modes = interpreters(None if args.no_bytecode_cache else workdir / "pyc", workload.plan)
         log = workdir / "servers.log"
         expected = on_define_domain(workload.domain, workload.vmi, path_prefix=str(workload.prefix))
         assert expected != workload.domain, "the plan changed nothing: the benchmark would measure nothing"

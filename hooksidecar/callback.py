@@ -1,11 +1,20 @@
 """``OnDefineDomain`` as a function: domain XML bytes and VMI JSON bytes in, domain XML bytes out.
 
-This is what the gRPC servicers (``server.py``) and the dry-run CLI call. It reads the plan from the
-VMI's ``diskhooks.io/plan`` annotation (the webhook verified it before the VMI existed; the sidecar
-holds no key), checks the VMI against it, parses the domain XML safely, checks the images the
-sidecar can see (unless ``check_images`` is off, as in a dry run) and applies the pure domain core.
+This is what the gRPC servicers (``server.py``) and the dry-run CLI call. Which plan is applied:
 
-- No plan annotation, or a plan with nothing for the domain (sizing only): the input bytes come back
+- served (``admitted_plan`` given, ``None`` included): the plan verified when the launcher Pod was
+  admitted, which the Pod mutation hands to the sidecar container as ``DISKHOOKS_PLAN``. The VMI's
+  ``diskhooks.io/plan`` annotation stays editable by the VM owner after that (no webhook sees VMI
+  updates), so it is only compared: identical -> the plan is applied; different, or missing while
+  a plan was verified -> :class:`Refused`; present (with something for the domain) while no plan
+  was verified -> :class:`Refused` (the Pod webhook did not run). No plan anywhere -> unchanged.
+- dry run (``admitted_plan`` left at :data:`PLAN_FROM_VMI`): the VMI's annotation is the plan.
+
+The sidecar holds no key: it checks the VMI against the plan, parses the domain XML safely, checks
+the images it can see (unless ``check_images`` is off, as in a dry run) and applies the pure domain
+core.
+
+- No plan, or a plan with nothing for the domain (sizing only): the input bytes come back
   unchanged, byte for byte, and the domain XML is not parsed at all.
 - Errors: :class:`~diskplan.errors.Malformed` when the input cannot be read (XML or JSON not
   well-formed, too large, a plan that does not parse); :class:`~diskplan.errors.Refused` when the
@@ -17,6 +26,7 @@ Imports stay light (lxml, json, the diskplan core): the sidecar runs under a 64M
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 from diskplan import keys as K
@@ -28,21 +38,35 @@ from hooksidecar import domain, images, xmlsafe
 #: KubeVirt's own sidecar-shim passes at most 128 KiB); parsed JSON costs ~20x its text in memory
 MAX_VMI_JSON_BYTES = 512 * 1024
 VMI_FIELD = "vmi"
+PLAN_FIELD = f"{VMI_FIELD}.metadata.annotations[{K.ANN_PLAN}]"
+
+
+class _PlanSource(enum.Enum):
+    VMI = "the VMI's own annotation"
+
+
+#: ``admitted_plan`` for a dry run: the plan is taken from the VMI itself
+PLAN_FROM_VMI = _PlanSource.VMI
 
 
 def on_define_domain(domain_xml: bytes, vmi_json: bytes, *, path_prefix: str = "",
-                     check_images: bool = True) -> bytes:
+                     check_images: bool = True,
+                     admitted_plan: str | None | _PlanSource = PLAN_FROM_VMI) -> bytes:
     """The domain XML to hand back to virt-launcher for this VMI.
 
     ``path_prefix`` is prepended to every launcher path before a file is looked at (tests point it
-    at a temporary directory; in the pod it is empty).
+    at a temporary directory; in the pod it is empty). ``admitted_plan`` is the plan verified at
+    Pod admission (``None``: none was), or :data:`PLAN_FROM_VMI` for a dry run; see the module doc.
     """
     vmi = parse_vmi(vmi_json)
-    plan_text = plan_annotation(vmi)
+    if admitted_plan is PLAN_FROM_VMI:
+        plan_text = plan_annotation(vmi)
+    else:
+        plan_text = plan_to_apply(plan_annotation(vmi), admitted_plan)
     if plan_text is None:
         return domain_xml
     plan = parse_plan(plan_text)
-    if not (plan.disks or plan.persist_root or plan.passthrough):
+    if not has_work(plan):
         return domain_xml
     check_vmi(plan, vmi)
     uid = vmi_uid(vmi) if check_images and plan.persist_root else ""
@@ -56,6 +80,37 @@ def on_define_domain(domain_xml: bytes, vmi_json: bytes, *, path_prefix: str = "
     # much memory as the parse; the sidecar runs under a 64M limit)
     domain.apply_plan(root, plan, persist_root_base_format=base_format)
     return xmlsafe.serialise_domain(root, like=domain_xml)
+
+
+def has_work(plan: Plan) -> bool:
+    """Whether ``plan`` changes anything in the domain (a sizing-only plan does not)."""
+    return bool(plan.disks or plan.persist_root or plan.passthrough)
+
+
+def plan_to_apply(vmi_plan: str | None, admitted_plan: str | None) -> str | None:
+    """The plan text to apply when serving: the admitted one, if the VMI still carries exactly it.
+
+    Raises :class:`Refused` when the VMI's plan differs from the admitted one (or was removed), and
+    when the VMI has a plan with something for the domain but none was admitted.
+    """
+    if admitted_plan is not None:
+        if vmi_plan != admitted_plan:
+            change = "has no diskhooks.io/plan any more" if vmi_plan is None else \
+                "has a diskhooks.io/plan that differs from"
+            raise Refused(PLAN_FIELD, f"the VMI {change} the plan verified when the launcher Pod was "
+                          f"admitted ({K.ENV_PLAN} of the diskhooks hook-sidecar container): VMI "
+                          "annotations can be edited after the Pod was created, so only the verified "
+                          "plan is used and the VM does not start on another one; restore the "
+                          "annotation or restart the VM so the webhook recomputes and verifies the plan")
+        return admitted_plan
+    if vmi_plan is None:
+        return None
+    if not has_work(parse_plan(vmi_plan)):
+        return None  # sizing only: nothing in the domain depends on it, nothing to verify
+    raise Refused(PLAN_FIELD, f"the VMI's diskhooks.io/plan was not verified at Pod admission: the "
+                  f"diskhooks hook-sidecar container has no {K.ENV_PLAN}; check the diskhooks Pod "
+                  f"webhook ran (its MutatingWebhookConfiguration, and the {K.LABEL_MANAGED} label on "
+                  "the launcher Pod), then restart the VM")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ limit, so ``serve`` must not pay for YAML or ``prepare`` for gRPC.
 
 - ``serve [--socket-dir DIR] [--name NAME] [--version V] [--path-prefix DIR] [--grace S]
   [--transport h2|grpcio]`` listens on ``unix://DIR/NAME.sock`` until SIGTERM/SIGINT or a
-  ``Shutdown`` call (``h2``, the default, needs no grpcio). ``--version V`` is the newest hook API
+  ``Shutdown`` call (``h2``, the default, needs no grpcio). The plan it applies is the one verified
+  at Pod admission, from the environment variable ``DISKHOOKS_PLAN`` (set by the Pod mutation;
+  exit 2 if it does not parse); a VMI whose ``diskhooks.io/plan`` differs is refused. ``--version V`` is the newest hook API
   version offered: ``Info`` advertises V and every older one and all their ``Callbacks`` are served
   (``v1alpha3`` -> v1alpha3, v1alpha2, v1alpha1), so a virt-launcher that knows no v1alpha3
   (KubeVirt 1.0) still finds one it speaks. Like KubeVirt's sidecar-shim,
@@ -31,7 +33,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from diskplan.keys import HOOK_VERSIONS
@@ -98,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HTTP/2 layer: h2 (pure Python, the default, ~19 MiB less peak memory) or "
                        "grpcio (needs the grpcio package; for comparison)")
 
+    serve.epilog = ("The plan applied is the one verified when the launcher Pod was admitted, from the "
+                    "environment variable DISKHOOKS_PLAN (the diskhooks Pod mutation sets it); a VMI whose "
+                    "diskhooks.io/plan annotation differs from it is refused.")
+
     sub.add_parser("prepare", add_help=False,
                    help="create/grow the planned qcow2 images (init container); see 'prepare --help'")
 
@@ -120,18 +126,29 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------
 # commands
 # ------------------------------------------------------------------------------------------------
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    from diskplan.errors import Malformed
+    from diskplan.keys import ENV_PLAN
+    from diskplan.plan import parse_plan
     from hooksidecar import server
 
+    admitted = (os.environ if environ is None else environ).get(ENV_PLAN) or None
+    if admitted is not None:
+        try:
+            parse_plan(admitted, ENV_PLAN)
+        except Malformed as exc:
+            print(f"{PROG} serve: {exc} (the diskhooks Pod mutation sets it to the plan it verified)",
+                  file=sys.stderr)
+            return EXIT_USAGE
     settings = server.SidecarSettings(
         name=args.name, versions=versions_up_to(args.version),
-        path_prefix=args.path_prefix or "", grace_seconds=args.grace)
+        path_prefix=args.path_prefix or "", grace_seconds=args.grace, admitted_plan=admitted)
     return server.serve(socket_dir=args.socket_dir, settings=settings, transport=args.transport)
 
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
     from diskplan.errors import Malformed, Refused
-    from hooksidecar.callback import on_define_domain
+    from hooksidecar.callback import PLAN_FROM_VMI, on_define_domain
 
     try:
         vmi_json = load_vmi(args.vmi)
@@ -148,7 +165,7 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     try:
         result = on_define_domain(domain_xml, vmi_json, path_prefix=args.path_prefix or "",
-                                  check_images=check_images)
+                                  check_images=check_images, admitted_plan=PLAN_FROM_VMI)
     except Malformed as exc:
         print(f"{PROG} dry-run: unusable input: {exc}", file=sys.stderr)
         return EXIT_USAGE

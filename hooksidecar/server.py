@@ -1,6 +1,7 @@
 """The hook sidecar's gRPC service: KubeVirt's ``Info`` and ``Callbacks`` (v1alpha1-3) on a unix socket.
 
-Thin: the servicers decode a request, call :func:`hooksidecar.callback.on_define_domain`, encode the
+Thin: the servicers decode a request, call :func:`hooksidecar.callback.on_define_domain` with the
+plan verified at Pod admission (:attr:`SidecarSettings.admitted_plan`, never the VMI's own), encode the
 answer, map the two error families to gRPC codes (``Malformed`` -> INVALID_ARGUMENT, ``Refused`` ->
 FAILED_PRECONDITION, anything else -> INTERNAL) and log one JSON line per call. No decision about
 disks is taken here.
@@ -199,6 +200,9 @@ class SidecarSettings:
     check_images: bool = True
     #: seconds in-flight calls get to finish when stopping
     grace_seconds: float = DEFAULT_GRACE_SECONDS
+    #: the plan verified when the launcher Pod was admitted (``DISKHOOKS_PLAN``), None when none was:
+    #: the only plan applied; a VMI whose plan differs is refused (see hooksidecar.callback)
+    admitted_plan: str | None = None
 
     def hook_points(self) -> tuple[tuple[str, int], ...]:
         points = [(ON_DEFINE_DOMAIN, 0)]
@@ -243,7 +247,8 @@ class Servicers:
                     fields["vmi"] = logfmt.vmi_identity(vmi_json)
                     fields["bytesIn"] = len(domain_xml)
                     result = self.on_define(domain_xml, vmi_json, path_prefix=self.settings.path_prefix,
-                                            check_images=self.settings.check_images)
+                                            check_images=self.settings.check_images,
+                                            admitted_plan=self.settings.admitted_plan)
             except WireError as exc:
                 self._fail(fields, started, StatusCode.INVALID_ARGUMENT,
                            f"OnDefineDomainParams: not a valid protobuf message: {exc}")
@@ -418,7 +423,8 @@ class HookServer:
             self._socket_ino = None
         self.log.emit("serving", socket=self.socket_path, name=self.settings.name,
                       versions=list(self.settings.versions), pid=os.getpid(),
-                      pathPrefix=self.settings.path_prefix or None, transport=self.transport)
+                      pathPrefix=self.settings.path_prefix or None, transport=self.transport,
+                      verifiedPlan=self.settings.admitted_plan is not None)
 
     def _start_grpcio(self, table: dict[str, Handler]) -> grpc.Server:
         from concurrent import futures

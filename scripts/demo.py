@@ -294,8 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         step(5, "virt-launcher calls the sidecar over gRPC: Info, then OnDefineDomain")
         sock_dir = work / "hooks" / "hook-sidecar-0"
         sock_dir.mkdir(parents=True)
+        # the Pod mutation gives the hook-sidecar container the plan it verified (DISKHOOKS_PLAN): the
+        # only plan the sidecar applies; a VMI whose annotation differs is refused
+        sidecar_env = dict(os.environ, DISKHOOKS_PLAN=plan_text)
         sidecar = subprocess.Popen([sys.executable, "-m", "hooksidecar.cli", "serve", "--socket-dir",
-                                    str(sock_dir), "--path-prefix", str(prefix)], cwd=ROOT,
+                                    str(sock_dir), "--path-prefix", str(prefix)], cwd=ROOT, env=sidecar_env,
                                    stderr=open(work / "sidecar.log", "wb"),  # noqa: SIM115
                                    start_new_session=True)
         children.append(sidecar)

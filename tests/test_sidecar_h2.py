@@ -36,6 +36,7 @@ from hooksidecar._pb import v1alpha3_pb2
 from hooksidecar.h2grpc import H2GrpcServer, RpcStatus, StatusCode
 from tests.conftest import ROOT
 from tests.test_sidecar_server import (
+    PLAN_TEXT,
     PlannedSample,
     Sidecar,
     build_sample,
@@ -139,16 +140,19 @@ def test_four_threads_at_once(sock_dir: Path, sample: PlannedSample) -> None:
 
 
 def test_largest_message_both_ways(sock_dir: Path, sample: PlannedSample) -> None:
-    """Just under the sidecar's message bound up and back (a VMI without a plan gets its domain back
-    unchanged, never parsed): far beyond the 64 KiB default windows, so each side must wait for the
-    other's WINDOW_UPDATEs. With the plan, the core's own 512 KiB domain bound refuses the same
-    request after it arrived whole, naming the limit."""
+    """Just under the sidecar's message bound up and back (a VMI without a plan, in a Pod the webhook
+    gave none, gets its domain back unchanged, never parsed): far beyond the 64 KiB default windows,
+    so each side must wait for the other's WINDOW_UPDATEs. With the plan, the core's own 512 KiB
+    domain bound refuses the same request after it arrived whole, naming the limit."""
+    huge = big_domain(sample.first_call, srv.MAX_MESSAGE_BYTES - len(sample.vmi) - len(sample.first_call) - 64)
+    assert 1 * MiB - 16 * 1024 < len(huge) < srv.MAX_MESSAGE_BYTES - len(sample.vmi) - 16
+    unplanned = start_sidecar(sock_dir, "--path-prefix", str(sample.prefix), plan=None, name="unplanned")
+    try:
+        assert call_on_define(unplanned.target, "v1alpha3", huge, sample.vmi_without_plan) == huge
+    finally:
+        unplanned.stop()
     sidecar = start_sidecar(sock_dir, "--path-prefix", str(sample.prefix))
     try:
-        huge = big_domain(sample.first_call, srv.MAX_MESSAGE_BYTES - len(sample.vmi) - len(sample.first_call) - 64)
-        assert 1 * MiB - 16 * 1024 < len(huge) < srv.MAX_MESSAGE_BYTES - len(sample.vmi) - 16
-        result = call_on_define(sidecar.target, "v1alpha3", huge, sample.vmi_without_plan)
-        assert result == huge
         err = rpc_error(call_on_define, sidecar.target, "v1alpha3", huge, sample.vmi)
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "domainXML" in err.details() and "512 KiB" in err.details(), err.details()
@@ -429,7 +433,8 @@ def _run_without_grpc(sock_dir: Path, *args: str) -> Sidecar:
     log_path = sock_dir.parent / f"nogrpc-{time.monotonic_ns()}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-c", NO_GRPC, "serve", "--socket-dir", str(sock_dir), *args],
-                                cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=log)
+                                cwd=ROOT, env={**subprocess_env(), "DISKHOOKS_PLAN": PLAN_TEXT},
+                                stdout=subprocess.DEVNULL, stderr=log)
     return Sidecar(proc, sock_dir / "diskhooks.sock", log_path)
 
 

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -83,7 +83,7 @@ def _adapt_domain(xml: bytes) -> bytes:
 def make_plan() -> Plan:
     return Plan(
         namespace="vms", vm="fedora-data", host_dir=HOST_DIR, image_library="/var/lib/diskhooks/images",
-        sidecar_image="ghcr.io/diskhooks/sidecar:0.1.0",
+        sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
         disks=(PlannedDisk(name="datadisk", size_bytes=10 * GiB, bus="virtio", cache="none", io="native",
                            discard="unmap"),
                PlannedDisk(name="scratch", size_bytes=20 * GiB, bus="virtio", cache="none", io="native",
@@ -91,10 +91,16 @@ def make_plan() -> Plan:
                            backing=Backing(image="almalinux-9", file=BASE_FILE, format="qcow2"))))
 
 
+PLAN_KEYS = PlanKeys(b"test-plan-key-0123456789")
+#: the plan annotation of the sample, as the Pod webhook verified it and hands it to the sidecar
+#: container (DISKHOOKS_PLAN); signing is deterministic, so it is also the VMI's annotation
+PLAN_TEXT = sign_plan(make_plan(), PLAN_KEYS)
+
+
 def planned_vmi(plan: Plan) -> dict[str, Any]:
     """The launcher VMI of sample 01 after the webhook: plan annotation, hostDisk paths, scratch."""
     vmi: dict[str, Any] = json.loads((SAMPLE01.parent / (SAMPLE01.name + ".launcher-vmi.json")).read_bytes())
-    vmi["metadata"]["annotations"][K.ANN_PLAN] = sign_plan(plan, PlanKeys(b"test-plan-key-0123456789"))
+    vmi["metadata"]["annotations"][K.ANN_PLAN] = sign_plan(plan, PLAN_KEYS)
     spec = vmi["spec"]
     for volume in spec["volumes"]:
         if volume["name"] == "datadisk":
@@ -170,12 +176,19 @@ class Sidecar:
         self.proc.wait(timeout=10)
 
 
-def start_sidecar(socket_dir: Path, *args: str, wait: bool = True, name: str = "diskhooks") -> Sidecar:
+def start_sidecar(socket_dir: Path, *args: str, wait: bool = True, name: str = "diskhooks",
+                  plan: str | None = PLAN_TEXT) -> Sidecar:
+    """``serve`` as the launcher Pod runs it: with the verified plan in DISKHOOKS_PLAN (the sample's,
+    unless ``plan`` says otherwise; None: no such variable, as in a Pod the webhook did not see)."""
     log_path = socket_dir.parent / f"{socket_dir.name}-{name}-{time.monotonic_ns()}.log"
+    env = subprocess_env()
+    env.pop(K.ENV_PLAN, None)
+    if plan is not None:
+        env[K.ENV_PLAN] = plan
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "hooksidecar.cli", "serve", "--socket-dir",
                                  str(socket_dir), "--name", name, *args],
-                                cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=log)
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     sidecar = Sidecar(proc, socket_dir / f"{name}.sock", log_path)
     if wait:
         wait_ready(sidecar)
@@ -245,6 +258,14 @@ def disk_by_alias(xml: bytes, alias: str) -> bytes:
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> PlannedSample:
     return build_sample(tmp_path_factory.mktemp("prefix"))
+
+
+@pytest.fixture(scope="module")
+def unplanned_sidecar(tmp_path_factory: pytest.TempPathFactory, sample: PlannedSample) -> Iterator[Sidecar]:
+    """A sidecar whose Pod the diskhooks Pod webhook gave no plan (no DISKHOOKS_PLAN)."""
+    sidecar = start_sidecar(tmp_path_factory.mktemp("sock"), "--path-prefix", str(sample.prefix), plan=None)
+    yield sidecar
+    sidecar.stop()
 
 
 @pytest.fixture(scope="module")
@@ -341,10 +362,93 @@ def test_every_version_gives_the_same_answer(shared_sidecar: Sidecar, sample: Pl
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_vmi_without_plan_gets_its_xml_back_byte_for_byte(shared_sidecar: Sidecar, sample: PlannedSample,
+def test_vmi_without_plan_gets_its_xml_back_byte_for_byte(unplanned_sidecar: Sidecar, sample: PlannedSample,
                                                          version: str) -> None:
+    """A launcher Pod the diskhooks Pod webhook gave no plan, and a VMI without one."""
     for xml in (sample.first_call, sample.later_call):
-        assert call_on_define(shared_sidecar.target, version, xml, sample.vmi_without_plan) == xml
+        assert call_on_define(unplanned_sidecar.target, version, xml, sample.vmi_without_plan) == xml
+
+
+# ================================================================================================
+# only the plan verified at Pod admission is applied
+# ================================================================================================
+def _vmi_with_plan(sample: PlannedSample, text: str | None) -> bytes:
+    vmi = json.loads(sample.vmi)
+    if text is None:
+        del vmi["metadata"]["annotations"][K.ANN_PLAN]
+    else:
+        vmi["metadata"]["annotations"][K.ANN_PLAN] = text
+    return json.dumps(vmi).encode()
+
+
+def _edited_plan() -> str:
+    """What a VM owner could put on the running VMI: a validly signed plan of another VM of theirs,
+    or the same plan with a disk edited (here: datadisk with another cache and io mode)."""
+    plan = make_plan()
+    edited = replace(plan, disks=(replace(plan.disks[0], cache="unsafe", io="threads"), plan.disks[1]))
+    return sign_plan(edited, PLAN_KEYS)
+
+
+@pytest.mark.parametrize("label", ["edited plan", "plan removed"])
+def test_vmi_plan_that_differs_from_the_admitted_one_is_refused(shared_sidecar: Sidecar, sample: PlannedSample,
+                                                                label: str) -> None:
+    vmi = _vmi_with_plan(sample, _edited_plan() if label == "edited plan" else None)
+    err = rpc_error(call_on_define, shared_sidecar.target, "v1alpha3", sample.first_call, vmi)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.details().startswith(f"vmi.metadata.annotations[{K.ANN_PLAN}]: the VMI "), err.details()
+    assert "the plan verified when the launcher Pod was admitted" in err.details()
+    assert "DISKHOOKS_PLAN" in err.details()
+
+
+def test_vmi_plan_without_an_admitted_plan_is_refused(unplanned_sidecar: Sidecar, sample: PlannedSample) -> None:
+    err = rpc_error(call_on_define, unplanned_sidecar.target, "v1alpha3", sample.first_call, sample.vmi)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "was not verified at Pod admission" in err.details()
+    assert "check the diskhooks Pod webhook ran" in err.details()
+
+
+def test_sizing_only_plan_needs_no_admitted_plan(unplanned_sidecar: Sidecar, sample: PlannedSample) -> None:
+    """A plan with nothing for the domain (sizing only) gets no launcher-Pod handling: unchanged."""
+    sizing_only = sign_plan(replace(make_plan(), disks=()), PLAN_KEYS)
+    out = call_on_define(unplanned_sidecar.target, "v1alpha3", sample.first_call,
+                         _vmi_with_plan(sample, sizing_only))
+    assert out == sample.first_call
+
+
+def test_the_admitted_plan_is_the_one_applied(shared_sidecar: Sidecar, sample: PlannedSample) -> None:
+    assert [r["verifiedPlan"] for r in shared_sidecar.log() if r["event"] == "serving"] == [True]
+    out = call_on_define(shared_sidecar.target, "v1alpha3", sample.first_call, _vmi_with_plan(sample, PLAN_TEXT))
+    assert b'type="qcow2"' in disk_by_alias(out, "ua-datadisk")
+
+
+def test_planned_disk_wrapped_as_an_incremental_backup_overlay_is_refused(shared_sidecar: Sidecar,
+                                                                         sample: PlannedSample) -> None:
+    """With changed-block tracking KubeVirt's converter makes a hostDisk a qcow2 overlay of its own
+    whose raw ``dataStore`` is our image: qemu would show the qcow2 file's bytes to the guest as its
+    disk. Left unchanged that is unsafe, so the sidecar refuses (docs/ARCHITECTURE.md, Decisions);
+    a disk diskhooks did not plan is left as it is (tests/test_domain.py)."""
+    ours = b'<source file="/var/run/kubevirt-private/vmi-disks/datadisk/datadisk.qcow2"></source>'
+    cbt = (b'<source file="/var/lib/kubevirt-cbt/datadisk.qcow2"><dataStore type="file"><format type="raw">'
+           b'</format><source file="/var/run/kubevirt-private/vmi-disks/datadisk/datadisk.qcow2"></source>'
+           b'</dataStore></source>')
+    assert sample.first_call.count(ours) == 1
+    xml = sample.first_call.replace(ours, cbt).replace(
+        b'<driver cache="none" error_policy="stop" name="qemu" type="raw" discard="unmap"></driver>\n'
+        b'\t\t\t<alias name="ua-datadisk">',
+        b'<driver cache="none" error_policy="stop" name="qemu" type="qcow2" discard="unmap"></driver>\n'
+        b'\t\t\t<alias name="ua-datadisk">')
+    assert b'type="qcow2" discard="unmap"></driver>\n\t\t\t<alias name="ua-datadisk">' in xml
+    err = rpc_error(call_on_define, shared_sidecar.target, "v1alpha3", xml, sample.vmi)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.details().startswith("volume datadisk: KubeVirt turned disk ua-datadisk into an "
+                                    "IncrementalBackup overlay"), err.details()
+
+
+def test_an_unreadable_admitted_plan_stops_serve_with_the_reason(sock_dir: Path) -> None:
+    sidecar = start_sidecar(sock_dir, wait=False, plan="{not a plan")
+    assert sidecar.proc.wait(timeout=15) == 2
+    assert "DISKHOOKS_PLAN: the plan is not valid JSON" in sidecar.log_path.read_text()
+    assert not sidecar.socket_path.exists()
 
 
 def test_malformed_domain_xml_is_invalid_argument(shared_sidecar: Sidecar, sample: PlannedSample) -> None:
@@ -480,8 +584,8 @@ def test_v1alpha1_has_no_pre_cloud_init_iso(shared_sidecar: Sidecar) -> None:
 def test_one_json_line_per_call(sock_dir: Path, sample: PlannedSample) -> None:
     sidecar = start_sidecar(sock_dir, "--path-prefix", str(sample.prefix))
     try:
-        call_on_define(sidecar.target, "v1alpha3", sample.first_call, sample.vmi)
-        call_on_define(sidecar.target, "v1alpha1", sample.first_call, sample.vmi_without_plan)
+        out = call_on_define(sidecar.target, "v1alpha3", sample.first_call, sample.vmi)
+        call_on_define(sidecar.target, "v1alpha1", out, sample.vmi)  # already rewritten: unchanged
         rpc_error(call_on_define, sidecar.target, "v1alpha2", b"<nope", sample.vmi)
     finally:
         sidecar.stop()
