@@ -1,7 +1,8 @@
-"""The one lookup interface of the webhook: PersistentVolumeClaims, StorageClasses and Nodes.
+"""The one lookup interface of the webhook: PersistentVolumeClaims and StorageClasses.
 
-The mutation cores take a :class:`Cluster` argument and only call its three getters; they never
-talk to an API server themselves. Two implementations:
+The mutation cores take a :class:`Cluster` argument and only call its two getters (one GET of a
+single object each: the chart's ClusterRole grants ``get`` and nothing else); they never talk to
+an API server themselves. Two implementations:
 
 - :class:`FileCluster` — objects from a YAML/JSON file (``--cluster-objects``): dry runs, CI, demos
   and tests. Built once, read-only afterwards.
@@ -26,7 +27,6 @@ from diskplan.errors import Malformed
 
 PVC = "PersistentVolumeClaim"
 STORAGE_CLASS = "StorageClass"
-NODE = "Node"
 LOOKUP_TIMEOUT_SECONDS = 3.0
 
 
@@ -39,12 +39,11 @@ class Cluster(Protocol):
 
     def get_storage_class(self, name: str) -> dict[str, Any] | None: ...
 
-    def get_node(self, name: str) -> dict[str, Any] | None: ...
-
 
 class FileCluster:
     """Objects read from text: a YAML list, a multi-document YAML stream, or a ``v1`` ``List``
-    (``kubectl get pvc,sc -o yaml``). Only PVCs, StorageClasses and Nodes are kept."""
+    (``kubectl get pvc,sc -o yaml``). Only PVCs and StorageClasses are kept; other kinds are
+    skipped (they still need a kind and a name)."""
 
     def __init__(self, objects: Iterable[Mapping[str, Any]] = ()) -> None:
         self._objects: dict[tuple[str, str, str], str] = {}
@@ -81,7 +80,7 @@ class FileCluster:
         name = meta.get("name") if isinstance(meta, Mapping) else None
         if not isinstance(name, str) or not name:
             raise Malformed(f"{where}.metadata.name", "is required")
-        if kind not in (PVC, STORAGE_CLASS, NODE):
+        if kind not in (PVC, STORAGE_CLASS):
             return
         namespace = ""
         if kind == PVC:
@@ -106,9 +105,6 @@ class FileCluster:
     def get_storage_class(self, name: str) -> dict[str, Any] | None:
         return self._get(STORAGE_CLASS, "", name)
 
-    def get_node(self, name: str) -> dict[str, Any] | None:
-        return self._get(NODE, "", name)
-
     def __len__(self) -> int:
         return len(self._objects)
 
@@ -124,7 +120,7 @@ class KubeCluster:
     """Lookups through the Kubernetes API (``kubernetes`` client, imported here only).
 
     Build with :meth:`in_cluster` (the webhook pod's service account; the chart's ClusterRole
-    allows get on persistentvolumeclaims, storageclasses and nodes) or :meth:`from_kubeconfig`.
+    allows get on persistentvolumeclaims and storageclasses) or :meth:`from_kubeconfig`.
     """
 
     def __init__(self, api_client: Any, *, timeout: float = LOOKUP_TIMEOUT_SECONDS) -> None:
@@ -173,6 +169,3 @@ class KubeCluster:
 
     def get_storage_class(self, name: str) -> dict[str, Any] | None:
         return self._call(f"StorageClass {name}", self._storage.read_storage_class, name)
-
-    def get_node(self, name: str) -> dict[str, Any] | None:
-        return self._call(f"Node {name}", self._core.read_node, name)
