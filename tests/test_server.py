@@ -327,6 +327,7 @@ def test_health_readiness_and_metrics(server: Server) -> None:
     assert server.get(conn, "/healthz") == (200, b"ok\n")
     status, body = server.get(conn, "/readyz")
     assert status == 200 and json.loads(body)["ready"] is True
+    assert json.loads(body)["planKeySigning"] == "current"  # no rotation waiting for its time
 
     def scrape() -> str:
         code, data = server.get(conn, "/metrics")

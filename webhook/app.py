@@ -14,6 +14,8 @@ Routes (query strings such as the API server's ``?timeout=5s`` are ignored):
   service and is reported in the body (``stale``) and by ``diskhooks_config_reload_failures_total``,
   NOT by a 503: every replica reads the same ConfigMap, so a 503 would take them all out of the
   Service at once and, with failurePolicy Fail, stop VM admission cluster-wide over a typo.
+  ``planKeySigning`` says which plan key signs: ``previous`` while a rotation's new key waits for
+  its ``current-not-before`` time (every replica accepts it already), then ``current``.
 - ``GET /metrics`` — Prometheus text format (see ``webhook/metrics.py``).
 
 HTTP answers: 200 with an AdmissionReview for every readable review (a refusal is
@@ -42,7 +44,7 @@ from diskplan.policy import Policy
 from webhook.admission import Route, admit
 from webhook.cluster import EMPTY_CLUSTER, Cluster
 from webhook.metrics import Metrics
-from webhook.reload import Fixed, SourceError, WatchedFiles, watch_plan_keys, watch_policy
+from webhook.reload import Fixed, SourceError, TimedPlanKeys, WatchedFiles, watch_plan_keys, watch_policy
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,9 @@ class Source(Protocol[T_co]):
     """A value that may be reloaded (``webhook.reload.WatchedFiles`` or ``Fixed``)."""
 
     name: str
-    generation: int
+
+    @property
+    def generation(self) -> int: ...
 
     def get(self) -> T_co: ...
 
@@ -79,7 +83,8 @@ class Settings:
     policy_file: Path
     """The policy YAML (the chart's ConfigMap); re-read when it changes."""
     plan_keys_dir: Path | None = None
-    """Directory with ``current`` and optional ``previous`` plan keys (the chart's Secret)."""
+    """Directory with ``current`` and optional ``previous`` plan keys and ``current-not-before``
+    (the chart's Secret; see ``diskplan/plankeys.py``)."""
     plan_keys: PlanKeys | None = None
     """A fixed key set, used only when ``plan_keys_dir`` is None (the CLI's ephemeral key)."""
     cluster: Cluster = field(default_factory=lambda: EMPTY_CLUSTER)
@@ -144,7 +149,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     else:
         raise SourceError("plan keys: neither a plan-keys directory nor a key was given")
     for source in (policy, keys):
-        if isinstance(source, WatchedFiles):
+        if isinstance(source, (WatchedFiles, TimedPlanKeys)):
             source.on_failure = (lambda _err, name=source.name:
                                  metrics.reload_failures.labels(source=name).inc())
 
@@ -265,6 +270,8 @@ def readyz() -> Response:
     errors = [s.error for s in sources if s.error]
     body: dict[str, Any] = {"ready": True, "policyVersion": state.policy.generation,
                             "planKeysVersion": state.plan_keys.generation}
+    if isinstance(state.plan_keys, TimedPlanKeys):
+        body["planKeySigning"] = state.plan_keys.signing()  # "previous" during a rotation's delay
     if errors:
         body["stale"] = errors  # the last good versions stay in use; see the module docstring
     return _json(body, 200)

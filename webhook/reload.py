@@ -1,7 +1,7 @@
 """Files the webhook re-reads while it runs: the policy and the plan keys.
 
 Transport layer: this module stats and reads files and logs; it decides nothing about their
-contents (``diskplan.policy.load_policy`` and ``diskplan.plan.PlanKeys`` do).
+contents (``diskplan.policy.load_policy`` and ``diskplan.plankeys.PlanKeyRing`` do).
 
 Kubernetes updates a mounted ConfigMap or Secret without filesystem events: it writes a new
 timestamped directory and swaps the ``..data`` symlink, so the visible file keeps its name while
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from diskplan.plan import PlanKeys
+from diskplan.plankeys import PlanKeyRing, parse_not_before
 
 if TYPE_CHECKING:
     from diskplan.policy import Policy
@@ -175,25 +176,96 @@ def watch_policy(path: Path, *, interval: float = 1.0) -> WatchedFiles[Policy]:
     return WatchedFiles("policy", [path], load, interval=interval)
 
 
-def load_plan_keys(directory: Path) -> PlanKeys:
-    """``current`` (required) and ``previous`` (optional) from ``directory``, as stripped bytes."""
+PLAN_KEY_FILES = ("current", "previous", "current-not-before")
+
+
+def load_plan_key_ring(directory: Path) -> PlanKeyRing:
+    """``current`` (required), ``previous`` and ``current-not-before`` (optional) from
+    ``directory``, as stripped bytes. Time-free: :meth:`PlanKeyRing.keys_at` picks the signer."""
     current = read_bounded(directory / "current", what="plan key").strip()
-    previous: tuple[bytes, ...] = ()
+    previous: bytes | None = None
     prev_path = directory / "previous"
     if os.path.exists(prev_path):
-        prev = read_bounded(prev_path, what="plan key").strip()
-        if prev and prev != current:
-            previous = (prev,)
+        previous = read_bounded(prev_path, what="plan key").strip() or None
+    not_before: int | None = None
+    nb_path = directory / "current-not-before"
+    if os.path.exists(nb_path):
+        try:
+            not_before = parse_not_before(read_bounded(nb_path, what="plan key"))
+        except ValueError as exc:
+            raise SourceError(f"plan key {nb_path}: {exc}") from None
     try:
-        return PlanKeys(current=current, previous=previous)
+        return PlanKeyRing(current=current, previous=previous, current_not_before=not_before)
     except ValueError as exc:
-        raise SourceError(f"plan key {directory / 'current'}: {exc}") from None
+        raise SourceError(f"plan keys {directory}: {exc}") from None
 
 
-def watch_plan_keys(directory: Path, *, interval: float = 1.0) -> WatchedFiles[PlanKeys]:
-    """The plan-key directory (the chart's Secret): files ``current`` and optional ``previous``."""
-    return WatchedFiles("plan keys", [directory / "current", directory / "previous"],
-                        lambda: load_plan_keys(directory), interval=interval)
+def load_plan_keys(directory: Path, *, now: float | None = None) -> PlanKeys:
+    """The keys of ``directory`` as they apply at unix time ``now`` (default: the clock's time)."""
+    return load_plan_key_ring(directory).keys_at(time.time() if now is None else now)
+
+
+class TimedPlanKeys:
+    """The plan keys to use now: the watched key directory, read at the wall-clock time of each
+    :meth:`get`, so that a rotation's new key starts signing when its ``current-not-before``
+    passes even though no file changes then (see ``diskplan/plankeys.py``)."""
+
+    def __init__(self, files: WatchedFiles[PlanKeyRing], *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.name = files.name
+        self.files = files
+        self._clock = clock
+        self._signing_current: bool | None = None
+
+    def get(self) -> PlanKeys:
+        ring = self.files.get()
+        now = self._clock()
+        signing_current = ring.signs_with_current(now)
+        if signing_current != self._signing_current:  # log the switch (a race logs it twice)
+            if not signing_current:
+                log.info("plan keys: signing with the previous key until unix time %s; the new "
+                         "current key is accepted already and signs from then on",
+                         ring.current_not_before)
+            elif self._signing_current is not None:
+                log.info("plan keys: signing with the current key from now on")
+            self._signing_current = signing_current
+        return ring.keys_at(now)
+
+    def signing(self) -> str:
+        """``current`` or ``previous``: which key signs now (shown by ``/readyz``)."""
+        return "current" if self.files.get().signs_with_current(self._clock()) else "previous"
+
+    def check(self, now: float | None = None) -> None:
+        self.files.check(now)
+
+    @property
+    def generation(self) -> int:
+        return self.files.generation
+
+    @property
+    def on_failure(self) -> Callable[[str], None] | None:
+        return self.files.on_failure
+
+    @on_failure.setter
+    def on_failure(self, value: Callable[[str], None] | None) -> None:
+        self.files.on_failure = value
+
+    @property
+    def error(self) -> str | None:
+        return self.files.error
+
+    @property
+    def ready(self) -> bool:
+        return self.files.ready
+
+
+def watch_plan_keys(directory: Path, *, interval: float = 1.0,
+                    clock: Callable[[], float] = time.time) -> TimedPlanKeys:
+    """The plan-key directory (the chart's Secret): files ``current``, optional ``previous`` and
+    ``current-not-before``; the signing key is chosen at each call with ``clock`` (unix time)."""
+    files = WatchedFiles("plan keys", [directory / name for name in PLAN_KEY_FILES],
+                         lambda: load_plan_key_ring(directory), interval=interval)
+    return TimedPlanKeys(files, clock=clock)
 
 
 class Fixed(Generic[T]):
