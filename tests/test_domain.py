@@ -90,7 +90,8 @@ class Scenario:
 
 def _plan(ns: str, vm: str, **kw: Any) -> Plan:
     return Plan(namespace=ns, vm=vm, host_dir=f"/var/lib/diskhooks/vms/{ns}/{vm}",
-                image_library="/var/lib/diskhooks/images", sidecar_image="ghcr.io/diskhooks/sidecar:0.1.0",
+                image_library="/var/lib/diskhooks/images",
+                sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
                 **kw)
 
 

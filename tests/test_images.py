@@ -28,7 +28,7 @@ GiB = 1024**3
 
 PLAN = Plan(
     namespace="vms", vm="pg01", host_dir="/var/lib/diskhooks/vms/vms/pg01",
-    image_library="/var/lib/diskhooks/images", sidecar_image="ghcr.io/diskhooks/sidecar:0.1.0",
+    image_library="/var/lib/diskhooks/images", sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
     disks=(
         PlannedDisk(name="pgdata", size_bytes=1 * GiB, bus="virtio", cache="none", io="native",
                     discard="unmap"),
