@@ -25,8 +25,11 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from typing import Any
 import pytest
 import yaml
 
+from diskplan.errors import Refused
 from tests.conftest import EXAMPLE_POLICY, ROOT
 
 CHART = ROOT / "charts" / "diskhooks"
@@ -132,9 +136,10 @@ class Helm:
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         cmd = [self.path, *args]
         if values is not None:
-            vfile = self._tmp / f"values-{len(list(self._tmp.iterdir()))}.yaml"
-            vfile.write_text(yaml.safe_dump(values))
-            cmd += ["-f", str(vfile)]
+            fd, name = tempfile.mkstemp(prefix="values-", suffix=".yaml", dir=self._tmp)  # thread-safe
+            with os.fdopen(fd, "w") as f:
+                f.write(yaml.safe_dump(values))
+            cmd += ["-f", name]
         return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60,
                               env={**self.env, **(env or {})})
 
@@ -530,7 +535,7 @@ def test_cert_manager_mode(helm: Helm, scenario: str) -> None:
     assert spec["secretName"] == f"{FULLNAME}-webhook-tls"
     assert spec["dnsNames"] == _dns_names()
     assert "server auth" in spec["usages"]
-    assert spec["privateKey"]["rotationPolicy"] == "Always"
+    assert spec["privateKey"]["rotationPolicy"] == "Always"  # a serving key travels with its cert
     assert spec["duration"] == "2160h" and spec["renewBefore"] == "720h"
     deployment = one(docs, "Deployment")
     tls_volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
@@ -543,6 +548,8 @@ def test_cert_manager_mode(helm: Helm, scenario: str) -> None:
     # the chart's own chain: self-signed Issuer -> CA Certificate -> CA Issuer -> serving cert
     ca_cert = certs[f"{FULLNAME}-ca"]["spec"]
     assert ca_cert["isCA"] is True
+    # a renewed CA keeps its key, so serving certificates signed before still verify against it
+    assert ca_cert["privateKey"]["rotationPolicy"] == "Never"
     assert ca_cert["issuerRef"]["name"] == f"{FULLNAME}-selfsigned"
     assert issuers[f"{FULLNAME}-selfsigned"]["spec"] == {"selfSigned": {}}
     assert issuers[f"{FULLNAME}-ca"]["spec"] == {"ca": {"secretName": ca_cert["secretName"]}}
@@ -659,7 +666,9 @@ def test_optional_features_render(helm: Helm) -> None:
     sm = one(docs, "ServiceMonitor")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["metadata"]["labels"]["release"] == "prometheus"
-    assert sm["spec"]["selector"]["matchLabels"] == one(docs, "Service")["spec"]["selector"]
+    # a ServiceMonitor selects Services by their labels (not by the Service's pod selector)
+    assert sm["spec"]["selector"]["matchLabels"].items() <= one(docs, "Service")["metadata"]["labels"].items()
+    assert sm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     (endpoint,) = sm["spec"]["endpoints"]
     assert (endpoint["port"], endpoint["scheme"], endpoint["path"]) == ("https", "https", "/metrics")
     assert endpoint["tlsConfig"]["ca"]["secret"] == {"name": f"{FULLNAME}-webhook-tls", "key": "ca.crt"}
@@ -673,15 +682,46 @@ def test_network_policy_admits_any_source_by_default(helm: Helm) -> None:
     assert rule["ports"] == [{"port": 8443, "protocol": "TCP"}]
 
 
+def test_network_policy_admits_the_scrapers_besides_a_narrowed_ingress(helm: Helm) -> None:
+    prometheus = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                   "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    docs = helm.template({"networkPolicy": {"enabled": True, "ingressFrom": [{"ipBlock": {"cidr": "10.0.0.0/24"}}],
+                                            "metricsFrom": prometheus}})
+    admission, scrape = one(docs, "NetworkPolicy")["spec"]["ingress"]
+    assert admission["from"] == [{"ipBlock": {"cidr": "10.0.0.0/24"}}]
+    assert scrape == {"ports": [{"port": 8443, "protocol": "TCP"}], "from": prometheus}
+    import kubernetes_validate
+    kubernetes_validate.validate(one(docs, "NetworkPolicy"), OLDEST_KUBERNETES, strict=True)
+    # with ingress open to any source, metricsFrom adds nothing
+    (rule,) = one(helm.template({"networkPolicy": {"enabled": True, "metricsFrom": prometheus}}),
+                  "NetworkPolicy")["spec"]["ingress"]
+    assert "from" not in rule
+
+
+def test_service_monitor_with_an_external_issuer_needs_a_tls_config(helm: Helm) -> None:
+    external = {"certManager": {"enabled": True, "issuerRef": {"name": "letsencrypt", "kind": "ClusterIssuer"}},
+                "serviceMonitor": {"enabled": True}}
+    out = helm.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, values=external)
+    assert out.returncode != 0 and "serviceMonitor.tlsConfig is required with certManager.issuerRef" in out.stderr
+    tls = {"ca": {"configMap": {"name": "corp-ca", "key": "ca.crt"}},
+           "serverName": f"{FULLNAME}-webhook.{NAMESPACE}.svc"}
+    docs = helm.template({**external, "serviceMonitor": {"enabled": True, "tlsConfig": tls}})
+    (endpoint,) = one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["tlsConfig"] == tls
+    # a misspelt TLSConfig field is refused by the schema
+    out = helm.run("template", RELEASE, str(CHART), values={"serviceMonitor": {"tlsConfig": {"insecureSkipVerfy": True}}})
+    assert out.returncode != 0 and "insecureSkipVerfy" in out.stderr
+
+
 def test_rbac_is_least_privilege(helm: Helm) -> None:
     docs = helm.scenario("default")
     sa = one(docs, "ServiceAccount")["metadata"]["name"]
     (cluster_role,) = by_kind(docs, "ClusterRole")
     granted = {(g, r, v) for rule in cluster_role["rules"] for g in rule["apiGroups"]
                for r in rule["resources"] for v in rule["verbs"]}
-    assert granted == {(g, r, v) for g, r in [("", "persistentvolumeclaims"), ("", "nodes"),
-                                              ("storage.k8s.io", "storageclasses")]
-                       for v in ("get", "list", "watch")}
+    # exactly what webhook/cluster.py calls: one GET of a claim, one GET of its StorageClass
+    assert granted == {("", "persistentvolumeclaims", "get"), ("storage.k8s.io", "storageclasses", "get")}
+    assert all("resourceNames" not in rule for rule in cluster_role["rules"])
     crb = one(docs, "ClusterRoleBinding")
     assert crb["roleRef"]["name"] == cluster_role["metadata"]["name"]
     assert crb["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
@@ -748,6 +788,216 @@ def test_policy_loads_with_diskplan(helm: Helm) -> None:
     custom = load_policy(_policy_text(docs))
     assert custom.host_disks.root == "/srv/vms"
     assert custom.host_disks.max_disk_size == 500 * 1024**3
+
+
+# The chart repeats the loader's cross-field checks (templates/_policy.tpl). Two tables keep them
+# together: every BAD value set fails `helm template` naming the values key, and the loader refuses
+# the same policy (built here by merging the values into the default document, as Helm does: null
+# deletes a key) naming the matching field; every GOOD value set renders a policy that the loader
+# accepts, equal to the one the same merge predicts.
+GI, TI = 2**30, 2**40
+NO_DEFAULT_PROFILES = {"small": None, "medium": None, "large": None}
+BAD_POLICY_VALUES: list[tuple[str, dict[str, Any], str, str]] = [
+    # (id, values, key the chart names, field the loader names)
+    ("maxCPU-below-a-default-profile", {"policy": {"sizing": {"maxCPU": 8}}},
+     "policy.sizing.profiles.large.cpu", "sizing.profiles.large.cpu"),
+    ("maxMemory-below-a-default-profile", {"policy": {"sizing": {"maxMemory": "32Gi"}}},
+     "policy.sizing.profiles.large.memory", "sizing.profiles.large.memory"),
+    ("maxTotalPerVM-below-maxDiskSize", {"policy": {"hostDisks": {"maxTotalPerVM": "1Ti"}}},
+     "policy.hostDisks.maxTotalPerVM", "hostDisks.maxTotalPerVM"),
+    ("maxTotalPerVM-one-Gi-below", {"policy": {"hostDisks": {"maxDiskSize": "2Ti", "maxTotalPerVM": "2047Gi"}}},
+     "policy.hostDisks.maxTotalPerVM", "hostDisks.maxTotalPerVM"),
+    ("maxTotalPerVM-below-a-decimal-maxDiskSize",
+     {"policy": {"hostDisks": {"maxDiskSize": "1.5Ti", "maxTotalPerVM": "1535Gi"}}},
+     "policy.hostDisks.maxTotalPerVM", "hostDisks.maxTotalPerVM"),
+    ("imageLibrary-inside-root", {"policy": {"hostDisks": {"imageLibrary": "/var/lib/diskhooks/vms/images"}}},
+     "policy.hostDisks.imageLibrary", "hostDisks.imageLibrary"),
+    ("root-inside-imageLibrary", {"policy": {"hostDisks": {"root": "/var/lib/diskhooks/images/vms"}}},
+     "policy.hostDisks.imageLibrary", "hostDisks.imageLibrary"),
+    ("root-in-a-system-directory", {"policy": {"hostDisks": {"root": "/var/lib/kubelet/vms"}}},
+     "policy.hostDisks.root", "hostDisks.root"),
+    ("root-with-dotdot", {"policy": {"hostDisks": {"root": "/srv/../etc/vms"}}},
+     "policy.hostDisks.root", "hostDisks.root"),
+    ("size-not-whole-bytes", {"policy": {"hostDisks": {"maxDiskSize": "1.1Ki"}}},
+     "policy.hostDisks.maxDiskSize", "hostDisks.maxDiskSize"),
+    ("size-in-millibytes", {"policy": {"hostDisks": {"maxDiskSize": "1500m"}}},
+     "policy.hostDisks.maxDiskSize", "hostDisks.maxDiskSize"),
+    ("size-zero", {"policy": {"hostDisks": {"maxDiskSize": 0}}},
+     "policy.hostDisks.maxDiskSize", "hostDisks.maxDiskSize"),
+    ("size-a-float", {"policy": {"hostDisks": {"maxDiskSize": 1.5}}},
+     "policy.hostDisks.maxDiskSize", "hostDisks.maxDiskSize"),
+    ("size-above-int64", {"policy": {"hostDisks": {"maxDiskSize": "8Ei", "maxTotalPerVM": "8Ei"}}},
+     "policy.hostDisks.maxDiskSize", "hostDisks.maxDiskSize"),
+    ("maxMemory-below-1Mi", {"policy": {"sizing": {"maxMemory": "512Ki", "profiles": None}}},
+     "policy.sizing.maxMemory", "sizing.maxMemory"),
+    ("profile-memory-not-whole-Mi", {"policy": {"sizing": {"profiles": {"odd": {"cpu": 1, "memory": "1000M"}}}}},
+     "policy.sizing.profiles.odd.memory", "sizing.profiles.odd.memory"),
+    ("profile-cpu-above-maxCPU", {"policy": {"sizing": {"profiles": {"huge": {"cpu": 65, "memory": "4Gi"}}}}},
+     "policy.sizing.profiles.huge.cpu", "sizing.profiles.huge.cpu"),
+    ("maxSockets-above-maxCPU",
+     {"policy": {"sizing": {"maxCPU": 8, "maxSockets": 16, "profiles": {"large": None}}}},
+     "policy.sizing.maxSockets", "sizing.maxSockets"),
+    ("io-default-native-with-writeback",
+     {"policy": {"hostDisks": {"defaults": {"io": None, "cache": "writeback"}}}},
+     "policy.hostDisks.defaults.io", "hostDisks.defaults.io"),
+    ("defaultProfile-dropped", {"policy": {"sizing": {"profiles": {"large": None}}, "defaultProfile": "large"}},
+     "policy.defaultProfile", "defaultProfile"),
+    ("sidecar-image-uppercase", {"sidecar": {"image": {"repository": "Registry.example.com/diskhooks-sidecar"}}},
+     "sidecar.image.repository", "sidecar.image"),
+    ("allowedImages-lone-star", {"policy": {"sidecar": {"allowedImages": ["*"]}}},
+     "policy.sidecar.allowedImages[0]", "sidecar.allowedImages[0]"),
+    ("allowedImages-inner-star", {"policy": {"sidecar": {"allowedImages": ["registry.example.com/*/x"]}}},
+     "policy.sidecar.allowedImages[0]", "sidecar.allowedImages[0]"),
+    ("allowedImages-uppercase", {"policy": {"sidecar": {"allowedImages": ["Registry.example.com/x:1"]}}},
+     "policy.sidecar.allowedImages[0]", "sidecar.allowedImages[0]"),
+    ("storageClass-not-a-name", {"policy": {"passthrough": {"storageClasses": ["Local_NVMe"]}}},
+     "policy.passthrough.storageClasses[0]", "passthrough.storageClasses[0]"),
+]
+GOOD_POLICY_VALUES: list[tuple[str, dict[str, Any] | None, tuple[str, ...], Any]] = [
+    # (id, values, extra helm arguments, check of the loaded Policy)
+    ("defaults", {}, (), lambda p: sorted(p.sizing.profiles) == ["large", "medium", "small"]),
+    ("small-VMs-only-drop-large",
+     {"policy": {"sizing": {"maxCPU": 8, "maxMemory": "32Gi",
+                            "profiles": {"large": None, "medium": {"cpu": 8, "memory": "32Gi"}}}}}, (),
+     lambda p: sorted(p.sizing.profiles) == ["medium", "small"] and p.sizing.max_cpu == 8),
+    ("drop-large-with---set", None,
+     ("--set", "policy.sizing.maxCPU=8", "--set", "policy.sizing.profiles.large=null"),
+     lambda p: "large" not in p.sizing.profiles),
+    ("equal-sizes-in-other-units", {"policy": {"hostDisks": {"maxDiskSize": "1.5Ti", "maxTotalPerVM": "1536Gi"}}},
+     (), lambda p: p.host_disks.max_disk_size == p.host_disks.max_total_per_vm == 3 * TI // 2),
+    ("decimal-units", {"policy": {"hostDisks": {"maxDiskSize": "500G", "maxTotalPerVM": "0.5T"}}}, (),
+     lambda p: p.host_disks.max_total_per_vm == p.host_disks.max_disk_size == 500 * 10**9),
+    ("plain-byte-numbers", {"policy": {"hostDisks": {"maxDiskSize": TI, "maxTotalPerVM": "1Ti"}}}, (),
+     lambda p: p.host_disks.max_disk_size == TI),
+    ("plain-byte-numbers-with---set", None,
+     ("--set", f"policy.hostDisks.maxDiskSize={TI}", "--set", f"policy.hostDisks.maxTotalPerVM={TI}"),
+     lambda p: p.host_disks.max_total_per_vm == TI),
+    # 2**63 - 1 written as a YAML number does not survive helm 4 (float64): the chart refuses it
+    ("largest-sizes", {"policy": {"hostDisks": {"maxDiskSize": "7Ei", "maxTotalPerVM": "8191Pi"}}}, (),
+     lambda p: p.host_disks.max_total_per_vm == 8191 * 2**50),
+    ("largest-sizes-with---set", None,
+     ("--set", f"policy.hostDisks.maxDiskSize={2**63 - 1}", "--set", f"policy.hostDisks.maxTotalPerVM={2**63 - 1}"),
+     lambda p: p.host_disks.max_total_per_vm == 2**63 - 1),
+    ("one-cpu-VMs", {"policy": {"sizing": {"maxCPU": 1, "maxSockets": 1, "maxMemory": "1536Mi",
+                                           "profiles": {**NO_DEFAULT_PROFILES,
+                                                        "tiny": {"cpu": 1, "memory": "1.5Gi"}}},
+                                "defaultProfile": "tiny"}}, (),
+     lambda p: p.sizing.profiles["tiny"].memory == 1536 * 2**20 and p.default_profile == "tiny"),
+    ("no-profiles", {"policy": {"sizing": {"maxCPU": 4, "profiles": None}}}, (),
+     lambda p: p.sizing.profiles == {}),
+    ("profile-at-the-limits", {"policy": {"sizing": {"maxCPU": 16, "maxSockets": 16, "maxMemory": "64Gi"}}}, (),
+     lambda p: p.sizing.profiles["large"].cpu == p.sizing.max_cpu == 16),
+    ("no-image-library", {"policy": {"hostDisks": {"root": "/srv/vms", "imageLibrary": None}}}, (),
+     lambda p: p.host_disks.image_library is None and p.host_disks.root == "/srv/vms"),
+    ("directories-that-share-a-prefix",
+     {"policy": {"hostDisks": {"root": "/srv/vm-disks", "imageLibrary": "/srv/vm-disks-images"}}}, (),
+     lambda p: p.host_disks.image_library == "/srv/vm-disks-images"),
+    ("io-threads-with-writeback",
+     {"policy": {"hostDisks": {"defaults": {"io": "threads", "cache": "writeback"}}}}, (),
+     lambda p: p.host_disks.defaults.cache == "writeback"),
+    ("io-default-with-directsync", {"policy": {"hostDisks": {"defaults": {"io": None, "cache": "directsync"}}}},
+     (), lambda p: p.host_disks.defaults.io == "native"),
+    ("images-and-classes",
+     {"sidecar": {"image": {"repository": "registry.example.com:5000/platform/diskhooks-sidecar",
+                            "digest": "sha256:" + "c" * 64}},
+      "policy": {"sidecar": {"allowedImages": ["registry.example.com/hooks/*", "quay.io/kubevirt/x:*",
+                                               "registry.example.com/qcow2-hook:0.1.0"]},
+                 "passthrough": {"storageClasses": ["local-nvme", "fast.disks.example.com"]}}}, (),
+     lambda p: p.sidecar.image.endswith("@sha256:" + "c" * 64) and len(p.sidecar.allowed_images) == 3),
+]
+
+
+def _merged_policy(values: dict[str, Any], default_doc: dict[str, Any]) -> dict[str, Any]:
+    """The policy document Helm should render for ``values``: the default document with
+    ``values.policy`` merged in (None deletes a key) and the sidecar image from ``values.sidecar``."""
+    def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+        out = copy.deepcopy(base)
+        for k, v in over.items():
+            if v is None:
+                out.pop(k, None)
+            elif isinstance(v, dict) and isinstance(out.get(k), dict):
+                out[k] = merge(out[k], v)
+            else:
+                out[k] = copy.deepcopy(v)
+        return out
+
+    doc = merge(default_doc, values.get("policy", {}))
+    image = values.get("sidecar", {}).get("image", {})
+    if image:
+        tag = f"@{image['digest']}" if image.get("digest") else f":{image.get('tag') or '0.1.0'}"
+        doc["sidecar"]["image"] = image["repository"] + tag
+    return doc
+
+
+def _names(stderr: str, key: str) -> bool:
+    """Whether helm's error names ``key`` (templates: dotted; schema: /a/b/0 or a.b.0)."""
+    plain = re.sub(r"\[(\d+)\]", r".\1", key)
+    return key in stderr or plain in stderr or "/" + plain.replace(".", "/") in stderr
+
+
+def _render_all(helm: Helm, cases: list[tuple[dict[str, Any] | None, tuple[str, ...]]]) -> list[Any]:
+    def render(case: tuple[dict[str, Any] | None, tuple[str, ...]]) -> Any:
+        values, extra = case
+        # cert-manager mode only because it skips generating an RSA CA (most of a render's time)
+        return helm.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                        "--show-only", "templates/policy-configmap.yaml",
+                        "--set", "certManager.enabled=true", *extra, values=values)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(render, cases))
+
+
+def test_values_the_webhook_would_refuse_fail_the_install(helm: Helm) -> None:
+    """Each bad value set: `helm template` fails naming the values key, and the loader refuses
+    the policy those values would have rendered, naming the same key."""
+    from diskplan.policy import load_policy
+
+    default_doc = yaml.safe_load(_policy_text(helm.scenario("default")))
+    results = _render_all(helm, [(values, ()) for _, values, _, _ in BAD_POLICY_VALUES])
+    problems = []
+    for (case, values, chart_key, loader_field), out in zip(BAD_POLICY_VALUES, results, strict=True):
+        if out.returncode == 0:
+            problems.append(f"{case}: helm template succeeded")
+        elif not _names(out.stderr, chart_key):
+            problems.append(f"{case}: the error does not name {chart_key}: {out.stderr.strip()}")
+        try:
+            load_policy(yaml.safe_dump(_merged_policy(values, default_doc)))
+            problems.append(f"{case}: the loader accepts it (the chart is stricter than the webhook)")
+        except Refused as exc:
+            if exc.field != loader_field:
+                problems.append(f"{case}: the loader names {exc.field}, not {loader_field}: {exc}")
+    assert problems == [], "\n".join(problems)
+
+
+def test_values_the_chart_accepts_render_a_policy_the_webhook_loads(helm: Helm) -> None:
+    """Each good value set (edge cases of the same checks): the rendered ConfigMap loads with the
+    webhook's own loader, to the policy the merge of the values predicts."""
+    from diskplan.policy import load_policy
+
+    default_doc = yaml.safe_load(_policy_text(helm.scenario("default")))
+    results = _render_all(helm, [(values, extra) for _, values, extra, _ in GOOD_POLICY_VALUES])
+    problems = []
+    for (case, values, _, check), out in zip(GOOD_POLICY_VALUES, results, strict=True):
+        if out.returncode != 0:
+            problems.append(f"{case}: helm template failed: {out.stderr.strip()}")
+            continue
+        text = yaml.safe_load(out.stdout)["data"]["policy.yaml"]
+        try:
+            policy = load_policy(text)
+        except Refused as exc:
+            problems.append(f"{case}: the webhook would refuse the rendered policy: {exc}")
+            continue
+        if not check(policy):
+            problems.append(f"{case}: unexpected policy {policy}")
+        if values is not None and policy != load_policy(yaml.safe_dump(_merged_policy(values, default_doc))):
+            problems.append(f"{case}: the rendered policy differs from the merged values")
+    assert problems == [], "\n".join(problems)
+
+
+def test_dropping_a_default_profile_is_documented() -> None:
+    values = (CHART / "values.yaml").read_text()
+    readme = (CHART / "README.md").read_text()
+    for text in (values, readme):
+        assert "--set policy.sizing.profiles.large=null" in text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -884,30 +1134,80 @@ def _upgrade(helm: Helm, env: dict[str, str], values: dict[str, Any] | None = No
 
 
 def test_upgrade_keeps_the_plan_key_and_rotation_keeps_the_previous_one(
-        helm: Helm, cluster: tuple[FakeApiServer, dict[str, str]]) -> None:
+        helm: Helm, cluster: tuple[FakeApiServer, dict[str, str]], tmp_path: Path) -> None:
     fake, env = cluster
     name = f"{FULLNAME}-plan-keys"
-    first = secret_named(_upgrade(helm, env), name)  # install: nothing to find
+    installed = _upgrade(helm, env)  # install: nothing to find
+    first = secret_named(installed, name)
     assert f"/api/v1/namespaces/{NAMESPACE}/secrets/{name}" in fake.requests
     fake.store(first)
+    fake.store(secret_named(installed, f"{FULLNAME}-webhook-tls"))  # kept: no new CA per render
     again = secret_named(_upgrade(helm, env), name)
     assert again["data"] == first["data"]
 
+    assert "previous" not in first["data"] and "current-not-before" not in first["data"]
+
+    before = int(time.time())
     rotated = secret_named(_upgrade(helm, env, {"planKeys": {"generation": 2}}), name)
     assert rotated["data"]["previous"] == first["data"]["current"]
     assert rotated["data"]["current"] != first["data"]["current"]
     assert len(b64(rotated["data"], "current")) >= 32
     assert rotated["metadata"]["annotations"]["diskhooks.io/plan-key-generation"] == "2"
+    # the new key signs only after planKeys.signingDelaySeconds (300): every replica has it by then
+    not_before = int(b64(rotated["data"], "current-not-before"))
+    assert before + 300 <= not_before <= int(time.time()) + 300
     fake.store(rotated)
     # a repeated upgrade with the same generation (e.g. --reuse-values) does not rotate again
     assert secret_named(_upgrade(helm, env, {"planKeys": {"generation": 2}}), name)["data"] == \
         rotated["data"]
     # values that forget the bump do not roll back either
     assert secret_named(_upgrade(helm, env), name)["data"] == rotated["data"]
-    # once every VM was re-signed, the previous key can go
-    dropped = secret_named(_upgrade(helm, env, {"planKeys": {"generation": 2, "keepPrevious": False}}),
+    # neither rotating again nor dropping the previous key while it still signs
+    for values, says in (({"generation": 3}, "planKeys.generation: the key of the previous rotation"),
+                         ({"generation": 2, "dropPreviousAtGeneration": 2},
+                          "planKeys.dropPreviousAtGeneration=2: the previous key still signs")):
+        out = helm.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=server",
+                       "--disable-openapi-validation", values={"planKeys": values}, env=env)
+        assert out.returncode != 0 and says in out.stderr, out.stderr
+
+    # the webhook reads the rendered Secret as it is mounted: old key signs, both verify
+    from webhook.reload import load_plan_keys
+    keys_dir = tmp_path / "plan-keys"
+    keys_dir.mkdir()
+    for key, value in rotated["data"].items():
+        (keys_dir / key).write_bytes(base64.b64decode(value))
+    old, new = b64(first["data"], "current"), b64(rotated["data"], "current")
+    assert load_plan_keys(keys_dir, now=not_before - 1).current == old
+    assert load_plan_keys(keys_dir, now=not_before).current == new
+    assert load_plan_keys(keys_dir, now=not_before - 1).previous == (new,)
+
+    # once the delay has passed and every VM was re-signed, the previous key can go
+    rotated["data"]["current-not-before"] = base64.b64encode(b"%d" % (before - 1)).decode()
+    fake.store(rotated)
+    dropped = secret_named(_upgrade(helm, env, {"planKeys": {"generation": 2, "dropPreviousAtGeneration": 2}}),
                            name)
     assert dropped["data"] == {"current": rotated["data"]["current"]}
+    fake.store(dropped)
+    # left in the values, it does not touch the next rotation's previous key
+    third = secret_named(_upgrade(helm, env, {"planKeys": {"generation": 3, "dropPreviousAtGeneration": 2}}),
+                         name)
+    assert third["data"]["previous"] == dropped["data"]["current"]
+    # and a drop in the very upgrade that rotates is refused
+    out = helm.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=server",
+                   "--disable-openapi-validation",
+                   values={"planKeys": {"generation": 3, "dropPreviousAtGeneration": 3}}, env=env)
+    assert out.returncode != 0 and "would drop the key this very rotation" in out.stderr, out.stderr
+
+
+def test_rotation_with_no_signing_delay(helm: Helm, cluster: tuple[FakeApiServer, dict[str, str]]) -> None:
+    fake, env = cluster
+    name = f"{FULLNAME}-plan-keys"
+    installed = _upgrade(helm, env)
+    fake.store(secret_named(installed, name))
+    fake.store(secret_named(installed, f"{FULLNAME}-webhook-tls"))
+    now = int(time.time())
+    rotated = secret_named(_upgrade(helm, env, {"planKeys": {"generation": 2, "signingDelaySeconds": 0}}), name)
+    assert now <= int(b64(rotated["data"], "current-not-before")) <= int(time.time())
 
 
 def test_upgrade_keeps_the_ca_and_rotation_bundles_old_and_new(
@@ -935,6 +1235,25 @@ def test_upgrade_keeps_the_ca_and_rotation_bundles_old_and_new(
     assert bundle.count(b"BEGIN CERTIFICATE") == 2
 
 
+def test_leaving_cert_manager_mode_names_the_secret_to_delete(
+        helm: Helm, cluster: tuple[FakeApiServer, dict[str, str]]) -> None:
+    """cert-manager, not Helm, owns the serving Secret: the chart says what to delete instead of
+    failing later on Helm's ownership check (or reusing a certificate nobody renews)."""
+    fake, env = cluster
+    name = f"{FULLNAME}-webhook-tls"
+    made = secret_named(_upgrade(helm, env), name)
+    fake.secrets[(NAMESPACE, name)] = {
+        **made, "metadata": {"name": name, "namespace": NAMESPACE,
+                             "annotations": {"cert-manager.io/certificate-name": f"{FULLNAME}-webhook",
+                                             "cert-manager.io/issuer-name": f"{FULLNAME}-ca"}}}
+    out = helm.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--dry-run=server",
+                   "--disable-openapi-validation", env=env)
+    assert out.returncode != 0
+    assert f"kubectl -n {NAMESPACE} delete secret {name}" in out.stderr, out.stderr
+    del fake.secrets[(NAMESPACE, name)]  # after the delete, the upgrade makes the chart's own pair
+    assert secret_named(_upgrade(helm, env), name)["type"] == "kubernetes.io/tls"
+
+
 # ------------------------------------------------------------------------------------------------
 # NOTES.txt
 # ------------------------------------------------------------------------------------------------
@@ -945,8 +1264,34 @@ def test_notes_tell_the_next_steps(helm: Helm, cluster: tuple[FakeApiServer, dic
                    "--disable-openapi-validation", env=env)
     assert out.returncode == 0, out.stderr
     notes = out.stdout.split("NOTES:", 1)[1]
-    for needed in ("featureGates: [HostDisk, Sidecar]", "developerConfiguration",
+    for needed in ("featureGates: [HostDisk, Sidecar]", "developerConfiguration", "ImageVolume",
+                   "Kubernetes 1.31+",
                    "supportContainerResources", "type: sidecar",
                    "kubectl label namespace NAMESPACE diskhooks.io/enabled=true",
                    f"deployment/{FULLNAME}-webhook"):
         assert needed in notes, needed
+
+
+# ------------------------------------------------------------------------------------------------
+# image names
+# ------------------------------------------------------------------------------------------------
+def test_one_name_per_image_everywhere() -> None:
+    """The chart's two repositories are the only diskhooks image names in the repository (docs,
+    examples, tests, benchmarks), so nothing points at an image nobody builds."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    names = {defaults["webhook"]["image"]["repository"], defaults["sidecar"]["image"]["repository"]}
+    assert names == {"ghcr.io/diskhooks/diskhooks-webhook", "ghcr.io/diskhooks/diskhooks-sidecar"}
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           check=True, capture_output=True, text=True).stdout.split()
+    found: dict[str, set[str]] = {}
+    for rel in files:
+        path = ROOT / rel
+        if path.suffix not in (".py", ".md", ".yaml", ".yml", ".json", ".txt", ".tpl", ".sh") \
+                and not rel.startswith("Dockerfile"):
+            continue
+        if not path.is_file():
+            continue
+        for name in re.findall(r"ghcr\.io/diskhooks/[a-z0-9._-]+", path.read_text(errors="replace")):
+            found.setdefault(name, set()).add(rel)
+    assert set(found) <= names, {n: sorted(f) for n, f in found.items() if n not in names}
+

@@ -70,32 +70,6 @@ app.kubernetes.io/component: webhook
 {{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) | toJson -}}
 {{- end -}}
 
-{{/* ---------------------------------------------------------------- policy component */}}
-{{- define "diskhooks.policy.name" -}}
-{{- printf "%s-policy" (include "diskhooks.fullname" .) -}}
-{{- end -}}
-
-{{- define "diskhooks.sidecar.image" -}}
-{{- $img := .Values.sidecar.image -}}
-{{- if $img.digest -}}
-{{- printf "%s@%s" $img.repository $img.digest -}}
-{{- else -}}
-{{- printf "%s:%s" $img.repository (default .Chart.AppVersion $img.tag) -}}
-{{- end -}}
-{{- end -}}
-
-{{/* The platform policy document (diskplan.policy.load_policy reads it). */}}
-{{- define "diskhooks.policy.document" -}}
-{{- $p := .Values.policy -}}
-{{- if and $p.defaultProfile (not (hasKey $p.sizing.profiles $p.defaultProfile)) -}}
-{{- fail (printf "policy.defaultProfile %q is not a profile in policy.sizing.profiles (%s)" $p.defaultProfile (keys $p.sizing.profiles | sortAlpha | join ", ")) -}}
-{{- end -}}
-{{- $sidecar := dict "image" (include "diskhooks.sidecar.image" .) "imagePullPolicy" .Values.sidecar.image.pullPolicy "allowedImages" $p.sidecar.allowedImages -}}
-{{- $doc := dict "hostDisks" $p.hostDisks "passthrough" $p.passthrough "sizing" $p.sizing "sidecar" $sidecar -}}
-{{- toYaml $doc }}
-defaultProfile: {{ if $p.defaultProfile }}{{ $p.defaultProfile | quote }}{{ else }}null{{ end }}
-{{- end -}}
-
 {{/* ---------------------------------------------------------------- TLS component */}}
 {{- define "diskhooks.tls.secretName" -}}
 {{- printf "%s-webhook-tls" (include "diskhooks.fullname" .) -}}
@@ -128,8 +102,12 @@ MutatingWebhookConfiguration, rendered from different files, get the same CA.
 {{- $data := dict -}}
 {{- $storedGen := 0 -}}
 {{- if $existing -}}
+{{- $annotations := $existing.metadata.annotations | default dict -}}
+{{- if hasKey $annotations "cert-manager.io/certificate-name" -}}
+{{- fail (printf "certManager.enabled=false: the Secret %s/%s was made by cert-manager (certManager.enabled=true before) and Helm cannot take it over. Delete it, then upgrade at once: kubectl -n %s delete secret %s (see the chart README, \"Leaving cert-manager mode\")" $.Release.Namespace $name $.Release.Namespace $name) -}}
+{{- end -}}
 {{- $data = $existing.data | default dict -}}
-{{- $storedGen = int (index ($existing.metadata.annotations | default dict) "diskhooks.io/tls-generation" | default "1") -}}
+{{- $storedGen = int (index $annotations "diskhooks.io/tls-generation" | default "1") -}}
 {{- end -}}
 {{- $wanted := int .Values.tls.generation -}}
 {{- $complete := and (hasKey $data "ca.crt") (hasKey $data "tls.crt") (hasKey $data "tls.key") -}}
