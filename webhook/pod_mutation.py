@@ -123,7 +123,7 @@ def mutate_pod(pod: Mapping[str, Any], *, namespace: str, policy: Policy,
 
 # ------------------------------------------------------------------------------------------------
 def _check_pod_volumes(plan: Plan, volumes: list[Any]) -> None:
-    by_name = {v.get("name"): v for v in volumes if isinstance(v, dict)}
+    by_name = {v["name"]: v for v in volumes if isinstance(v, dict) and isinstance(v.get("name"), str)}
     for disk in plan.disks:
         where = f"spec.volumes[{disk.name}]"
         vol = by_name.get(disk.name)
@@ -150,7 +150,7 @@ def _check_image_volume_mount(plan: Plan, compute: dict[str, Any]) -> None:
     pr = plan.persist_root
     assert pr is not None
     expected = _image_volume_dir(pr.volume_index)
-    for m in compute.get("volumeMounts") or []:
+    for m in _list(compute.get("volumeMounts"), f"spec.containers[{COMPUTE_CONTAINER}].volumeMounts"):
         if isinstance(m, dict) and m.get("name") == pr.volume and m.get("mountPath") != expected:
             raise Refused(f"spec.containers[{COMPUTE_CONTAINER}].volumeMounts[{pr.volume}]",
                           f"KubeVirt mounts the containerDisk at {m.get('mountPath')!r}, but the plan "

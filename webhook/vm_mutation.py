@@ -124,6 +124,9 @@ def _mutate_vm(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[st
         return Mutation(dict(obj))
     tmeta = _mapping(template.get("metadata"), "spec.template.metadata")
     tspec = _mapping(template.get("spec"), "spec.template.spec")
+    for key in ("annotations", "labels"):
+        if tmeta.get(key) is not None and not isinstance(tmeta[key], Mapping):
+            raise Refused(f"spec.template.metadata.{key}", "must be an object")
     if not user_keys and not _stale(tmeta, policy) and not _wants_default_profile(spec, tspec, policy):
         name = _name_of_meta(meta)
         own_dir = policy.host_disks.vm_dir(namespace, name) if name else ""
@@ -243,7 +246,7 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
         if "hostDisk" in volume:
             return any(_is_own_disk(volume, d) for d in known_dirs)
         pvc = volume.get("persistentVolumeClaim")
-        return isinstance(pvc, Mapping) and vname in pass_claims \
+        return isinstance(pvc, Mapping) and isinstance(vname, str) and vname in pass_claims \
             and pvc.get("claimName") == pass_claims[vname]
 
     _check_growth(requests, previous, operation, warnings)
@@ -397,8 +400,8 @@ def _desired(requests: Requests, *, namespace: str, host_dir: str, t: _Target,
     user_volumes = _list(t.spec, "volumes", t.spec_path)
     for j, v in enumerate(user_volumes):
         pvc = v.get("persistentVolumeClaim") if isinstance(v, Mapping) else None
-        if isinstance(pvc, Mapping) and not ours(v):
-            user_claims[pvc.get("claimName")] = j
+        if isinstance(pvc, Mapping) and isinstance(pvc.get("claimName"), str) and not ours(v):
+            user_claims[pvc["claimName"]] = j
     for p in requests.passthrough:
         _check_claim(p, namespace=namespace, policy=policy, cluster=cluster)
         if p.claim in user_claims:
@@ -533,9 +536,11 @@ def _check_boot_orders(t: _Target, requests: Requests) -> None:
     devices = t.spec["domain"]["devices"]
     taken: dict[int, str] = {}
     for kind in ("disks", "interfaces"):
-        for k, item in enumerate(devices.get(kind) or []):
-            if isinstance(item, Mapping) and item.get("name") not in ours \
-                    and isinstance(item.get("bootOrder"), int):
+        for k, item in enumerate(_list(devices, kind, f"{t.spec_path}.domain.devices")):
+            if not isinstance(item, Mapping):
+                continue
+            name = item.get("name")
+            if not (isinstance(name, str) and name in ours) and isinstance(item.get("bootOrder"), int):
                 taken[item["bootOrder"]] = f"{t.spec_path}.domain.devices.{kind}[{k}]"
     seen: dict[int, str] = {}
     for d in requests.disks:
@@ -718,7 +723,8 @@ def _verify_vmi(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[s
     except Malformed as exc:
         raise Refused(exc.field, exc.reason) from None
     volumes = _seq(spec.get("volumes"))
-    by_name = {v.get("name"): (j, v) for j, v in enumerate(volumes) if isinstance(v, Mapping)}
+    by_name = {v["name"]: (j, v) for j, v in enumerate(volumes)
+               if isinstance(v, Mapping) and isinstance(v.get("name"), str)}
     mismatch = f"does not match its diskhooks plan ({field_path})"
     for d in plan.disks:
         j, v = by_name.get(d.name, (None, {}))
@@ -739,7 +745,8 @@ def _verify_vmi(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[s
         if v.get("name") != pr.volume or not isinstance(cd, Mapping) or cd.get("image") != pr.image:
             raise Refused(f"spec.volumes[{pr.volume_index}]", f"the persistent root volume {mismatch}")
     planned = {d.name for d in plan.disks}
-    _check_user_volumes(spec, "spec", policy, ours=lambda v: v.get("name") in planned,
+    _check_user_volumes(spec, "spec", policy, ours=lambda v: isinstance(v.get("name"), str)
+                        and v["name"] in planned,
                         extra_dirs=(plan.host_dir,))
     entries = _read_sidecars(meta.get("annotations"), f"metadata.{SIDECARS}") or []
     found = False
