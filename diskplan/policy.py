@@ -174,7 +174,8 @@ class SidecarPolicy:
 @dataclass(frozen=True)
 class Policy:
     """The whole policy. ``default_profile`` (``defaultProfile``, default none) names a profile
-    applied to VMs that have no sizing annotation and set no CPU/memory of their own."""
+    applied to VMs that have no sizing annotation and set no CPU/memory of their own (nor use an
+    instancetype or preference), and likewise to bare VMIs (not made from a VM)."""
 
     host_disks: HostDiskPolicy
     passthrough: PassthroughPolicy

@@ -1177,3 +1177,31 @@ def test_updates_of_plain_sized_or_consistent_vms_keep_the_shortcut() -> None:
                call_vm(vm_create()).obj):
         started = _started(vm)
         assert call_vm(started, operation="UPDATE", old=vm).obj == started
+
+
+# ------------------------------------------------------------------------------------------------
+# defaultProfile on bare VMIs
+# ------------------------------------------------------------------------------------------------
+def _unsized_vmi(**meta: Any) -> dict[str, Any]:
+    return {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+            "metadata": {"name": "scratch", "annotations": {}, **meta},
+            "spec": {"domain": {"devices": {"disks": [{"name": "root", "disk": {"bus": "virtio"}}]}},
+                     "volumes": [{"name": "root", "containerDisk": {"image": "quay.io/containerdisks/fedora:41"}}]}}
+
+
+def test_the_default_profile_sizes_a_bare_vmi_without_annotations() -> None:
+    vmi = _unsized_vmi()
+    m = call_vmi(vmi, policy=STRICT)  # defaultProfile: small (2 vCPUs, 4Gi)
+    domain = m.obj["spec"]["domain"]
+    assert domain["cpu"] == {"sockets": 1, "cores": 2, "threads": 1} and domain["memory"] == {"guest": "4Gi"}
+    assert m.obj["metadata"] == vmi["metadata"]  # no plan, no label, no sidecar
+    assert_valid_vmi(m.obj)
+    assert call_vmi(m.obj, policy=STRICT).obj == m.obj
+    # a VMI made from a VM got its sizing through the template; one that sizes itself is left alone
+    owned = _unsized_vmi(ownerReferences=[{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                                           "name": "scratch", "uid": "0000", "controller": True}])
+    assert call_vmi(owned, policy=STRICT).obj == owned
+    sized = _unsized_vmi()
+    sized["spec"]["domain"]["memory"] = {"guest": "1Gi"}
+    assert call_vmi(sized, policy=STRICT).obj == sized
+    assert call_vmi(vmi).obj == vmi  # no defaultProfile in the policy

@@ -154,7 +154,8 @@ def _mutate_vm(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[st
 
 def mutate_vmi(obj: Mapping[str, Any], *, operation: str, namespace: str, policy: Policy,
                plan_keys: PlanKeys, cluster: Cluster) -> Mutation:
-    """Mutate (bare VMI with annotations) or verify (VMI made from a VM template) on CREATE."""
+    """Mutate (a bare VMI with annotations, or one the policy's defaultProfile sizes) or verify
+    (a VMI made from a VM template) on CREATE."""
     meta, spec = _shape(obj, VMI_KIND)
     if operation != "CREATE":
         return Mutation(dict(obj))
@@ -163,7 +164,9 @@ def mutate_vmi(obj: Mapping[str, Any], *, operation: str, namespace: str, policy
     labels = meta.get("labels")
     has_plan = isinstance(annotations, Mapping) and K.ANN_PLAN in annotations
     has_label = isinstance(labels, Mapping) and K.LABEL_MANAGED in labels
-    if not user_keys and not has_plan:
+    sized_by_default = not user_keys and not has_plan and not _owned_by_vm(meta) \
+        and _wants_default_profile({}, spec, policy)  # a VM's VMI got it through the template
+    if not user_keys and not has_plan and not sized_by_default:
         _check_user_volumes(spec, "spec", policy, ours=lambda v: False)
         _check_requested_sidecars(annotations, f"metadata.{SIDECARS}", policy)
         if not has_label:
@@ -171,9 +174,10 @@ def mutate_vmi(obj: Mapping[str, Any], *, operation: str, namespace: str, policy
         new = _json_copy(obj)  # a label without a plan would select the launcher pod for nothing
         del new["metadata"]["labels"][K.LABEL_MANAGED]
         return Mutation(new)
-    if not user_keys:
+    if not user_keys and has_plan:
         return _verify_vmi(obj, meta, spec, namespace=namespace, policy=policy, plan_keys=plan_keys)
-    # a bare VMI with diskhooks annotations: the same treatment as a VM, at the top level
+    # a bare VMI with diskhooks annotations (or without, when the policy's defaultProfile sizes
+    # it): the same treatment as a VM, at the top level
     new = _json_copy(obj)
     target = _Target(kind=VMI_KIND, user_meta=_meta(new), plan_meta=_meta(new),
                      spec=_spec(new, ""), spec_path="spec", meta_path="metadata", vm_spec=None)
@@ -289,6 +293,13 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
             warnings.append(f"CPU/memory sizing from {sizing.source} changed: it takes effect at the "
                             "next start of the VM")
     return warnings
+
+
+def _owned_by_vm(meta: Mapping[str, Any]) -> bool:
+    """A VMI that virt-controller made from a VirtualMachine (its owner reference says so)."""
+    refs = meta.get("ownerReferences")
+    return isinstance(refs, list) and any(isinstance(r, Mapping) and r.get("kind") == VM_KIND
+                                          for r in refs)
 
 
 def _sizing_for(t: _Target, requests: Requests, policy: Policy) -> Sizing | None:
@@ -580,15 +591,14 @@ def _set_plan(t: _Target, text: str | None, *, label: bool = False) -> None:
     ``label`` (the plan gives the launcher something to do)."""
     annotations = t.plan_meta.get("annotations")
     labels = t.plan_meta.get("labels")
-    gone = [(labels, K.LABEL_MANAGED)] if not label else []
+    gone = [("labels", labels, K.LABEL_MANAGED)] if not label else []
     if text is None:
-        gone.append((annotations, K.ANN_PLAN))
-    for bag, key in gone:
+        gone.append(("annotations", annotations, K.ANN_PLAN))
+    for name, bag, key in gone:
         if isinstance(bag, dict) and key in bag:
             del bag[key]
-    for name in ("annotations", "labels"):
-        if t.plan_meta.get(name) == {} and name in t.plan_meta:
-            del t.plan_meta[name]
+            if not bag:  # emptied here: drop it (an empty bag the user wrote stays)
+                del t.plan_meta[name]
     if text is not None:
         child_dict(t.plan_meta, "annotations", t.meta_path)[K.ANN_PLAN] = text
     if label:
