@@ -129,11 +129,16 @@ def test_dry_run_passthrough_needs_the_claim(tmp_path: Path) -> None:
     ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n", "kind must be VirtualMachine"),
     ("a: &x [1, 2]\nb: *x\n", "aliases"),
     ("kind: VirtualMachine\n---\nkind: VirtualMachine\n", "not valid YAML"),
+    ("apiVersion: kubevirt.io/v1\nkind: VirtualMachine\nmetadata: {name: x}\nspec: 5\n",
+     "spec: a VirtualMachine needs a spec object"),
+    ("kind: VirtualMachine\nmetadata: [1]\nspec: {template: {spec: {}}}\n", "metadata: must be an object"),
+    ("kind: VirtualMachineInstance\nmetadata: {name: x, annotations: 5}\nspec: {}\n",
+     "metadata.annotations: must be an object"),
 ])
-def test_dry_run_unusable_object_exits_2(tmp_path: Path, content: str, expect: str) -> None:
+def test_dry_run_unusable_object_exits_2(tmp_path: Path, keys_dir: Path, content: str, expect: str) -> None:
     path = tmp_path / "obj.yaml"
     path.write_text(content)
-    out = run("dry-run", "--config", EXAMPLE_POLICY, path)
+    out = run("dry-run", "--config", EXAMPLE_POLICY, "--plan-keys-dir", keys_dir, path)
     assert out.returncode == 2, out
     assert expect in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr

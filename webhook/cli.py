@@ -13,8 +13,9 @@ the requests they have (``--graceful-timeout``), then exit; SIGINT stops at once
 
 ``dry-run`` prints the mutated object as YAML (or the JSONPatch as JSON with ``--show-patch``)
 and exits 0; a denial exits 1 with the reason on stderr; unusable input (a missing file, bad YAML,
-an object that is not a VirtualMachine/VirtualMachineInstance, a bad policy) exits 2 with a
-one-line reason. Warnings go to stderr.
+an object that is not a VirtualMachine/VirtualMachineInstance or whose shape cannot be read, such
+as ``spec: 5`` — what the webhook answers as BadRequest — or a bad policy) exits 2 with a one-line
+reason. Warnings go to stderr.
 """
 
 from __future__ import annotations
@@ -178,7 +179,10 @@ def dry_run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
         log.error("internal error", exc_info=(type(err), err, err.__traceback__))
     if not response["allowed"]:
-        print(f"denied: {response.get('status', {}).get('message', '')}", file=sys.stderr)
+        status = response.get("status", {})
+        if status.get("reason") == "BadRequest":  # Malformed: the object itself is unusable
+            raise UsageError(f"{args.object}: {status.get('message', '')}")
+        print(f"denied: {status.get('message', '')}", file=sys.stderr)
         return EXIT_DENIED
     ops = patch_of(outcome.response)
     if args.show_patch:
