@@ -204,12 +204,16 @@ def test_the_patch_is_the_diff_of_the_core_result(policy: Policy) -> None:
     assert apply(obj, review_of("", policy, review=review)) == direct.obj
 
 
-def test_reinvocation_and_resubmission_give_no_patch(policy: Policy) -> None:
+def test_reinvocation_gives_no_patch_and_resubmission_the_same_object(policy: Policy) -> None:
     review = load_review("vm-create.json")
     once = apply(review["request"]["object"], review_of("", policy, review=review))
     again = copy.deepcopy(review)
     again["request"]["object"] = once
     assert patch_of(review_of("", policy, review=again)) == []
+    # re-submission: the user applies the same manifest again, an UPDATE of what was admitted
+    resubmit = copy.deepcopy(review)
+    resubmit["request"].update(operation="UPDATE", oldObject=once)
+    assert apply(review["request"]["object"], review_of("", policy, review=resubmit)) == once
 
 
 def test_dry_run_review_gets_the_same_mutation(policy: Policy) -> None:

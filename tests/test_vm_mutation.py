@@ -128,9 +128,10 @@ def mutate(vm: dict[str, Any], *, policy: Policy = POLICY, operation: str = "CRE
     again = call_vm(m.obj, policy=policy, operation=operation, old=old, namespace=namespace,
                     cluster=cluster)
     assert again.obj == m.obj, "a second call on the result must change nothing"
-    resubmitted = call_vm(m.obj, policy=policy, operation="UPDATE", old=m.obj, namespace=namespace,
+    # the user applies the same manifest again: the input, as an UPDATE of what was admitted
+    resubmitted = call_vm(vm, policy=policy, operation="UPDATE", old=m.obj, namespace=namespace,
                           cluster=cluster)
-    assert resubmitted.obj == m.obj
+    assert resubmitted.obj == m.obj, "re-submitting the same manifest must change nothing"
     if K.ANN_PLAN in (tmeta(m.obj).get("annotations") or {}):
         vmi = vmi_from(m.obj, namespace)
         verified = mutate_vmi(vmi, operation="CREATE", namespace=namespace, policy=policy,
