@@ -280,12 +280,11 @@ def sign_plan(plan: Plan, plan_keys: PlanKeys) -> str:
     return canonical_json(doc).decode()
 
 
-def verify_plan(text: str, plan_keys: PlanKeys, *, namespace: str, vm: str | None,
+def verify_plan(text: str, plan_keys: PlanKeys, *, namespace: str, vm: str,
                 field_path: str = K.ANN_PLAN) -> Plan:
-    """Parse and authenticate a plan annotation for the object ``namespace``/``vm``.
-
-    ``vm`` None skips the name check (a Pod created with generateName knows its VMI only through
-    labels, which are checked by the caller). Raises :class:`Refused` naming ``field_path``.
+    """Parse and authenticate a plan annotation for the object ``namespace``/``vm`` (a launcher
+    Pod: the VMI name of its ``kubevirt.io/domain`` annotation). Raises :class:`Refused` naming
+    ``field_path`` (:class:`Malformed` for text that is not a plan at all).
     """
     doc = _load(text, field_path)
     auth = doc.get("auth")
@@ -305,7 +304,7 @@ def verify_plan(text: str, plan_keys: PlanKeys, *, namespace: str, vm: str | Non
     if plan.namespace != namespace:
         raise Refused(field_path, f"the plan was made for namespace {plan.namespace!r}, "
                       f"not {namespace!r}")
-    if vm is not None and plan.vm != vm:
+    if plan.vm != vm:
         raise Refused(field_path, f"the plan was made for VM {plan.vm!r}, not {vm!r}")
     return plan
 

@@ -228,6 +228,36 @@ def test_plan_of_another_vm_or_namespace_is_refused(policy: Policy) -> None:
         mutate_pod(pod, namespace="other", policy=policy, plan_keys=KEYS)
 
 
+def test_a_pod_must_say_which_vmi_it_runs(policy: Policy) -> None:
+    """A hand-made Pod without KubeVirt's kubevirt.io/domain annotation could present the plan of
+    any VM of its namespace (here, the right one: still refused)."""
+    for drop_label in (False, True):
+        pod = managed_pod(sample_plan(policy))
+        del pod["metadata"]["annotations"][K.ANN_DOMAIN]
+        if drop_label:
+            del pod["metadata"]["labels"]["vm.kubevirt.io/name"]
+        with pytest.raises(Refused) as exc:
+            mutate(pod, policy)
+        assert exc.value.field == f"metadata.annotations[{K.ANN_DOMAIN}]" and "is missing" in exc.value.reason
+    pod = managed_pod(sample_plan(policy))
+    pod["metadata"]["labels"]["vm.kubevirt.io/name"] = "someone-else"
+    with pytest.raises(Refused) as exc:
+        mutate(pod, policy)
+    assert exc.value.field == "metadata.labels[vm.kubevirt.io/name]" and "does not agree" in exc.value.reason
+    pod["metadata"]["annotations"][K.ANN_DOMAIN] = "someone-else"  # agreeing, but not the plan's VM
+    with pytest.raises(Refused, match="made for VM 'fedora-data', not 'someone-else'"):
+        mutate(pod, policy)
+
+
+def test_a_vmi_with_its_own_hostname_is_still_prepared(policy: Policy) -> None:
+    """KubeVirt's vm.kubevirt.io/name label is the VMI's host name: spec.hostname when it has one."""
+    pod = managed_pod(sample_plan(policy))
+    pod["metadata"]["labels"]["vm.kubevirt.io/name"] = pod["spec"]["hostname"] = "db-host"
+    assert any(c["name"] == K.PREPARE_CONTAINER for c in mutate(pod, policy)["spec"]["initContainers"])
+    del pod["metadata"]["labels"]["vm.kubevirt.io/name"]  # the annotation is what identifies the VMI
+    assert any(c["name"] == K.PREPARE_CONTAINER for c in mutate(pod, policy)["spec"]["initContainers"])
+
+
 def test_missing_planned_volume_is_refused(policy: Policy) -> None:
     pod = managed_pod(sample_plan(policy))
     pod["spec"]["volumes"] = [v for v in pod["spec"]["volumes"] if v["name"] != "datadisk"]

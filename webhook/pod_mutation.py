@@ -5,7 +5,8 @@ never modified, nothing is read from the environment, no I/O. The admission laye
 
 Only Pods carrying the label ``diskhooks.io/managed: "true"`` are touched (the Pod webhook's
 objectSelector picks exactly those, and fails closed for them). Such a Pod must carry a plan that
-verifies for its namespace and VM: the prepare step writes files on the node as root, so a
+verifies for its namespace and VM (the VMI name KubeVirt puts in the ``kubevirt.io/domain``
+annotation, which is therefore required): the prepare step writes files on the node as root, so a
 hand-made Pod with a forged, edited or borrowed-from-elsewhere plan is refused, never given the
 init container. Then, for a plan with images to prepare:
 
@@ -41,6 +42,7 @@ COMPUTE_CONTAINER = "compute"
 SIDECAR_CONTAINER_PREFIX = "hook-sidecar-"
 LABEL_VM_NAME = "vm.kubevirt.io/name"
 PLAN_FIELD = f"metadata.annotations[{K.ANN_PLAN}]"
+DOMAIN_FIELD = f"metadata.annotations[{K.ANN_DOMAIN}]"
 #: requests == limits, so a Guaranteed launcher pod (dedicated CPUs) stays Guaranteed; the pod's
 #: scheduling request is unchanged (compute asks for far more). Measured on the build machine:
 #: prepare peaks at ~32 MiB RSS (Python, or a qemu-img child under its own 1 GiB address-space
@@ -74,9 +76,8 @@ def mutate_pod(pod: Mapping[str, Any], *, namespace: str, policy: Policy,
         raise Refused(PLAN_FIELD, f"the Pod carries the label {K.LABEL_MANAGED}={K.LABEL_MANAGED_VALUE} "
                       "but no diskhooks plan; launcher Pods get the plan from their VMI, which the "
                       "diskhooks webhook wrote")
-    vm = annotations.get(K.ANN_DOMAIN) or labels.get(LABEL_VM_NAME) or None
-    plan = verify_plan(text, plan_keys, namespace=namespace,
-                       vm=vm if isinstance(vm, str) else None, field_path=PLAN_FIELD)
+    vm = _vmi_name(labels, annotations, out.get("spec"))
+    plan = verify_plan(text, plan_keys, namespace=namespace, vm=vm, field_path=PLAN_FIELD)
     if not plan.disks and plan.persist_root is None:
         return Mutation(out)  # nothing on the node to prepare (passthrough/sizing only)
 
@@ -122,6 +123,32 @@ def mutate_pod(pod: Mapping[str, Any], *, namespace: str, policy: Policy,
 
 
 # ------------------------------------------------------------------------------------------------
+def _vmi_name(labels: dict[str, Any], annotations: dict[str, Any], spec: Any) -> str:
+    """The name of the VMI (the VM's name) this Pod runs, which its plan must have been made for.
+
+    virt-controller sets the annotation ``kubevirt.io/domain`` to the VMI's name on every launcher
+    Pod, and the label ``vm.kubevirt.io/name`` to its host name: the name up to the first dot (63
+    characters at most), or ``spec.hostname``, which the Pod carries too. A Pod without the
+    annotation could present any plan of its namespace, so it is refused; a label that agrees with
+    neither is refused as well."""
+    name = annotations.get(K.ANN_DOMAIN)
+    if not isinstance(name, str) or not name:
+        raise Refused(DOMAIN_FIELD, "is missing: KubeVirt sets it to the VMI's name on every "
+                      "virt-launcher Pod, and the diskhooks plan is checked against it; without it a "
+                      "Pod could present the plan of any VM in its namespace")
+    host = labels.get(LABEL_VM_NAME)
+    if host is not None:
+        expected = [name.split(".")[0][:63]]
+        hostname = spec.get("hostname") if isinstance(spec, dict) else None
+        if isinstance(hostname, str) and hostname and hostname not in expected:
+            expected.append(hostname)
+        if host not in expected:
+            raise Refused(f"metadata.labels[{LABEL_VM_NAME}]", f"{str(host)[:80]!r} does not agree with "
+                          f"{DOMAIN_FIELD} {name[:80]!r}: KubeVirt sets it to the VMI's host name "
+                          f"({' or '.join(repr(e) for e in expected)})")
+    return name
+
+
 def _check_pod_volumes(plan: Plan, volumes: list[Any]) -> None:
     by_name = {v["name"]: v for v in volumes if isinstance(v, dict) and isinstance(v.get("name"), str)}
     for disk in plan.disks:
