@@ -146,9 +146,12 @@ class SidecarPolicy:
     - ``image`` (required; the chart fills it): the diskhooks hook-sidecar image, also used for
       the prepare init container.
     - ``image_pull_policy`` (``imagePullPolicy``, default ``IfNotPresent``).
-    - ``allowed_images`` (``allowedImages``, default empty): other images allowed in
-      ``hooks.kubevirt.io/hookSidecars`` of a diskhooks VM: an exact reference, or a prefix
-      ending in ``*`` (``registry.example.com/hooks/*``). A lone ``*`` is refused.
+    - ``allowed_images`` (``allowedImages``, default empty): the other images allowed in
+      ``hooks.kubevirt.io/hookSidecars``: an exact reference, or a prefix ending in ``*``
+      (``registry.example.com/hooks/*``). A lone ``*`` is refused. The allowlist applies to every
+      VM and VMI in an opted-in namespace, whether or not it uses diskhooks (KubeVirt's Sidecar
+      gate lets any VM owner run code in virt-launcher); an entry with diskhooks' own image is
+      accepted only as exactly the entry the webhook writes.
     """
 
     image: str
