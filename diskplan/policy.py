@@ -200,7 +200,8 @@ def image_repository(image: str) -> str:
 # ------------------------------------------------------------------------------------------------
 def load_policy(text: str) -> Policy:
     """Parse the policy YAML. Raises :class:`Refused` naming the first bad key and why."""
-    doc = load_document(text, field="policy", max_bytes=MAX_POLICY_BYTES, max_nodes=20000)
+    doc = load_document(text, field="policy", max_bytes=MAX_POLICY_BYTES, max_nodes=20000,
+                        key_paths=True)
     if doc is None:
         doc = {}
     top = _Section(doc, "", {"hostDisks", "passthrough", "sizing", "sidecar", "defaultProfile"})

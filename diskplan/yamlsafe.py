@@ -49,8 +49,14 @@ _FIRST_CHARS = frozenset(k for k in Resolver.yaml_implicit_resolvers if k is not
 
 
 def load_document(text: str, *, field: str, max_bytes: int = MAX_ANNOTATION_BYTES,
-                  max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES) -> Any:
-    """Parse one YAML or JSON document. Raises :class:`Refused` with ``field`` and the reason."""
+                  max_depth: int = MAX_DEPTH, max_nodes: int = MAX_NODES,
+                  key_paths: bool = False) -> Any:
+    """Parse one YAML or JSON document. Raises :class:`Refused` with ``field`` and the reason.
+
+    With ``key_paths`` (the policy file), a problem at a place in the document (an anchor, an
+    alias, a tag, a number that is not finite, a duplicate key...) is named by its key path
+    instead, ``sizing.cpuAllocationRatio`` or ``sidecar.allowedImages[1]``; ``field`` names the
+    document as a whole."""
     if not isinstance(text, str):
         raise Refused(field, f"must be a string, not {type(text).__name__}")
     size = len(text.encode("utf-8", "surrogatepass")) if len(text) * 4 > max_bytes else len(text)
@@ -72,7 +78,8 @@ def load_document(text: str, *, field: str, max_bytes: int = MAX_ANNOTATION_BYTE
         if value is not _NOT_JSON:
             _check_shape(value, field=field, max_depth=max_depth, max_nodes=max_nodes)
             return value
-    return _Composer(text, field=field, max_depth=max_depth, max_nodes=max_nodes).document()
+    return _Composer(text, field=field, max_depth=max_depth, max_nodes=max_nodes,
+                     key_paths=key_paths).document()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,12 +137,23 @@ def _check_shape(value: Any, *, field: str, max_depth: int, max_nodes: int) -> N
 # YAML: events -> values, refusing what is not plain data
 # ------------------------------------------------------------------------------------------------
 class _Composer:
-    def __init__(self, text: str, *, field: str, max_depth: int, max_nodes: int) -> None:
+    def __init__(self, text: str, *, field: str, max_depth: int, max_nodes: int,
+                 key_paths: bool = False) -> None:
         self.field = field
         self.max_depth = max_depth
         self.max_nodes = max_nodes
         self.nodes = 0
         self.parser = _Parser(text)
+        self.key_paths = key_paths
+        self.path: list[Any] = []  # keys and indices down to the value being composed
+
+    @property
+    def where(self) -> str:
+        """What an error here is named: ``field``, or with ``key_paths`` the key path."""
+        if not self.key_paths or not self.path:
+            return self.field
+        out = "".join(f"[{p}]" if isinstance(p, int) else f".{str(p)[:60]}" for p in self.path)
+        return out[1:] if out.startswith(".") else f"{self.field}{out}"  # a list: policy[0]
 
     def _event(self) -> Any:
         try:
@@ -166,22 +184,24 @@ class _Composer:
             raise Refused(self.field, f"has more than {self.max_nodes} values")
         cls = type(event)
         if cls is yaml.AliasEvent:
-            raise Refused(self.field, "YAML aliases (*name) are not accepted")
+            raise Refused(self.where, "YAML aliases (*name) are not accepted")
         if getattr(event, "anchor", None) is not None:
-            raise Refused(self.field, "YAML anchors (&name) are not accepted")
+            raise Refused(self.where, "YAML anchors (&name) are not accepted")
         if cls is yaml.ScalarEvent:
             return self._scalar(event)
         if depth > self.max_depth:
-            raise Refused(self.field, f"is nested more than {self.max_depth} levels deep")
+            raise Refused(self.where, f"is nested more than {self.max_depth} levels deep")
         if event.tag is not None:
-            raise Refused(self.field, f"YAML tags ({event.tag}) are not accepted")
+            raise Refused(self.where, f"YAML tags ({event.tag}) are not accepted")
         if cls is yaml.SequenceStartEvent:
             items: list[Any] = []
             while True:
                 nxt = self._event()
                 if type(nxt) is yaml.SequenceEndEvent:
                     return items
+                self.path.append(len(items))
                 items.append(self._value(nxt, depth=depth + 1))
+                self.path.pop()
         if cls is yaml.MappingStartEvent:
             out: dict[Any, Any] = {}
             while True:
@@ -191,19 +211,21 @@ class _Composer:
                     return out
                 if kind is not yaml.ScalarEvent:
                     if kind is yaml.AliasEvent:
-                        raise Refused(self.field, "YAML aliases (*name) are not accepted")
-                    raise Refused(self.field, "mapping keys must be plain strings")
+                        raise Refused(self.where, "YAML aliases (*name) are not accepted")
+                    raise Refused(self.where, "mapping keys must be plain strings")
                 key = self._value(nxt, depth=depth + 1)
                 if not isinstance(key, (str, int, bool)) and key is not None:
-                    raise Refused(self.field, "mapping keys must be plain strings")
+                    raise Refused(self.where, "mapping keys must be plain strings")
                 if key in out:
-                    raise Refused(self.field, f"the key {str(key)[:60]!r} appears twice")
+                    raise Refused(self.where, f"the key {str(key)[:60]!r} appears twice")
+                self.path.append(key)
                 out[key] = self._value(self._event(), depth=depth + 1)
-        raise Refused(self.field, f"unexpected YAML content ({cls.__name__})")  # pragma: no cover
+                self.path.pop()
+        raise Refused(self.where, f"unexpected YAML content ({cls.__name__})")  # pragma: no cover
 
     def _scalar(self, event: Any) -> Any:
         if event.tag is not None:
-            raise Refused(self.field, f"YAML tags ({event.tag}) are not accepted")
+            raise Refused(self.where, f"YAML tags ({event.tag}) are not accepted")
         value = event.value
         if not event.implicit[0] or (value and value[0] not in _FIRST_CHARS):
             return value  # quoted, or a plain scalar no implicit type can start with: text
@@ -220,10 +242,10 @@ class _Composer:
         if tag == _FLOAT:
             number = _constructor.construct_yaml_float(node)
             if not math.isfinite(number):
-                raise Refused(self.field, f"{value[:20]!r} is not a finite number")
+                raise Refused(self.where, f"{value[:20]!r} is not a finite number")
             return number
         kind = tag.rsplit(":", 1)[-1]
-        raise Refused(self.field, f"{value[:40]!r} reads as a YAML {kind}; quote it if it is text")
+        raise Refused(self.where, f"{value[:40]!r} reads as a YAML {kind}; quote it if it is text")
 
 
 def _resolve(value: str, implicit: tuple[bool, bool]) -> str:

@@ -152,9 +152,15 @@ BAD = [
     ("sidecar: {image: a/b:1, allowedImages: ['']}\n", "sidecar.allowedImages[0]", "non-empty"),
     ("defaultProfile: huge\n" + MINIMAL, "defaultProfile", "not a profile"),
     ("defaultProfile: [small]\n" + MINIMAL, "defaultProfile", "string"),
-    ("sizing: &s {maxCPU: 2}\nother: *s\n" + MINIMAL, "policy", "anchors"),
-    ("sizing: {maxCPU: 2, maxCPU: 4}\n" + MINIMAL, "policy", "twice"),
-    ("sizing: !!python/object:os.system {}\n" + MINIMAL, "policy", "tags"),
+    ("sizing: &s {maxCPU: 2}\nother: *s\n" + MINIMAL, "sizing", "anchors"),
+    ("sizing: {maxCPU: &n 2, maxSockets: *n}\n" + MINIMAL, "sizing.maxCPU", "anchors"),
+    ("sizing: {maxCPU: 2, maxCPU: 4}\n" + MINIMAL, "sizing", "twice"),
+    ("sizing: !!python/object:os.system {}\n" + MINIMAL, "sizing", "tags"),
+    ("sizing: {cpuAllocationRatio: .nan}\n" + MINIMAL, "sizing.cpuAllocationRatio", "not a finite number"),
+    ("sizing: {cpuAllocationRatio: -.inf}\n" + MINIMAL, "sizing.cpuAllocationRatio", "not a finite number"),
+    ("sidecar: {image: a/b:1, allowedImages: [x/y:1, !!str x/z:1]}\n", "sidecar.allowedImages[1]", "tags"),
+    ("hostDisks: {root: 2026-01-01}\n" + MINIMAL, "hostDisks.root", "YAML timestamp"),
+    ("- &a 1\n", "policy[0]", "anchors"),
 ]
 
 
