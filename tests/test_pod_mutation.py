@@ -31,7 +31,7 @@ import pytest
 
 from diskplan import keys as K
 from diskplan.errors import Malformed, Refused
-from diskplan.plan import Backing, PersistRoot, Plan, PlanKeys, PlannedDisk, sign_plan
+from diskplan.plan import Backing, Passthrough, PersistRoot, Plan, PlanKeys, PlannedDisk, sign_plan
 from diskplan.policy import Policy, load_policy
 from tests.conftest import ADMISSION, EXAMPLE_POLICY, ROOT
 from webhook.pod_mutation import PREPARE_CAPABILITIES, mutate_pod
@@ -190,6 +190,33 @@ def test_plan_with_nothing_to_prepare_leaves_the_pod_alone(policy: Policy) -> No
     plan = replace(sample_plan(policy, persist=False), disks=())
     pod = managed_pod(plan)
     assert mutate(pod, policy) == pod
+
+
+def sidecar_env(pod: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e for e in container(pod, "hook-sidecar-0").get("env", [])}
+
+
+@pytest.mark.parametrize("persist", [True, False])
+def test_the_sidecar_gets_the_verified_plan_in_its_environment(policy: Policy, persist: bool) -> None:
+    """The sidecar applies this copy, not the VMI's annotation, which the VM owner can still edit
+    after the Pod was admitted; a Pod's env cannot change."""
+    pod = managed_pod(sample_plan(policy, persist=persist))
+    out = mutate(pod, policy)
+    assert sidecar_env(out)[K.ENV_PLAN] == {"name": K.ENV_PLAN,
+                                            "value": pod["metadata"]["annotations"][K.ANN_PLAN]}
+    assert mutate(out, policy) == out  # set once, not appended again on reinvocation
+
+
+def test_a_passthrough_only_pod_gets_the_plan_for_its_sidecar_and_no_prepare(policy: Policy) -> None:
+    plan = replace(sample_plan(policy, persist=False), disks=(),
+                   passthrough=(Passthrough(name="fast", claim="nvme0", mode="lun"),))
+    pod = managed_pod(plan)
+    out = mutate(pod, policy)
+    assert sidecar_env(out)[K.ENV_PLAN]["value"] == pod["metadata"]["annotations"][K.ANN_PLAN]
+    assert K.PREPARE_CONTAINER not in [c["name"] for c in out["spec"].get("initContainers", [])]
+    assert out["spec"]["volumes"] == pod["spec"]["volumes"]  # nothing of the node is mounted
+    assert mutate(out, policy) == out
+    kubernetes_validate.validate(out, KUBE_VERSION, strict=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,7 +422,7 @@ def test_rendered_init_container_prepares_and_sidecar_accepts(policy: Policy, tm
     check = ("import json, os, sys\n"
              "from diskplan.plan import parse_plan\n"
              "from hooksidecar.images import check_images\n"
-             f"plan = parse_plan({json.dumps(init['env'][0]['value'])})\n"
+             "plan = parse_plan(os.environ['DISKHOOKS_PLAN'])\n"  # the hook-sidecar container's own
              f"facts = check_images(plan, vmi_uid={VMI_UID!r}, path_prefix={str(sview)!r})\n"
              f"probe = {str(sview / 'var/run/kubevirt-private/diskhooks/vm/probe')!r}\n"
              "try:\n    open(probe, 'w')\nexcept OSError as exc:\n    print('write:', exc.strerror)\n"

@@ -16,7 +16,10 @@ init container. Then, for a plan with images to prepare:
   each planned hostDisk volume read-write at its launcher path, the VM directory read-write, the
   image library read-only and, for a persistent root, KubeVirt's image volume of the containerDisk
   read-only;
-- the same data mounts, read-only, in the diskhooks ``hook-sidecar-<i>`` container;
+- the same data mounts, read-only, in the diskhooks ``hook-sidecar-<i>`` container, and the verified
+  plan as its ``DISKHOOKS_PLAN`` variable (also for a passthrough-only plan): the sidecar applies
+  that plan and refuses a VMI whose annotation no longer matches it, because VMI annotations stay
+  editable after the Pod is admitted while a Pod's env does not;
 - in ``compute``: the VM directory (read-write, persistent root only) and the image library
   (read-only, backing bases only), which qemu opens through the domain's backing chains.
 
@@ -78,20 +81,11 @@ def mutate_pod(pod: Mapping[str, Any], *, namespace: str, policy: Policy,
                       "diskhooks webhook wrote")
     vm = _vmi_name(labels, annotations, out.get("spec"))
     plan = verify_plan(text, plan_keys, namespace=namespace, vm=vm, field_path=PLAN_FIELD)
-    if not plan.disks and plan.persist_root is None:
-        return Mutation(out)  # nothing on the node to prepare (passthrough/sizing only)
+    if not plan.needs_launcher:
+        return Mutation(out)  # sizing only: nothing for the sidecar or on the node
 
-    uid = labels.get(K.LABEL_CREATED_BY)
-    if not isinstance(uid, str) or not uid:
-        raise Refused(f"metadata.labels[{K.LABEL_CREATED_BY}]", "is missing: it is the VMI uid that "
-                      "KubeVirt puts on every virt-launcher Pod, and prepare records it")
     spec = _mapping(out.get("spec"), "spec")
-    volumes = _list_field(spec, "volumes", "spec.volumes")
     containers = _list(spec.get("containers"), "spec.containers")
-    _check_pod_volumes(plan, volumes)
-    compute = _find_container(containers, COMPUTE_CONTAINER)
-    if compute is None:
-        raise Refused("spec.containers", f"no {COMPUTE_CONTAINER!r} container: not a virt-launcher Pod")
     sidecars = [c for c in containers if isinstance(c, dict)
                 and str(c.get("name", "")).startswith(SIDECAR_CONTAINER_PREFIX)
                 and c.get("image") == plan.sidecar_image]
@@ -99,6 +93,21 @@ def mutate_pod(pod: Mapping[str, Any], *, namespace: str, policy: Policy,
         raise Refused("spec.containers", f"no diskhooks hook sidecar: no {SIDECAR_CONTAINER_PREFIX}<i> "
                       f"container runs the plan's image {plan.sidecar_image!r}; the VMI's "
                       f"{K.ANN_HOOK_SIDECARS} annotation must request it")
+    for sidecar in sidecars:  # the verified plan, which the sidecar applies (not the VMI's live one)
+        _ensure_named(_list_field(sidecar, "env", f"spec.containers[{sidecar.get('name')}].env"),
+                      {"name": K.ENV_PLAN, "value": text})
+    if not plan.disks and plan.persist_root is None:
+        return Mutation(out)  # nothing on the node to prepare (passthrough only)
+
+    uid = labels.get(K.LABEL_CREATED_BY)
+    if not isinstance(uid, str) or not uid:
+        raise Refused(f"metadata.labels[{K.LABEL_CREATED_BY}]", "is missing: it is the VMI uid that "
+                      "KubeVirt puts on every virt-launcher Pod, and prepare records it")
+    volumes = _list_field(spec, "volumes", "spec.volumes")
+    _check_pod_volumes(plan, volumes)
+    compute = _find_container(containers, COMPUTE_CONTAINER)
+    if compute is None:
+        raise Refused("spec.containers", f"no {COMPUTE_CONTAINER!r} container: not a virt-launcher Pod")
     if plan.persist_root is not None:
         _check_image_volume_mount(plan, compute)
 
