@@ -190,6 +190,18 @@ def qemu_img_info(path: Path) -> dict[str, Any]:
     return dict(json.loads(out))
 
 
+def container_env(container: dict[str, Any], pod: dict[str, Any]) -> dict[str, str]:
+    """A container's environment as kubelet would give it (values, and fieldRefs to Pod labels)."""
+    env = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = str(e["value"])
+            continue
+        path = e["valueFrom"]["fieldRef"]["fieldPath"]  # metadata.labels['<key>']
+        env[e["name"]] = str(pod["metadata"]["labels"][path[len("metadata.labels['"):-2]])
+    return env
+
+
 def launcher_vmi(vm: dict[str, Any]) -> dict[str, Any]:
     """The VMI virt-controller creates from the (mutated) VM template."""
     tmpl = vm["spec"]["template"]
@@ -272,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         for d in plan["disks"]:
             (prefix / "var/run/kubevirt-private/vmi-disks" / d["name"]).mkdir(parents=True, exist_ok=True)
         (prefix / "var/run/kubevirt-private/diskhooks/vm").mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, DISKHOOKS_PLAN=plan_text, DISKHOOKS_VMI_UID=VMI_UID)
+        env = dict(os.environ, **container_env(init, pod2))  # the env the Pod mutation wrote
         for attempt in ("first start", "second start (nothing to do)"):
             out = subprocess.run([sys.executable, "-m", "hooksidecar.cli", "prepare", "--plan-from-env",
                                   "--path-prefix", str(prefix)], env=env, capture_output=True, text=True, check=False)
@@ -296,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         sock_dir.mkdir(parents=True)
         # the Pod mutation gives the hook-sidecar container the plan it verified (DISKHOOKS_PLAN): the
         # only plan the sidecar applies; a VMI whose annotation differs is refused
-        sidecar_env = dict(os.environ, DISKHOOKS_PLAN=plan_text)
+        hook_sidecar = next(c for c in pod2["spec"]["containers"] if c["name"] == "hook-sidecar-0")
+        sidecar_env = dict(os.environ, **container_env(hook_sidecar, pod2))
         sidecar = subprocess.Popen([sys.executable, "-m", "hooksidecar.cli", "serve", "--socket-dir",
                                     str(sock_dir), "--path-prefix", str(prefix)], cwd=ROOT, env=sidecar_env,
                                    stderr=open(work / "sidecar.log", "wb"),  # noqa: SIM115
@@ -322,6 +335,18 @@ def main(argv: list[str] | None = None) -> int:
         show("\n".join(diff), limit=90)
         second = call_on_define_domain(sock, domain_out, vmi_json)
         print(f"  second call on its own output: {'identical' if second == domain_out else 'DIFFERENT!'}")
+        edited = copy.deepcopy(vmi_launcher)  # the VM owner edits the VMI's plan after Pod admission
+        edited_plan = json.loads(plan_text)
+        edited_plan["hostDir"] = "/etc"
+        edited["metadata"]["annotations"]["diskhooks.io/plan"] = json.dumps(edited_plan)
+        import grpc
+
+        try:
+            call_on_define_domain(sock, domain_in, json.dumps(edited).encode())
+            print("  VMI plan edited after Pod admission: ACCEPTED!")
+        except grpc.RpcError as exc:
+            print(f"  VMI plan edited after Pod admission: {exc.code().name}")
+            print(f"  {DIM}{str(exc.details())[:160]}...{RESET}")
         (work / "domain.out.xml").write_bytes(domain_out)
         call_shutdown(sock)
         sidecar.wait(10)

@@ -38,6 +38,7 @@ def test_the_demo_plays_one_vm_start_end_to_end() -> None:
     # 5. the sidecar rewrote the domain and is idempotent; it shut down and removed its socket
     assert '+\t\t\t<driver cache="writeback" error_policy="stop" name="qemu" type="qcow2"' in text
     assert "second call on its own output: identical" in text
+    assert "VMI plan edited after Pod admission: FAILED_PRECONDITION" in text  # the Pod's copy rules
     assert "socket removed: True" in text
     assert "demo complete" in text
 
