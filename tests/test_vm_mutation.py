@@ -359,6 +359,26 @@ def test_removing_every_annotation_cleans_up() -> None:
         sample("01-vm-containerdisk-hostdisk-cloudinit.yaml")["spec"]
 
 
+def test_a_clean_manifest_replacing_a_vm_keeps_its_detached_record() -> None:
+    """attach 20Gi -> detach -> ``kubectl replace`` with the manifest without diskhooks
+    annotations -> re-attach at 1Gi: denied, the record survives the clean replace."""
+    clean = vm_create()
+    del clean["metadata"]["annotations"]
+    first = mutate(annotate(copy.deepcopy(clean), disks="[{name: data, size: 20Gi}, {name: logs, size: 5Gi}]")).obj
+    detached = mutate(annotate(copy.deepcopy(first), disks="[{name: logs, size: 5Gi}]"),
+                      operation="UPDATE", old=first).obj
+    for old in (detached, first):  # in two steps, or straight from the VM with both disks
+        m = mutate(copy.deepcopy(clean), operation="UPDATE", old=old)
+        plan = plan_of(m.obj)
+        assert (plan.disks, plan.persist_root, plan.passthrough) == ((), None, ())
+        assert [(d.name, d.size_bytes) for d in plan.detached] == [("data", 20 * GI), ("logs", 5 * GI)]
+        assert K.LABEL_MANAGED not in (tmeta(m.obj).get("labels") or {}) and not sidecars(tmeta(m.obj))
+        small = annotate(copy.deepcopy(clean), disks="[{name: data, size: 1Gi}]")
+        with pytest.raises(Refused) as exc:
+            call_vm(small, operation="UPDATE", old=m.obj)
+        assert exc.value.field == "diskhooks.io/disks[0].size" and "20Gi" in exc.value.reason
+
+
 def test_disks_left_behind_without_any_diskhooks_trace_are_detached() -> None:
     """Someone removed the annotation, the plan, the label and the sidecar by hand, but kept
     the volumes: they are recognised by their exact path and detached, not refused."""

@@ -127,7 +127,11 @@ def _mutate_vm(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[st
     for key in ("annotations", "labels"):
         if tmeta.get(key) is not None and not isinstance(tmeta[key], Mapping):
             raise Refused(f"spec.template.metadata.{key}", "must be an object")
-    if not user_keys and not _stale(tmeta, policy) and not _wants_default_profile(spec, tspec, policy):
+    previous = _previous(old_obj, namespace=namespace, name=_name_of_meta(meta), plan_keys=plan_keys) \
+        if operation == "UPDATE" else _Previous()
+    remembers = previous.plan is not None and bool(previous.plan.disks or previous.plan.detached)
+    if not user_keys and not _stale(tmeta, policy) and not _wants_default_profile(spec, tspec, policy) \
+            and not remembers:  # a clean manifest replacing a VM with disks: carry their record
         name = _name_of_meta(meta)
         own_dir = policy.host_disks.vm_dir(namespace, name) if name else ""
         if not any(_is_own_disk(v, own_dir) for v in _seq(tspec.get("volumes"))):
@@ -145,8 +149,6 @@ def _mutate_vm(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[st
     for key in user_annotation_keys(target.plan_meta.get("annotations")):
         raise Refused(f"spec.template.metadata.annotations[{key}]", "diskhooks annotations go on the "
                       "VirtualMachine's own metadata.annotations, not on its template")
-    previous = _previous(old_obj, namespace=namespace, name=_name_of(new), plan_keys=plan_keys) \
-        if operation == "UPDATE" else _Previous()
     warnings = _mutate(target, operation=operation, namespace=namespace, previous=previous,
                        policy=policy, plan_keys=plan_keys, cluster=cluster)
     return Mutation(new, tuple(warnings))
