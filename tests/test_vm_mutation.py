@@ -1172,9 +1172,62 @@ def test_a_vm_admitted_unmutated_gets_its_plan_at_the_next_start() -> None:
     assert call_vmi(vmi_from(m.obj)).obj == vmi_from(m.obj)
     # one that cannot get a plan under today's policy is denied rather than started without disks
     tight = load_policy(EXAMPLE_POLICY.read_text().replace("maxDiskSize: 2Ti", "maxDiskSize: 100Gi"))
+    halted = copy.deepcopy(unmutated)
+    halted["spec"]["runStrategy"] = "Halted"
     with pytest.raises(Refused) as err:
-        call_vm(_started(unmutated), policy=tight, operation="UPDATE", old=unmutated)
+        call_vm(_started(halted), policy=tight, operation="UPDATE", old=halted)
     assert err.value.field == "diskhooks.io/disks[0].size"
+
+
+TIGHT = load_policy(EXAMPLE_POLICY.read_text().replace("maxDiskSize: 2Ti", "maxDiskSize: 100Gi"))
+
+
+def _stopped(vm: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(vm)
+    out["spec"]["runStrategy"] = "Halted"
+    return out
+
+
+def _running_false(vm: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(vm)
+    out["spec"].pop("runStrategy", None)
+    out["spec"]["running"] = False
+    return out
+
+
+def _labelled(vm: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(vm)
+    out["metadata"].setdefault("labels", {})["team"] = "x"
+    return out
+
+
+@pytest.mark.parametrize("edit", [_stopped, _running_false, _labelled])
+def test_a_vm_that_cannot_be_repaired_can_still_be_stopped_or_edited(edit: Any) -> None:
+    """A running VM admitted unmutated whose disks today's policy refuses: stopping it, a label
+    or virt-controller's metadata updates are admitted unchanged, with a warning naming why."""
+    unmutated = vm_create()
+    assert unmutated["spec"]["runStrategy"] == "Always"
+    updated = edit(unmutated)
+    m = call_vm(updated, policy=TIGHT, operation="UPDATE", old=unmutated)
+    assert m.obj == updated
+    assert any("diskhooks.io/disks[0].size" in w and "exceeds the platform limit" in w
+               and "starting the VM is denied" in w for w in m.warnings)
+    # the same with a healthy plan signed with keys rotated away since: also admitted
+    admitted = call_vm(vm_create()).obj
+    rotated = PlanKeys(current=b"c" * 32, previous=(b"b" * 32,))
+    updated = edit(admitted)
+    assert call_vm(updated, policy=TIGHT, operation="UPDATE", old=admitted, keys=rotated).obj == updated
+
+
+@pytest.mark.parametrize("spec", [{"runStrategy": "Always"}, {"runStrategy": "RerunOnFailure"},
+                                  {"runStrategy": "Once"}, {"running": True}])
+def test_a_vm_that_cannot_be_repaired_is_not_started(spec: dict[str, Any]) -> None:
+    stopped = _running_false(vm_create()) if "running" in spec else _stopped(vm_create())
+    started = copy.deepcopy(stopped)
+    started["spec"].update(spec)
+    with pytest.raises(Refused) as err:
+        call_vm(started, policy=TIGHT, operation="UPDATE", old=stopped)
+    assert err.value.field == "diskhooks.io/disks[0].size" and "exceeds the platform limit" in err.value.reason
 
 
 def test_a_plan_behind_its_annotations_is_recomputed_at_the_next_start() -> None:

@@ -110,6 +110,18 @@ def mutate_vm(obj: Mapping[str, Any], *, operation: str, old_obj: Mapping[str, A
                                   cluster=cluster)
             except Refused:
                 return Mutation(dict(obj))  # the VM as admitted; today's policy judges real changes
+        if verdict == "repair":  # admitted without diskhooks: repaired, or kept from starting
+            try:
+                return _mutate_vm(obj, meta, spec, user_keys, operation=operation, old_obj=old_obj,
+                                  namespace=namespace, policy=policy, plan_keys=plan_keys,
+                                  cluster=cluster)
+            except Refused as exc:
+                if _starts(spec, _map(old_obj.get("spec"))):
+                    raise
+                # stopping it, a label, virt-controller's metadata: never stand in the way
+                return Mutation(dict(obj), (
+                    f"diskhooks cannot set up this VM ({exc.field}: {exc.reason}); the update is "
+                    "admitted unchanged, but starting the VM is denied until that is fixed",))
     return _mutate_vm(obj, meta, spec, user_keys, operation=operation, old_obj=old_obj,
                       namespace=namespace, policy=policy, plan_keys=plan_keys, cluster=cluster)
 
@@ -945,7 +957,8 @@ def _own_repo_entries(raw: Any, policy: Policy) -> list[Mapping[str, Any]]:
 def _shortcut_verdict(meta: Mapping[str, Any], spec: Mapping[str, Any], user_keys: list[str], *,
                       namespace: str, policy: Policy, plan_keys: PlanKeys) -> str:
     """For an UPDATE that leaves the template and the diskhooks annotations alone: ``keep`` the
-    object as it is, ``repair`` it (a full mutation; a refusal is a denial), or ``recompute`` it
+    object as it is, ``repair`` it (a full mutation; a refusal is a denial only when the UPDATE
+    starts the VM, see :func:`_starts`, else the object is kept with a warning), or ``recompute`` it
     (a full mutation whose refusal keeps the object: it is consistent with itself).
 
     Repaired: a VM asking for disks, a persistent root or passthrough whose template carries no
@@ -971,6 +984,19 @@ def _shortcut_verdict(meta: Mapping[str, Any], spec: Mapping[str, Any], user_key
                                       for p in requests.passthrough) \
         and (plan.persist_root is not None) == requests.persist_root
     return "keep" if same else "recompute"
+
+
+RUNNING_STRATEGIES = ("Always", "RerunOnFailure", "Once")
+
+
+def _wants_running(spec: Mapping[str, Any]) -> bool:
+    return spec.get("running") is True or spec.get("runStrategy") in RUNNING_STRATEGIES
+
+
+def _starts(spec: Mapping[str, Any], old_spec: Mapping[str, Any]) -> bool:
+    """An UPDATE that moves the VM towards running: ``running: true`` or a runStrategy that starts
+    it, where the old object had neither. Stopping (Halted, ``running: false``) never is."""
+    return _wants_running(spec) and not _wants_running(old_spec)
 
 
 def _unchanged(obj: Mapping[str, Any], old_obj: Mapping[str, Any], user_keys: list[str]) -> bool:
