@@ -379,6 +379,37 @@ def test_a_clean_manifest_replacing_a_vm_keeps_its_detached_record() -> None:
         assert exc.value.field == "diskhooks.io/disks[0].size" and "20Gi" in exc.value.reason
 
 
+def test_detached_records_come_only_from_a_verified_old_plan() -> None:
+    """A made-up volume at the diskhooks node path (any capacity) is dropped, never recorded:
+    it cannot block a disk of that name, nor fill the 128 records; a never-admitted VM (no plan
+    that verifies) records nothing; recorded sizes are capped at maxDiskSize."""
+    first = call_vm(vm_create()).obj
+    ghostly = copy.deepcopy(first)
+    tspec_ = ghostly["spec"]["template"]["spec"]
+    for i in range(MAX_GHOSTS):
+        name = f"ghost{i}"
+        tspec_["volumes"].append({"name": name, "hostDisk": {
+            "path": f"{ROOT_DIR}/vms/pg01/{name}.qcow2", "type": "DiskOrCreate", "capacity": "900Ti"}})
+    m = mutate(ghostly, operation="UPDATE", old=first)
+    assert plan_of(m.obj).detached == () and "ghost0" not in volumes(tspec(m.obj))
+    back = annotate(copy.deepcopy(m.obj), disks='[{"name": "pgdata", "size": "200Gi"}, '
+                    '{"name": "ghost0", "size": "1Gi"}]')
+    assert volumes(tspec(mutate(back, operation="UPDATE", old=m.obj).obj))["ghost0"]["hostDisk"]["capacity"] == "1Gi"
+    # never admitted (the old object has the annotation but no plan): detaching records nothing
+    unmutated = vm_create()
+    edited = annotate(copy.deepcopy(unmutated), disks='[{"name": "pgdata", "size": "200Gi"}]')
+    m = mutate(edited, operation="UPDATE", old=unmutated)
+    assert plan_of(m.obj).detached == ()
+    # capped at maxDiskSize
+    tight = load_policy(EXAMPLE_POLICY.read_text().replace("maxDiskSize: 2Ti", "maxDiskSize: 100Gi"))
+    edited = annotate(copy.deepcopy(first), disks='[{"name": "wal", "size": "20Gi"}]')
+    m = mutate(edited, policy=tight, operation="UPDATE", old=first)
+    assert [(d.name, d.size_bytes) for d in plan_of(m.obj).detached] == [("pgdata", 100 * GI)]
+
+
+MAX_GHOSTS = 129
+
+
 def test_disks_left_behind_without_any_diskhooks_trace_are_detached() -> None:
     """Someone removed the annotation, the plan, the label and the sidecar by hand, but kept
     the volumes: they are recognised by their exact path and detached, not refused."""
@@ -394,9 +425,11 @@ def test_disks_left_behind_without_any_diskhooks_trace_are_detached() -> None:
     assert list(volumes(tspec(m.obj))) == ["root"] and list(disks(tspec(m.obj))) == ["root"]
     assert sum("is detached" in w for w in m.warnings) == 2
     assert [(d.name, d.size_bytes) for d in plan_of(m.obj).detached] == [("pgdata", 200 * GI), ("wal", 20 * GI)]
-    # ... also when only the volumes tell what was there (no old object): their capacities
+    # ... when only the volumes tell what was there (no old object), they are detached, but their
+    # capacities (user-controlled) are never recorded
     m = mutate(manual)
-    assert [(d.name, d.size_bytes) for d in plan_of(m.obj).detached] == [("pgdata", 200 * GI), ("wal", 20 * GI)]
+    assert list(volumes(tspec(m.obj))) == ["root"] and sum("is detached" in w for w in m.warnings) == 2
+    assert K.ANN_PLAN not in (tmeta(m.obj).get("annotations") or {})
 
 
 def test_a_moved_root_rebuilds_the_disks_with_a_warning() -> None:

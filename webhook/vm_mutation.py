@@ -220,13 +220,16 @@ class _Target:
 @dataclass
 class _Previous:
     """What an UPDATE replaces: disk sizes and the plan of the old object, for growth checks.
-    ``detached``: disks removed earlier whose images stay on the node, with their largest size."""
+    ``detached``: disks removed earlier whose images stay on the node, with their largest size.
+    ``planned``: the disks of the plans that verify (the only source of new detached records:
+    sizes in the user's annotation or template volumes are never recorded)."""
 
     sizes: dict[str, int] = field(default_factory=dict)
     disks: set[str] = field(default_factory=set)
     plan: Plan | None = None
     sizing: tuple[Any, ...] | None = None
     detached: dict[str, int] = field(default_factory=dict)
+    planned: dict[str, int] = field(default_factory=dict)  # disks of plans that verify, only
 
 
 def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, policy: Policy,
@@ -252,6 +255,7 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
             for d in plan.disks:
                 previous.sizes[d.name] = max(previous.sizes.get(d.name, 0), d.size_bytes)
                 previous.disks.add(d.name)
+                previous.planned[d.name] = max(previous.planned.get(d.name, 0), d.size_bytes)
             for x in plan.detached:
                 previous.detached[x.name] = max(previous.detached.get(x.name, 0), x.size_bytes)
     host_dir = policy.host_disks.vm_dir(namespace, name) if name else ""
@@ -275,7 +279,7 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
     for gone in sorted((set(left) | previous.disks) - requested):
         warnings.append(f"{K.ANN_DISKS}: disk {gone!r} is detached from the {t.kind}; its image stays "
                         "on the node (diskhooks never deletes disk images)")
-    detached = _detached(previous, left, requested)
+    detached = _detached(previous, requested, policy.host_disks.max_disk_size)
     _check_boot_orders(t, requests)
     persist = _persist_root(t) if requests.persist_root else None
 
@@ -359,18 +363,17 @@ def _check_growth(requests: Requests, previous: _Previous, operation: str, warni
                             f"{quantity_text(d.size_bytes)} at the next start of the VM")
 
 
-def _detached(previous: _Previous, left: Mapping[str, int | None],
-              requested: set[str]) -> tuple[DetachedDisk, ...]:
-    """The detached disks the new plan remembers: those remembered before, those the old object
-    planned (or whose volumes it still had) but no longer requested, minus the re-attached ones;
-    each with the largest size known."""
+def _detached(previous: _Previous, requested: set[str], cap: int) -> tuple[DetachedDisk, ...]:
+    """The detached disks the new plan remembers: those remembered before and those planned but
+    no longer requested, minus the re-attached ones; each with the largest size planned, at most
+    ``cap`` (maxDiskSize). Only plans that verify count: never a size from the annotation or the
+    template's volumes (user-controlled), so nothing for a VM that was never admitted."""
     sizes = dict(previous.detached)
-    for name in previous.disks | set(left):
-        size = max(previous.sizes.get(name, 0), left.get(name) or 0)
-        if size:
-            sizes[name] = max(sizes.get(name, 0), size)
+    for name, size in previous.planned.items():
+        sizes[name] = max(sizes.get(name, 0), size)
     for name in requested:
         sizes.pop(name, None)
+    sizes = {n: min(size, cap) for n, size in sizes.items() if size > 0}
     if len(sizes) > MAX_DETACHED:
         raise Refused(K.ANN_DISKS, f"this VM would have {len(sizes)} detached disks whose images stay "
                       f"on the node; diskhooks remembers at most {MAX_DETACHED} (re-attach some, or "
