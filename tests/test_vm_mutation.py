@@ -410,6 +410,27 @@ def test_detached_records_come_only_from_a_verified_old_plan() -> None:
 MAX_GHOSTS = 129
 
 
+def test_a_passthrough_cannot_take_the_name_of_a_detached_disk() -> None:
+    """disk 'wal' -> passthrough 'wal' in one UPDATE (or after detaching it): a plan naming 'wal'
+    both as detached and as passthrough would never verify, so the VM could never start; the
+    UPDATE is denied naming the item, and another name works."""
+    first = mutate(vm_create()).obj
+    detached = mutate(annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "200Gi"}]'),
+                      operation="UPDATE", old=first).obj
+    for old in (first, detached):
+        swapped = annotate(copy.deepcopy(old), disks='[{"name": "pgdata", "size": "200Gi"}]',
+                           passthrough="[{name: wal, claim: node1-nvme0}]")
+        with pytest.raises(Refused) as exc:
+            call_vm(swapped, operation="UPDATE", old=old)
+        assert exc.value.field == "diskhooks.io/passthrough[0].name"
+        assert "detached disk" in exc.value.reason and "20Gi" in exc.value.reason
+    renamed = annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "200Gi"}]',
+                       passthrough="[{name: fast0, claim: node1-nvme0}]")
+    m = mutate(renamed, operation="UPDATE", old=first)
+    plan = plan_of(m.obj)
+    assert [d.name for d in plan.detached] == ["wal"] and [p.name for p in plan.passthrough] == ["fast0"]
+
+
 def test_disks_left_behind_without_any_diskhooks_trace_are_detached() -> None:
     """Someone removed the annotation, the plan, the label and the sidecar by hand, but kept
     the volumes: they are recognised by their exact path and detached, not refused."""

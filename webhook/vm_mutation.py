@@ -280,6 +280,7 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
         warnings.append(f"{K.ANN_DISKS}: disk {gone!r} is detached from the {t.kind}; its image stays "
                         "on the node (diskhooks never deletes disk images)")
     detached = _detached(previous, requested, policy.host_disks.max_disk_size)
+    _check_detached_names(requests, detached)
     _check_boot_orders(t, requests)
     persist = _persist_root(t) if requests.persist_root else None
 
@@ -379,6 +380,18 @@ def _detached(previous: _Previous, requested: set[str], cap: int) -> tuple[Detac
                       f"on the node; diskhooks remembers at most {MAX_DETACHED} (re-attach some, or "
                       "ask the platform team to remove their images and re-create the VM)")
     return tuple(DetachedDisk(name=n, size_bytes=sizes[n]) for n in sorted(sizes))
+
+
+def _check_detached_names(requests: Requests, detached: tuple[DetachedDisk, ...]) -> None:
+    """A passthrough may not take the name of a detached disk: the plan keeps one name space for
+    its volumes and remembered disks (a plan naming both would never verify, and the VM would
+    never start), and the detached image is still on the node under that name."""
+    gone = {x.name: x.size_bytes for x in detached}
+    for p in requests.passthrough:
+        if p.name in gone:
+            raise Refused(f"{p.field}.name", f"{p.name!r} is the name of a detached disk whose image "
+                          f"stays on the node; the name can come back only as a disk of {K.ANN_DISKS} "
+                          f"of {quantity_text(gone[p.name])} or larger: use another name")
 
 
 def _plan_warnings(plan: Plan, before: Plan | None, operation: str) -> list[str]:
