@@ -431,6 +431,19 @@ def test_a_passthrough_cannot_take_the_name_of_a_detached_disk() -> None:
     assert [d.name for d in plan.detached] == ["wal"] and [p.name for p in plan.passthrough] == ["fast0"]
 
 
+def test_changing_a_passthrough_claim_survives_reinvocation() -> None:
+    """An UPDATE moving passthrough 'fast0' to another claim; the API server reinvokes the webhook
+    with the mutated object and the same oldObject: the new volume is diskhooks' own (the current
+    plan names it), not a user volume holding the claim. ``mutate`` checks the reinvocation."""
+    first = mutate(annotate(vm_create(), passthrough="[{name: fast0, claim: node1-nvme0, mode: lun}]")).obj
+    for manifest in (copy.deepcopy(first), vm_create()):  # edited in place, or a clean re-apply
+        moved = annotate(manifest, passthrough="[{name: fast0, claim: node1-nvme1, mode: lun}]")
+        m = mutate(moved, operation="UPDATE", old=first)
+        assert volumes(tspec(m.obj))["fast0"] == {"name": "fast0",
+                                                  "persistentVolumeClaim": {"claimName": "node1-nvme1"}}
+        assert [(p.name, p.claim) for p in plan_of(m.obj).passthrough] == [("fast0", "node1-nvme1")]
+
+
 def test_disks_left_behind_without_any_diskhooks_trace_are_detached() -> None:
     """Someone removed the annotation, the plan, the label and the sidecar by hand, but kept
     the volumes: they are recognised by their exact path and detached, not refused."""

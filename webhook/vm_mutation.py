@@ -260,16 +260,20 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
                 previous.detached[x.name] = max(previous.detached.get(x.name, 0), x.size_bytes)
     host_dir = policy.host_disks.vm_dir(namespace, name) if name else ""
     known_dirs = {host_dir} | {p.host_dir for p in (current_plan, previous.plan) if p is not None}
-    pass_claims = {p.name: p.claim for plan in (current_plan, previous.plan) if plan is not None
-                   for p in plan.passthrough}
+    # both plans count: a reinvocation of an UPDATE that changed a passthrough's claim carries the
+    # new claim in the current plan and the old one in the previous plan
+    pass_claims: dict[str, set[str]] = {}
+    for plan in (current_plan, previous.plan):
+        for p in plan.passthrough if plan is not None else ():
+            pass_claims.setdefault(p.name, set()).add(p.claim)
 
     def ours(volume: Mapping[str, Any]) -> bool:
         vname = volume.get("name")
         if "hostDisk" in volume:
             return any(_is_own_disk(volume, d) for d in known_dirs)
         pvc = volume.get("persistentVolumeClaim")
-        return isinstance(pvc, Mapping) and isinstance(vname, str) and vname in pass_claims \
-            and pvc.get("claimName") == pass_claims[vname]
+        return isinstance(pvc, Mapping) and isinstance(vname, str) \
+            and isinstance(pvc.get("claimName"), str) and pvc["claimName"] in pass_claims.get(vname, ())
 
     _check_growth(requests, previous, operation, warnings)
     desired_volumes, desired_disks = _desired(requests, namespace=namespace, host_dir=host_dir,
