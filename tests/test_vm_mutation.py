@@ -628,6 +628,8 @@ def _boot_from(kind: str) -> Callable[[dict[str, Any]], None]:
             spec["volumes"] = []
             spec["domain"]["devices"]["disks"] = []
             vm["metadata"]["annotations"][K.ANN_DISKS] = "[]"
+        elif kind == "badname":  # the overlay is named after it: it must be a DNS label
+            spec["volumes"][0]["name"] = spec["domain"]["devices"]["disks"][0]["name"] = "Root_1"
     return fn
 
 
@@ -711,6 +713,7 @@ HOSTILE: list[tuple[str, Case, str]] = [
     ("persist-root on a cdrom", _edit(_boot_from("cdrom")), K.ANN_PERSIST_ROOT),
     ("persist-root: boot order picks cloud-init", _edit(_boot_from("bootorder")), K.ANN_PERSIST_ROOT),
     ("persist-root without disks", _edit(_boot_from("none")), K.ANN_PERSIST_ROOT),
+    ("persist-root: boot volume not a DNS label", _edit(_boot_from("badname")), K.ANN_PERSIST_ROOT),
     ("sockets above the VM's maxSockets",
      _edit(lambda vm: (vm["metadata"]["annotations"].update({K.ANN_CPU: "{sockets: 2}"}),
                        vm["spec"]["template"]["spec"]["domain"].update(cpu={"maxSockets": 1}))), K.ANN_CPU),

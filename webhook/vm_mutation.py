@@ -612,6 +612,9 @@ def _persist_root(t: _Target) -> PersistRoot:
         what = f"a {kind}" if kind else "not a containerDisk" if index is not None else "without a volume"
         raise Refused(K.ANN_PERSIST_ROOT, f"the boot disk {boot.get('name')!r} is {what}; persist-root "
                       "keeps the writes of a containerDisk root disk")
+    if not DNS_LABEL.match(boot["name"]):  # the overlay's file is named after the volume
+        raise Refused(K.ANN_PERSIST_ROOT, f"the boot disk {boot['name'][:80]!r} is not a DNS label "
+                      "(lowercase letters, digits and '-'); persist-root names the overlay after it")
     # The Pod mutation mounts the VM's host directory for the overlay; no extra volume is added
     # here, because a VMI volume without a disk would become one more guest disk.
     return PersistRoot(volume=boot["name"], image=cd["image"], volume_index=index)
