@@ -120,8 +120,8 @@ def mutate_vm(obj: Mapping[str, Any], *, operation: str, old_obj: Mapping[str, A
                     raise
                 # stopping it, a label, virt-controller's metadata: never stand in the way
                 return Mutation(dict(obj), (
-                    f"diskhooks cannot set up this VM ({exc.field}: {exc.reason}); the update is "
-                    "admitted unchanged, but starting the VM is denied until that is fixed",))
+                    (f"diskhooks cannot set up this VM ({exc.field}: {exc.reason}); the update is "
+                     "admitted unchanged, but starting the VM is denied until that is fixed"),))
     return _mutate_vm(obj, meta, spec, user_keys, operation=operation, old_obj=old_obj,
                       namespace=namespace, policy=policy, plan_keys=plan_keys, cluster=cluster)
 
