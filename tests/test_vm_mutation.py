@@ -382,7 +382,7 @@ def test_a_clean_manifest_replacing_a_vm_keeps_its_detached_record() -> None:
 def test_detached_records_come_only_from_a_verified_old_plan() -> None:
     """A made-up volume at the diskhooks node path (any capacity) is dropped, never recorded:
     it cannot block a disk of that name, nor fill the 128 records; a never-admitted VM (no plan
-    that verifies) records nothing; recorded sizes are capped at maxDiskSize."""
+    that verifies) records nothing."""
     first = call_vm(vm_create()).obj
     ghostly = copy.deepcopy(first)
     tspec_ = ghostly["spec"]["template"]["spec"]
@@ -400,14 +400,37 @@ def test_detached_records_come_only_from_a_verified_old_plan() -> None:
     edited = annotate(copy.deepcopy(unmutated), disks='[{"name": "pgdata", "size": "200Gi"}]')
     m = mutate(edited, operation="UPDATE", old=unmutated)
     assert plan_of(m.obj).detached == ()
-    # capped at maxDiskSize
-    tight = load_policy(EXAMPLE_POLICY.read_text().replace("maxDiskSize: 2Ti", "maxDiskSize: 100Gi"))
-    edited = annotate(copy.deepcopy(first), disks='[{"name": "wal", "size": "20Gi"}]')
-    m = mutate(edited, policy=tight, operation="UPDATE", old=first)
-    assert [(d.name, d.size_bytes) for d in plan_of(m.obj).detached] == [("pgdata", 100 * GI)]
 
 
 MAX_GHOSTS = 129
+
+
+def test_a_detached_record_keeps_its_size_when_max_disk_size_is_lowered() -> None:
+    """pgdata 200Gi is admitted, the platform lowers maxDiskSize to 100Gi, pgdata is detached:
+    its image on the node is still 200Gi, so the record stays 200Gi (it comes from a verified plan,
+    within policy when written) and pgdata cannot come back planned smaller than its image. At
+    200Gi it is refused like any disk above the lowered limit; once the limit is raised, it can."""
+    first = mutate(vm_create()).obj
+    detached = mutate(annotate(copy.deepcopy(first), disks='[{"name": "wal", "size": "20Gi"}]'),
+                      policy=TIGHT, operation="UPDATE", old=first).obj
+    assert _detached(detached) == [("pgdata", 200 * GI)]
+    resized = mutate(annotate(copy.deepcopy(detached), profile="small"), policy=TIGHT,
+                     operation="UPDATE", old=detached).obj  # carried forward unchanged
+    assert _detached(resized) == [("pgdata", 200 * GI)]
+    back = '[{"name": "wal", "size": "20Gi"}, {"name": "pgdata", "size": "%s"}]'
+    with pytest.raises(Refused) as exc:
+        call_vm(annotate(copy.deepcopy(resized), disks=back % "100Gi"), policy=TIGHT,
+                operation="UPDATE", old=resized)
+    assert exc.value.field == "diskhooks.io/disks[1].size"
+    assert "smaller than 200Gi" in exc.value.reason and "limit is now 100Gi" in exc.value.reason
+    with pytest.raises(Refused) as exc:  # as an attached 200Gi disk is under the lowered limit
+        call_vm(annotate(copy.deepcopy(resized), disks=back % "200Gi"), policy=TIGHT,
+                operation="UPDATE", old=resized)
+    assert exc.value.field == "diskhooks.io/disks[1].size"
+    assert "exceeds the platform limit 100Gi" in exc.value.reason
+    m = mutate(annotate(copy.deepcopy(resized), disks=back % "200Gi"), operation="UPDATE", old=resized)
+    assert [(d.name, d.size_bytes) for d in plan_of(m.obj).disks] == [("wal", 20 * GI), ("pgdata", 200 * GI)]
+    assert _detached(m.obj) == []
 
 
 def test_a_passthrough_cannot_take_the_name_of_a_detached_disk() -> None:

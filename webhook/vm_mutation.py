@@ -275,7 +275,7 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
         return isinstance(pvc, Mapping) and isinstance(vname, str) \
             and isinstance(pvc.get("claimName"), str) and pvc["claimName"] in pass_claims.get(vname, ())
 
-    _check_growth(requests, previous, operation, warnings)
+    _check_growth(requests, previous, operation, warnings, policy.host_disks.max_disk_size)
     desired_volumes, desired_disks = _desired(requests, namespace=namespace, host_dir=host_dir,
                                               t=t, policy=policy, cluster=cluster, ours=ours)
     left = _rebuild(t, requests, desired_volumes, desired_disks, ours=ours, policy=policy)
@@ -283,7 +283,7 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
     for gone in sorted((set(left) | previous.disks) - requested):
         warnings.append(f"{K.ANN_DISKS}: disk {gone!r} is detached from the {t.kind}; its image stays "
                         "on the node (diskhooks never deletes disk images)")
-    detached = _detached(previous, requested, policy.host_disks.max_disk_size)
+    detached = _detached(previous, requested)
     _check_detached_names(requests, detached)
     _check_boot_orders(t, requests)
     persist = _persist_root(t) if requests.persist_root else None
@@ -343,16 +343,19 @@ def _wants_default_profile(vm_spec: Mapping[str, Any], tspec: Mapping[str, Any],
         and not vm_spec.get("preference") and not sets_own_sizing(tspec)
 
 
-def _check_growth(requests: Requests, previous: _Previous, operation: str, warnings: list[str]) -> None:
+def _check_growth(requests: Requests, previous: _Previous, operation: str, warnings: list[str],
+                  max_disk_size: int) -> None:
     for d in requests.disks:
         old = previous.sizes.get(d.name)
         gone = previous.detached.get(d.name)
         if gone is not None and (old is None or gone > old):
             if d.size_bytes < gone:
+                lowered = (f"; the platform limit is now {quantity_text(max_disk_size)}, so the name "
+                           "can come back only once the limit is raised") if gone > max_disk_size else ""
                 raise Refused(f"{d.field}.size", f"{d.size_text} is smaller than {quantity_text(gone)}, "
                               f"the size of disk {d.name!r} when it was detached: its image is still on "
                               "the node, and disks can grow but never shrink (use another name for a "
-                              "new, smaller disk)")
+                              f"new, smaller disk){lowered}")
             grown = f", grown from {quantity_text(gone)} to {quantity_text(d.size_bytes)}" \
                 if d.size_bytes > gone else ""
             warnings.append(f"{d.field}: disk {d.name!r} is attached again: its image still on the node "
@@ -368,17 +371,19 @@ def _check_growth(requests: Requests, previous: _Previous, operation: str, warni
                             f"{quantity_text(d.size_bytes)} at the next start of the VM")
 
 
-def _detached(previous: _Previous, requested: set[str], cap: int) -> tuple[DetachedDisk, ...]:
+def _detached(previous: _Previous, requested: set[str]) -> tuple[DetachedDisk, ...]:
     """The detached disks the new plan remembers: those remembered before and those planned but
-    no longer requested, minus the re-attached ones; each with the largest size planned, at most
-    ``cap`` (maxDiskSize). Only plans that verify count: never a size from the annotation or the
-    template's volumes (user-controlled), so nothing for a VM that was never admitted."""
+    no longer requested, minus the re-attached ones; each with the largest size planned. Only plans
+    that verify count: never a size from the annotation or the template's volumes (user-controlled),
+    so nothing for a VM that was never admitted. Sizes are not capped at today's maxDiskSize: a
+    verified plan was within policy when written, and the image on the node keeps that size after
+    the platform lowers the limit (a smaller record would let the name come back smaller than it)."""
     sizes = dict(previous.detached)
     for name, size in previous.planned.items():
         sizes[name] = max(sizes.get(name, 0), size)
     for name in requested:
         sizes.pop(name, None)
-    sizes = {n: min(size, cap) for n, size in sizes.items() if size > 0}
+    sizes = {n: size for n, size in sizes.items() if size > 0}
     if len(sizes) > MAX_DETACHED:
         raise Refused(K.ANN_DISKS, f"this VM would have {len(sizes)} detached disks whose images stay "
                       f"on the node; diskhooks remembers at most {MAX_DETACHED} (re-attach some, or "
