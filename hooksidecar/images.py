@@ -8,7 +8,8 @@ mutation). For every planned disk it checks, reading only the first 64 KiB of ea
 - it is qcow2 (a raw file there means KubeVirt created it because prepare did not run);
 - no external data file, not marked corrupt, not encrypted, no feature bits qemu does not know;
 - its backing file and backing format are exactly the planned ones (none, or the library base);
-- its virtual size is at least the planned size (prepare grows images, never shrinks them);
+- its virtual size is at least the planned size (prepare grows images, never shrinks them: a
+  larger image is accepted, as prepare keeps it);
 - a library base it overlays is a plain file and, when qcow2, has no backing or data file itself.
 
 For a persistent containerDisk root it checks the base record prepare wrote for this start (same

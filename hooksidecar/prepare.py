@@ -13,7 +13,8 @@ Three layers, in this order:
    an explicit format, under limits, see :mod:`hooksidecar.qemuimg`) only on qcow2 images whose header
    shows no external data file.
 2. :func:`plan_actions` (pure): plan + observations -> a list of actions, one or more per volume:
-   create, grow, unchanged, or refuse. Nothing is done when any volume is refused.
+   create, grow, unchanged, or refuse. Nothing is done when any volume is refused. An image larger
+   than planned is kept as it is (never shrunk) and its summary line carries a ``warning``.
 3. :func:`apply` (I/O, writes): creates beside the target and publishes atomically (no half-made image
    is ever left under the final name), grows with ``qemu-img resize``, writes the persistent root's
    base record. Every image it leaves, created, grown or unchanged (and the base record), is
@@ -152,6 +153,7 @@ class Unchanged:
     path: str
     virtual_size: int
     also: tuple[str, ...] = ()  # files kept as they are that qemu's user must still be able to read
+    planned_size: int | None = None  # set when the image is larger than planned (kept, never shrunk)
 
 
 @dataclass(frozen=True)
@@ -215,11 +217,13 @@ def _disk_actions(disk: PlannedDisk, obs: DiskObservation, plan: Plan) -> list[A
                        f"mutation mounted it at {disk.launcher_dir}")]
     refusals: list[Action] = []
     target = qemuimg.round_to_sector(disk.size_bytes)
+    image = obs.image
     if disk.backing is not None:
-        base_problem = _base_problem(disk, obs, plan, target)
+        # the size the image has once prepare is done: an existing image is never shrunk
+        final = max(target, image.virtual_size or 0) if image.kind == "qcow2" else target
+        base_problem = _base_problem(disk, obs, plan, final)
         if base_problem is not None:
             refusals.append(Refuse(vol, base_problem))
-    image = obs.image
     where = f"{disk.launcher_path} (node file {node_file})"
     if image.kind == "missing":
         if refusals:
@@ -232,12 +236,6 @@ def _disk_actions(disk: PlannedDisk, obs: DiskObservation, plan: Plan) -> list[A
     if problem is None:
         problem = _backing_problem(image, where, disk.backing.launcher_path if disk.backing else None,
                                    disk.backing.format if disk.backing else None)
-    if problem is None:
-        assert image.virtual_size is not None
-        if image.virtual_size > target:
-            problem = (f"{where} has a virtual size of {image.virtual_size} bytes, larger than the "
-                       f"planned {disk.size_bytes}: shrinking is never done; set the size of disk "
-                       f"{vol!r} to at least {image.virtual_size} bytes")
     if problem is not None:
         refusals.append(Refuse(vol, problem))
     if refusals:
@@ -247,11 +245,16 @@ def _disk_actions(disk: PlannedDisk, obs: DiskObservation, plan: Plan) -> list[A
         b = disk.backing
         return [GrowImage(vol, disk.launcher_path, target, image.virtual_size,
                           backing_here=None if b is None else (b.launcher_path, b.format))]
-    return [Unchanged(vol, disk.launcher_path, image.virtual_size)]
+    # larger than planned (a VM re-created with a smaller disk, a lowered maxDiskSize): kept as it
+    # is, since shrinking would cut off the guest's data; the summary line says so
+    larger = image.virtual_size > target
+    return [Unchanged(vol, disk.launcher_path, image.virtual_size,
+                      planned_size=disk.size_bytes if larger else None)]
 
 
-def _base_problem(disk: PlannedDisk, obs: DiskObservation, plan: Plan, target: int) -> str | None:
-    """Why the planned library base of ``disk`` cannot be used (None when it can)."""
+def _base_problem(disk: PlannedDisk, obs: DiskObservation, plan: Plan, final: int) -> str | None:
+    """Why the planned library base of ``disk`` cannot be used (None when it can); ``final`` is the
+    size the image will have."""
     b = disk.backing
     assert b is not None
     if not obs.library_mounted:
@@ -275,7 +278,7 @@ def _base_problem(disk: PlannedDisk, obs: DiskObservation, plan: Plan, target: i
         if base.data_file is not None or base.encrypted or base.unknown_features:
             return _image_problem(base, where) or f"{where} cannot be used"
     size = base.virtual_size if base.kind == "qcow2" else base.file_size
-    if size is not None and size > target:
+    if size is not None and size > final:
         return (f"disk {disk.name!r} is planned at {disk.size_bytes} bytes, smaller than its base "
                 f"{b.image} ({size} bytes); ask for at least {size} bytes")
     return None
@@ -619,6 +622,8 @@ def apply(actions: Sequence[Action], *, prefix: str = "", owner: tuple[int, int]
                     _note_ownership(summary, extra, hand_to_qemu(prefix + extra, owner, extra))
                 summary.setdefault("result", "unchanged")
                 summary.update(path=action.path, virtualSize=action.virtual_size)
+                if action.planned_size is not None:
+                    summary.update(plannedSize=action.planned_size, warning=larger_than_planned(action))
             elif isinstance(action, WriteMarker):
                 _write_json(prefix + action.path, action.record, owner=owner)
                 summary.update(baseSha256=action.record["sha256"], baseFormat=action.record["format"])
@@ -632,6 +637,13 @@ def apply(actions: Sequence[Action], *, prefix: str = "", owner: tuple[int, int]
         if report is not None and last[vol] == i:
             report(summary)
     return [summaries[v] for v in order]
+
+
+def larger_than_planned(action: Unchanged) -> str:
+    """The log line's words for an image kept although it is larger than planned."""
+    return (f"{action.path} is larger than planned ({action.virtual_size} bytes, planned "
+            f"{action.planned_size}): kept as it is, since diskhooks never shrinks an image; the guest "
+            f"sees {action.virtual_size} bytes")
 
 
 def _tmp_name(final: str) -> str:

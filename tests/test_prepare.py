@@ -257,21 +257,39 @@ def test_larger_size_grows_plain_and_backed_images(node: Node) -> None:
     assert scratch["backing-filename-format"] == "qcow2"
 
 
-def test_smaller_size_is_refused_and_nothing_changes(node: Node) -> None:
+def test_image_larger_than_planned_is_kept_as_it_is_and_said_so(node: Node) -> None:
+    """A VM re-created under the same name with a smaller disk, or a platform that lowered
+    maxDiskSize: the bigger image on the node is kept (never shrunk, its data intact), prepare
+    says so on its log line, the other volumes are prepared, and the sidecar accepts it too."""
+    from hooksidecar.images import check_images
+
     node.mount_volume("data")
     node.mount_volume("other")
     summaries(run_prepare(node, make_plan(make_disk("data", 32 * MiB))))
     before = snapshot(node.root)
+    plan = make_plan(make_disk("data", 16 * MiB), make_disk("other", 8 * MiB))
 
-    proc = run_prepare(node, make_plan(make_disk("data", 16 * MiB), make_disk("other", 8 * MiB)))
+    result = summaries(run_prepare(node, plan))
 
-    assert proc.returncode == 1
-    assert "volume data:" in proc.stderr
-    assert "shrinking is never done" in proc.stderr
-    assert proc.stdout == ""
-    # check first, then act: the other volume's image was not created either
-    assert not node.path(K.launcher_disk_dir("other") + "/other.qcow2").exists()
-    assert snapshot(node.root) == before
+    assert result["data"]["result"] == "unchanged"
+    assert result["data"]["virtualSize"] == 32 * MiB
+    assert result["data"]["plannedSize"] == 16 * MiB
+    assert "larger than planned" in result["data"]["warning"]
+    assert "never shrinks" in result["data"]["warning"]
+    assert result["other"]["result"] == "created"
+    assert {k: v for k, v in snapshot(node.root).items() if k in before} == before
+    assert qinfo(node.path(plan.disks[0].launcher_path))["virtual-size"] == 32 * MiB
+    check_images(plan, vmi_uid=VMI_UID, path_prefix=str(node.root))  # same decision at OnDefineDomain
+
+
+def test_overlay_larger_than_its_base_is_kept_when_planned_smaller(node: Node) -> None:
+    """The base size only limits the size of an overlay prepare creates: an existing overlay that
+    is already at least as big as its base is kept, like any image larger than planned."""
+    node.mount_volume("data")
+    base = library_base(node, "almalinux-9.qcow2", "qcow2", 32 * MiB)
+    summaries(run_prepare(node, make_plan(make_disk("data", 48 * MiB, base))))
+    result = summaries(run_prepare(node, make_plan(make_disk("data", 16 * MiB, base))))
+    assert (result["data"]["result"], result["data"]["virtualSize"]) == ("unchanged", 48 * MiB)
 
 
 def test_base_larger_than_planned_size_is_refused(node: Node) -> None:
@@ -778,7 +796,7 @@ def test_persist_root_decisions(overlay: prepare.FileState, marker: prepare.Mark
     (prepare.FileState("qcow2", virtual_size=10 * MiB), 10 * MiB, "Unchanged"),
     (prepare.FileState("qcow2", virtual_size=10 * MiB), 10 * MiB - 100, "Unchanged"),  # rounds to 512
     (prepare.FileState("qcow2", virtual_size=10 * MiB), 20 * MiB, "GrowImage"),
-    (prepare.FileState("qcow2", virtual_size=20 * MiB), 10 * MiB, "Refuse"),
+    (prepare.FileState("qcow2", virtual_size=20 * MiB), 10 * MiB, "Unchanged"),  # never shrunk
     (prepare.FileState("qcow2", virtual_size=10 * MiB, corrupt=True), 10 * MiB, "Refuse"),
     (prepare.FileState("qcow2", virtual_size=10 * MiB, encrypted=True), 10 * MiB, "Refuse"),
     (prepare.FileState("qcow2", virtual_size=10 * MiB, unknown_features=1 << 9), 10 * MiB, "Refuse"),
