@@ -9,11 +9,15 @@ hook sidecar's path.
 Layout (qemu ``docs/interop/qcow2.txt``), all integers big-endian::
 
     0 magic "QFI\\xfb" | 4 version | 8 backing_file_offset (u64) | 16 backing_file_size (u32)
-    20 cluster_bits | 24 size (u64) | 32 crypt_method | ... | 72 incompatible_features (u64, v3)
+    20 cluster_bits | 24 size (u64) | 32 crypt_method | 36 l1_size | 40 l1_table_offset (u64)
+    48 refcount_table_offset (u64) | 56 refcount_table_clusters | 60 nb_snapshots
+    64 snapshots_offset (u64) | 72 incompatible_features (u64, v3)
     80 compatible_features | 88 autoclear_features | 96 refcount_order | 100 header_length
     then header extensions (type u32, length u32, data padded to 8 bytes) up to type 0
 
 Anything that does not follow this layout raises :class:`ValueError` with the reason.
+:func:`layout_problem` then checks the header against the file's size: a file cut short (a copy
+that did not finish) keeps a good header, and ``qemu-img info`` reads it without complaint.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ INCOMPAT_EXTENDED_L2 = 1 << 4
 KNOWN_INCOMPATIBLE = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION
                       | INCOMPAT_EXTENDED_L2)
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+L1_ENTRY_BYTES = REFTABLE_ENTRY_BYTES = 8
+SNAPSHOT_HEADER_BYTES = 40  # the fixed part of one snapshot table entry
 
 _HEADER = struct.Struct(">4sIQIIQIIQQIIQ")  # the 72 bytes common to versions 2 and 3
 _V3_TAIL = struct.Struct(">QQQII")  # incompatible, compatible, autoclear, refcount_order, header_length
@@ -68,6 +74,11 @@ class Qcow2Header:
     compatible_features: int = 0
     autoclear_features: int = 0
     extensions: tuple[int, ...] = ()  # extension types in file order, for diagnostics
+    l1_size: int = 0  # entries
+    l1_table_offset: int = 0
+    refcount_table_offset: int = 0
+    nb_snapshots: int = 0
+    snapshots_offset: int = 0
 
     @property
     def dirty(self) -> bool:
@@ -114,8 +125,8 @@ def read_header(data: bytes) -> Qcow2Header:
         raise ValueError("not a qcow2 image (the file does not start with the qcow2 magic QFI\\xfb)")
     if len(data) < _HEADER.size:
         raise ValueError(f"truncated qcow2 header ({len(data)} bytes, at least {_HEADER.size} needed)")
-    (_magic, version, backing_offset, backing_size, cluster_bits, size, crypt_method, _l1_size,
-     _l1_offset, _refcount_offset, _refcount_clusters, _nb_snapshots, _snapshots_offset) = \
+    (_magic, version, backing_offset, backing_size, cluster_bits, size, crypt_method, l1_size,
+     l1_offset, refcount_offset, _refcount_clusters, nb_snapshots, snapshots_offset) = \
         _HEADER.unpack_from(data, 0)
     if version not in (2, 3):
         raise ValueError(f"unsupported qcow2 version {version} (2 and 3 exist)")
@@ -174,8 +185,28 @@ def read_header(data: bytes) -> Qcow2Header:
         version=version, virtual_size=size, cluster_bits=cluster_bits, crypt_method=crypt_method,
         backing_file=backing_file, backing_format=backing_format, data_file=data_file,
         incompatible_features=incompatible, compatible_features=compatible,
-        autoclear_features=autoclear, extensions=tuple(types),
+        autoclear_features=autoclear, extensions=tuple(types), l1_size=l1_size,
+        l1_table_offset=l1_offset, refcount_table_offset=refcount_offset, nb_snapshots=nb_snapshots,
+        snapshots_offset=snapshots_offset,
     )
+
+
+def layout_problem(header: Qcow2Header, file_size: int) -> str | None:
+    """Why the tables ``header`` points at cannot all lie in a file of ``file_size`` bytes (None when
+    they can): the whole L1 table, the refcount table's first entry, the first snapshot entry.
+
+    qemu-img writes these tables in full, so a shorter file was cut off (a copy or a write that did
+    not finish); qemu would read zeros there and write new metadata over whatever it finds.
+    """
+    tables = [("L1 table", header.l1_table_offset, header.l1_size * L1_ENTRY_BYTES),
+              ("refcount table", header.refcount_table_offset, REFTABLE_ENTRY_BYTES)]
+    if header.nb_snapshots:
+        tables.append(("snapshot table", header.snapshots_offset, SNAPSHOT_HEADER_BYTES))
+    for name, offset, length in tables:
+        if length and offset + length > file_size:
+            return (f"its {name} (bytes {offset}-{offset + length}) lies beyond the end of the file "
+                    f"({file_size} bytes): the file was cut short")
+    return None
 
 
 def _text(raw: bytes, what: str) -> str:

@@ -7,6 +7,7 @@ mutation). For every planned disk it checks, reading only the first 64 KiB of ea
 - the volume directory is mounted; the image exists, is a regular file and not a symlink;
 - it is qcow2 (a raw file there means KubeVirt created it because prepare did not run);
 - no external data file, not marked corrupt, not encrypted, no feature bits qemu does not know;
+- the tables its header points at lie within the file (a file cut short keeps a good header);
 - its backing file and backing format are exactly the planned ones (none, or the library base);
 - its virtual size is at least the planned size (prepare grows images, never shrinks them: a
   larger image is accepted, as prepare keeps it);
@@ -91,12 +92,12 @@ def _check_base(backing: Backing, plan: Plan, prefix: str, field: str) -> None:
                  "the Pod mutation added the read-only image-library mount to the diskhooks "
                  "hook-sidecar container")
     node_path = f"{plan.image_library or '<imageLibrary>'}/{backing.file}"
-    data = _read_start(prefix, backing.launcher_path, field, node_path=node_path,
-                       missing=f"base image {backing.launcher_path} ({backing.image}, node file "
-                       f"{node_path}) does not exist in the image library")
+    data, size = _read_start(prefix, backing.launcher_path, field, node_path=node_path,
+                             missing=f"base image {backing.launcher_path} ({backing.image}, node file "
+                             f"{node_path}) does not exist in the image library")
     if backing.format != "qcow2":
         return
-    header = _parse(data, backing.launcher_path, field, node_path=node_path, writable=False)
+    header = _parse(data, size, backing.launcher_path, field, node_path=node_path, writable=False)
     if header.backing_file is not None:
         raise Refused(field, f"base image {backing.launcher_path} ({backing.image}) has a backing file "
                       f"{header.backing_file!r} itself; library bases must be self-contained")
@@ -142,8 +143,9 @@ def _require_dir(prefix: str, path: str, field: str, reason: str) -> None:
 
 
 def _read_start(prefix: str, path: str, field: str, *, node_path: str, missing: str,
-                limit: int = qcow2.HEADER_READ_BYTES) -> bytes:
-    """The first ``limit`` bytes of a regular, non-symlink file (opened without following links)."""
+                limit: int = qcow2.HEADER_READ_BYTES) -> tuple[bytes, int]:
+    """The first ``limit`` bytes of a regular, non-symlink file (opened without following links),
+    and the file's size."""
     full = prefix + path
     try:
         st = os.lstat(full)
@@ -163,23 +165,28 @@ def _read_start(prefix: str, path: str, field: str, *, node_path: str, missing: 
             raise Refused(field, f"{path} became a symbolic link while being checked") from None
         raise Refused(field, f"cannot open {path}: {exc.strerror}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise Refused(field, f"{path} (node file {node_path}) is not a regular file")
-        return os.read(fd, limit)
+        return os.read(fd, limit), st.st_size
     finally:
         os.close(fd)
 
 
 def _read_qcow2(prefix: str, path: str, field: str, *, node_path: str,
                 writable: bool) -> qcow2.Qcow2Header:
-    data = _read_start(prefix, path, field, node_path=node_path,
-                       missing=f"image {path} (node file {node_path}) does not exist: the "
-                       f"{K.PREPARE_CONTAINER} init container did not create it; check that the Pod "
-                       "has it and that it succeeded")
-    return _parse(data, path, field, node_path=node_path, writable=writable)
+    data, size = _read_start(prefix, path, field, node_path=node_path,
+                             missing=f"image {path} (node file {node_path}) does not exist: the "
+                             f"{K.PREPARE_CONTAINER} init container did not create it; check that the "
+                             "Pod has it and that it succeeded")
+    return _parse(data, size, path, field, node_path=node_path, writable=writable)
 
 
-def _parse(data: bytes, path: str, field: str, *, node_path: str, writable: bool) -> qcow2.Qcow2Header:
+def _parse(data: bytes, size: int, path: str, field: str, *, node_path: str,
+           writable: bool) -> qcow2.Qcow2Header:
+    if size == 0:
+        raise Refused(field, f"{path} (node file {node_path}) is empty (0 bytes), not a qcow2 image; "
+                      "delete it on the node and restart the VM")
     if not qcow2.is_qcow2(data):
         raise Refused(field, f"raw image at {path}: KubeVirt created it because the "
                       f"{K.PREPARE_CONTAINER} init container did not run; delete it on the node "
@@ -188,6 +195,9 @@ def _parse(data: bytes, path: str, field: str, *, node_path: str, writable: bool
         header = qcow2.read_header(data)
     except ValueError as exc:
         raise Refused(field, f"{path} (node file {node_path}) has an invalid qcow2 header: {exc}") from None
+    cut = qcow2.layout_problem(header, size)
+    if cut is not None:
+        raise Refused(field, f"{path} (node file {node_path}) is not a usable qcow2 image: {cut}")
     if header.has_external_data_file:
         raise Refused(field, f"{path} (node file {node_path}) has an external data file "
                       f"{header.data_file!r}; diskhooks refuses qcow2 images whose data lives elsewhere")
@@ -210,11 +220,11 @@ def _expect_backing(header: qcow2.Qcow2Header, backing: str, fmt: str, field: st
 
 
 def _read_marker(pr: PersistRoot, plan: Plan, prefix: str, field: str) -> dict[str, Any]:
-    data = _read_start(prefix, pr.marker_path, field, node_path=f"{plan.host_dir}/{pr.marker}",
-                       missing=f"the base record {pr.marker_path} does not exist: the "
-                       f"{K.PREPARE_CONTAINER} init container did not run for this start, so nothing "
-                       "checked the base image of the persistent root; check the Pod has it",
-                       limit=MAX_MARKER_BYTES + 1)
+    data, _ = _read_start(prefix, pr.marker_path, field, node_path=f"{plan.host_dir}/{pr.marker}",
+                          missing=f"the base record {pr.marker_path} does not exist: the "
+                          f"{K.PREPARE_CONTAINER} init container did not run for this start, so "
+                          "nothing checked the base image of the persistent root; check the Pod has it",
+                          limit=MAX_MARKER_BYTES + 1)
     if len(data) > MAX_MARKER_BYTES:
         raise Refused(field, f"the base record {pr.marker_path} is larger than {MAX_MARKER_BYTES} bytes")
     try:

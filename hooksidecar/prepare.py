@@ -292,6 +292,9 @@ def _image_problem(image: FileState, where: str) -> str | None:
         return f"{where} is not a regular file"
     if image.kind == "unreadable":
         return f"{where} cannot be read: {image.detail}"
+    if image.kind == "raw" and image.file_size == 0:
+        return (f"{where} is empty (0 bytes), not a qcow2 image; diskhooks never replaces a file it "
+                "did not make: delete it on the node and restart the VM")
     if image.kind == "raw":
         return (f"{where} is not a qcow2 image (raw file? KubeVirt creates raw files when prepare did not "
                 "run); diskhooks never converts or touches images of another format: if it holds no "
@@ -433,6 +436,9 @@ def inspect_image(path: str, *, run_qemu: bool = True, binary: str = "qemu-img")
         h = qcow2.read_header(head)
     except ValueError as exc:
         return FileState("bad-qcow2", str(exc), file_size=size)
+    cut = qcow2.layout_problem(h, size)
+    if cut is not None:  # qemu-img info would not notice, and resize would write into it
+        return FileState("bad-qcow2", cut, file_size=size)
     state = FileState("qcow2", file_size=size, virtual_size=h.virtual_size, backing_file=h.backing_file,
                       backing_format=h.backing_format,
                       data_file=h.data_file or ("<unnamed>" if h.has_external_data_file else None),
@@ -479,6 +485,7 @@ def inspect_container_disk(image_dir: str, *, binary: str = "qemu-img") -> BaseO
     except _NotUsable as exc:
         return BaseObservation(True, f"{name}: {exc.detail or exc.kind}")
     try:
+        size = os.fstat(fd).st_size
         digest = hashlib.sha256()
         head = os.read(fd, qcow2.HEADER_READ_BYTES)
         digest.update(head)
@@ -494,6 +501,9 @@ def inspect_container_disk(image_dir: str, *, binary: str = "qemu-img") -> BaseO
             h = qcow2.read_header(head)
         except ValueError as exc:
             return BaseObservation(True, f"{name} has an invalid qcow2 header: {exc}")
+        cut = qcow2.layout_problem(h, size)
+        if cut is not None:
+            return BaseObservation(True, f"{name} is not a usable qcow2 image: {cut}")
         if h.backing_file is not None or h.has_external_data_file or h.encrypted:
             return BaseObservation(True, f"{name} has a backing file, an external data file or "
                                    "encryption; a containerDisk base must be self-contained")

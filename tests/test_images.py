@@ -243,6 +243,7 @@ CASES: list[tuple[str, Callable[[Path], object], str]] = [
     ("base missing", lambda r: _base(r).unlink(), "does not exist in the image library"),
     ("base with its own backing file", _base_with_backing, "library bases must be self-contained"),
     ("base is a symlink", _base_symlink, "is a symbolic link"),
+    ("base cut short", lambda r: os.truncate(_base(r), 1024), "lies beyond the end of the file"),
     ("VM dir not mounted", lambda r: shutil.rmtree(_overlay(r).parent),
      "the VM directory /var/run/kubevirt-private/diskhooks/vm is not mounted"),
     ("marker missing", lambda r: _marker(r).unlink(),

@@ -321,6 +321,54 @@ def test_raw_file_named_qcow2_is_refused_untouched(node: Node) -> None:
     assert snapshot(node.root) == before
 
 
+def _l1_table_offset(image: Path) -> int:
+    with image.open("rb") as fh:
+        fh.seek(40)
+        return int.from_bytes(fh.read(8), "big")
+
+
+def _set_version(image: Path, version: int) -> None:
+    with image.open("r+b") as fh:
+        fh.seek(4)
+        fh.write(version.to_bytes(4, "big"))
+
+
+DAMAGED: list[tuple[str, Callable[[Path], None], str]] = [
+    ("qcow2 cut after its header", lambda p: os.truncate(p, 1024), "lies beyond the end of the file"),
+    ("qcow2 cut inside its L1 table", lambda p: os.truncate(p, _l1_table_offset(p) + 4),
+     "L1 table"),
+    ("qcow2 header cut short", lambda p: os.truncate(p, 40), "truncated qcow2 header"),
+    ("qcow2 header of an unknown version", lambda p: _set_version(p, 7), "unsupported qcow2 version 7"),
+    ("zero-length file", lambda p: os.truncate(p, 0), "is empty (0 bytes)"),
+]
+
+
+@pytest.mark.parametrize("label, damage, words", DAMAGED, ids=[d[0] for d in DAMAGED])
+def test_damaged_image_is_refused_untouched_by_prepare_and_the_sidecar(
+        node: Node, label: str, damage: Callable[[Path], None], words: str) -> None:
+    """A qcow2 file whose header or tables are cut off or garbled is neither grown nor handed on:
+    qemu-img info reads a file cut after its header without complaint (and resize writes into
+    it), so the header's own table offsets are checked against the file size."""
+    from diskplan.errors import Refused
+    from hooksidecar.images import check_images
+
+    node.mount_volume("data")
+    summaries(run_prepare(node, make_plan(make_disk("data", 16 * MiB))))
+    damage(node.path(K.launcher_disk_dir("data")) / "data.qcow2")
+    before = snapshot(node.root)
+    plan = make_plan(make_disk("data", 32 * MiB))  # would grow it
+
+    proc = run_prepare(node, plan)
+
+    assert proc.returncode == 1, proc.stdout
+    assert "volume data:" in proc.stderr and words in proc.stderr, proc.stderr
+    assert f"{HOST_DIR}/data.qcow2" in proc.stderr
+    assert snapshot(node.root) == before
+    with pytest.raises(Refused) as err:
+        check_images(plan, vmi_uid=VMI_UID, path_prefix=str(node.root))
+    assert str(err.value).startswith("volume data:") and words in str(err.value), str(err.value)
+
+
 def test_qcow2_with_external_data_file_is_refused(node: Node) -> None:
     d = node.mount_volume("data")
     qimg("create", "-q", "-f", "qcow2", "-o", f"data_file={d}/data.bin", str(d / "data.qcow2"),

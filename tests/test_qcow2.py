@@ -7,6 +7,7 @@ import json
 import shutil
 import struct
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +168,18 @@ def test_non_utf8_backing_name_is_refused(images: dict[str, Path]) -> None:
     bad = good[:name_at] + b"\xff" + good[name_at + 1:]
     with pytest.raises(ValueError, match="UTF-8"):
         read_header(bad)
+
+
+def test_tables_beyond_the_end_of_the_file(images: dict[str, Path]) -> None:
+    """A file cut short keeps a good header; the tables it points at must lie within the file."""
+    for name, path in images.items():
+        size = path.stat().st_size
+        assert qcow2.layout_problem(read_header(head(path)), size) is None, name
+    plain = images["plain"]
+    h = read_header(head(plain))
+    size = plain.stat().st_size
+    problem = qcow2.layout_problem(h, size - 1)  # the L1 table is the last thing qemu-img writes
+    assert problem is not None and "L1 table" in problem and "beyond the end of the file" in problem
+    problem = qcow2.layout_problem(replace(h, l1_size=0), 4096)  # an empty image has no L1 table
+    assert problem is not None and "refcount table" in problem
+    assert qcow2.layout_problem(replace(h, nb_snapshots=1, snapshots_offset=size), size) is not None
