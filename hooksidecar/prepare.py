@@ -686,10 +686,7 @@ def _create(action: CreateImage, *, prefix: str, owner: tuple[int, int] | None, 
     try:
         qemuimg.create(tmp, size=action.size, backing=action.backing,
                        backing_format=action.backing_format, binary=binary)
-        os.chmod(tmp, IMAGE_MODE)
-        if owner is not None:
-            _chown(tmp, owner, action.path)
-        _fsync_file(tmp)
+        _seal_new_file(tmp, owner, action.path)
         _publish(tmp, final)
     except BaseException:
         _unlink_quietly(tmp)
@@ -756,12 +753,31 @@ def _note_ownership(summary: dict[str, Any], path: str, change: str | None) -> N
         summary.setdefault("ownership", {})[path] = change
 
 
-def _chown(path: str, owner: tuple[int, int], shown: str) -> None:
+def _seal_new_file(path: str, owner: tuple[int, int] | None, shown: str) -> None:
+    """Give the file qemu-img just made at ``path`` mode 0660 and ``owner``, and flush it, all
+    through one fd opened with ``O_NOFOLLOW``: a link put in its place is never followed."""
     try:
-        os.chown(path, *owner, follow_symlinks=False)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot give it to qemu's {owner[0]}:{owner[1]} ({exc.strerror}); the "
-                      "init container needs the CHOWN capability", shown) from None
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, "was replaced by a symbolic link while prepare was creating it; "
+                          "not followed, not used", shown) from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "was replaced by something other than a regular file while "
+                          "prepare was creating it; not used", shown)
+        os.fchmod(fd, IMAGE_MODE)
+        if owner is not None:
+            try:
+                os.fchown(fd, *owner)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot give it to qemu's {owner[0]}:{owner[1]} "
+                              f"({exc.strerror}); the init container needs the CHOWN capability",
+                              shown) from None
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _publish(tmp: str, final: str) -> None:

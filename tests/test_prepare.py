@@ -528,6 +528,38 @@ def test_failed_qemu_img_leaves_no_temporary_file(node: Node) -> None:
     assert leftovers(node) == []
 
 
+def test_a_new_image_swapped_for_a_link_is_not_followed_when_given_to_qemu(node: Node,
+                                                                        tmp_path: Path) -> None:
+    """Between qemu-img create and the chmod/chown, the new file is replaced by a symbolic link to
+    another file (a race by anyone who can write the VM's directory): prepare must not change that
+    file's mode or owner, and must leave neither the link nor an image behind. The real qemu-img runs;
+    a wrapper only plays the racing writer once it has finished."""
+    d = node.mount_volume("data")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not an image")
+    os.chmod(victim, 0o600)
+    racer = tmp_path / "qemu-img-then-swap"
+    racer.write_text(f"""#!{sys.executable}
+import os, subprocess, sys
+rc = subprocess.call([{qemu_img()!r}, *sys.argv[1:]])
+if rc == 0 and sys.argv[1] == "create":
+    os.unlink(sys.argv[-2])
+    os.symlink({str(victim)!r}, sys.argv[-2])
+sys.exit(rc)
+""")
+    os.chmod(racer, 0o755)
+    plan = make_plan(make_disk("data", 16 * MiB))
+    actions = prepare.plan_actions(plan, prepare.inspect(plan, prefix=str(node.root)), vmi_uid=None)
+
+    with pytest.raises(prepare.ApplyError) as err:
+        prepare.apply(actions, prefix=str(node.root), owner=(K.QEMU_UID, K.QEMU_GID), binary=str(racer))
+
+    assert "symbolic link" in err.value.reason
+    st = victim.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (os.geteuid(), os.getegid(), 0o600)
+    assert list(d.iterdir()) == []
+
+
 def test_stale_temporary_file_of_a_killed_run_is_removed(node: Node) -> None:
     d = node.mount_volume("data")
     stale = d / ".data.qcow2.tmp-0123456789abcdef"
