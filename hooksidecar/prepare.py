@@ -16,7 +16,8 @@ Three layers, in this order:
    create, grow, unchanged, or refuse. Nothing is done when any volume is refused. An image larger
    than planned is kept as it is (never shrunk) and its summary line carries a ``warning``.
 3. :func:`apply` (I/O, writes): creates beside the target and publishes atomically (no half-made image
-   is ever left under the final name), grows with ``qemu-img resize``, writes the persistent root's
+   is ever left under the final name; temporary names a killed run left beside a file are removed
+   whenever that file is acted on), grows with ``qemu-img resize``, writes the persistent root's
    base record. Every image it leaves, created, grown or unchanged (and the base record), is
    qemu's: 107:107 with mode 0660 when running as root (mode 0660 only otherwise), set through an
    fd opened with ``O_NOFOLLOW``; when that cannot be done the volume is refused with the reason,
@@ -619,6 +620,7 @@ def apply(actions: Sequence[Action], *, prefix: str = "", owner: tuple[int, int]
                 if action.backing is not None:
                     summary.update(backing=action.backing, backingFormat=action.backing_format)
             elif isinstance(action, GrowImage):
+                remove_stale_tmp(prefix + action.path)
                 _note_ownership(summary, action.path, hand_to_qemu(prefix + action.path, owner, action.path))
                 backing = None if action.backing_here is None else \
                     (prefix + action.backing_here[0], action.backing_here[1])
@@ -627,8 +629,10 @@ def apply(actions: Sequence[Action], *, prefix: str = "", owner: tuple[int, int]
                 summary.update(result="grown", path=action.path, fromSize=action.from_size,
                                virtualSize=action.size)
             elif isinstance(action, Unchanged):
+                remove_stale_tmp(prefix + action.path)
                 _note_ownership(summary, action.path, hand_to_qemu(prefix + action.path, owner, action.path))
                 for extra in action.also:
+                    remove_stale_tmp(prefix + extra)
                     _note_ownership(summary, extra, hand_to_qemu(prefix + extra, owner, extra))
                 summary.setdefault("result", "unchanged")
                 summary.update(path=action.path, virtualSize=action.virtual_size)
@@ -662,7 +666,8 @@ def _tmp_name(final: str) -> str:
 
 
 def remove_stale_tmp(final: str) -> None:
-    """Remove temporary files a killed earlier run left beside ``final`` (only our own names)."""
+    """Remove temporary files a killed earlier run left beside ``final`` (only our own names),
+    including one still linked to ``final`` (killed between publishing and unlinking)."""
     head, name = os.path.split(final)
     pattern = re.compile(r"^\." + re.escape(name) + re.escape(_TMP_INFIX) + r"[0-9a-f]{16}$")
     try:

@@ -570,6 +570,30 @@ def test_stale_temporary_file_of_a_killed_run_is_removed(node: Node) -> None:
     assert not stale.exists() and unrelated.exists()
 
 
+def test_temporary_name_left_linked_to_the_image_is_removed_on_the_next_run(node: Node) -> None:
+    """A run killed between publishing the image (a hard link to its final name) and removing the
+    temporary name leaves a second, hidden name of the live image: it would keep the image's data
+    on the node after the image is deleted to discard it. The next run removes it, whatever it
+    does with the image."""
+    d = node.mount_volume("data")
+    node.mount_volume("logs")
+    plan = make_plan(make_disk("data", 16 * MiB), make_disk("logs", 16 * MiB))
+    summaries(run_prepare(node, plan))
+    linked = d / ".data.qcow2.tmp-0123456789abcdef"
+    os.link(d / "data.qcow2", linked)
+    stale = node.path(K.launcher_disk_dir("logs")) / ".logs.qcow2.tmp-fedcba9876543210"
+    stale.write_bytes(b"half")
+    image_before = snapshot(d)["data.qcow2"]
+
+    result = summaries(run_prepare(node, make_plan(make_disk("data", 16 * MiB),
+                                                   make_disk("logs", 32 * MiB))))
+
+    assert (result["data"]["result"], result["logs"]["result"]) == ("unchanged", "grown")
+    assert leftovers(node) == []
+    assert snapshot(d)["data.qcow2"] == image_before
+    assert (d / "data.qcow2").stat().st_nlink == 1
+
+
 # ------------------------------------------------------------------------------------------------
 # persistent containerDisk root
 # ------------------------------------------------------------------------------------------------
