@@ -4,8 +4,9 @@ Pure: :func:`parse_requests` reads the ``diskhooks.io/*`` annotations of a Virtu
 bare VirtualMachineInstance) and returns :class:`Requests`, or raises
 :class:`~diskplan.errors.Refused` whose field names the annotation, the item and the key, e.g.
 ``diskhooks.io/disks[1].size: 9Ti exceeds the platform limit 2Ti``. It knows nothing about the
-rest of the object: name clashes with the VM's own volumes, claims in the cluster, instancetypes
-are checked by the mutation (``webhook/vm_mutation.py``).
+rest of the object: name clashes with the VM's own volumes, claims in the cluster, instancetypes,
+and the per-VM total ``maxTotalPerVM`` (which counts the VM's detached disks and lets a VM already
+above it keep what it holds) are checked by the mutation (``webhook/vm_mutation.py``).
 
 Values are YAML or JSON, loaded by :mod:`diskplan.yamlsafe` (size-bounded, no anchors/aliases, no
 tags). No value ever becomes a path: disk names are DNS labels and base-image names are checked
@@ -210,7 +211,6 @@ def _disks(value: Any, policy: Policy) -> tuple[DiskRequest, ...]:
     items = _load_list(value, K.ANN_DISKS, "[{name: data, size: 20Gi}]", MAX_DISKS)
     disks: list[DiskRequest] = []
     seen: dict[str, int] = {}
-    total = 0
     for i, raw in enumerate(items):
         where = f"{K.ANN_DISKS}[{i}]"
         item = _item(raw, where, DISK_KEYS)
@@ -219,7 +219,6 @@ def _disks(value: Any, policy: Policy) -> tuple[DiskRequest, ...]:
             raise Refused(f"{where}.name", f"{name!r} is already the name of {K.ANN_DISKS}[{seen[name]}]")
         seen[name] = i
         size, size_text = _size(item, where, hd.max_disk_size)
-        total += size
         cache = _choice(item, "cache", where, CACHES, hd.defaults.cache)
         io = _choice(item, "io", where, IOS, "")
         if io == "":
@@ -235,9 +234,6 @@ def _disks(value: Any, policy: Policy) -> tuple[DiskRequest, ...]:
             discard=_choice(item, "discard", where, DISCARDS, hd.defaults.discard),
             serial=_serial(item, where), boot_order=_boot_order(item, where), backing=backing,
         ))
-    if total > hd.max_total_per_vm:
-        raise Refused(K.ANN_DISKS, f"the disks add up to {quantity_text(total)}, more than the "
-                      f"platform limit {quantity_text(hd.max_total_per_vm)} per VM")
     return tuple(disks)
 
 

@@ -67,7 +67,8 @@ class HostDiskPolicy:
     - ``image_library`` (``imageLibrary``, default none): node directory of the base images VM
       owners may name as ``backing``; without it ``backing`` is refused. Must not overlap ``root``.
     - ``max_disk_size`` (``maxDiskSize``, default ``2Ti``): largest disk, in bytes.
-    - ``max_total_per_vm`` (``maxTotalPerVM``, default ``8Ti``): largest sum of one VM's disks.
+    - ``max_total_per_vm`` (``maxTotalPerVM``, default ``8Ti``): largest sum of one VM's
+      disks, its detached ones included (their images stay on the node; ``webhook/vm_mutation.py``).
     - ``defaults``: :class:`DriverDefaults`.
     """
 

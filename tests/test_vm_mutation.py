@@ -1347,6 +1347,119 @@ def test_updates_of_plain_sized_or_consistent_vms_keep_the_shortcut() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# maxTotalPerVM counts detached disks: their images stay on the node
+# ------------------------------------------------------------------------------------------------
+# maxDiskSize 250Gi, maxTotalPerVM 300Gi: vm_create() holds pgdata 200Gi + wal 20Gi
+SMALL_TOTAL = load_policy(EXAMPLE_POLICY.read_text().replace("maxDiskSize: 2Ti", "maxDiskSize: 250Gi")
+                          .replace("maxTotalPerVM: 8Ti", "maxTotalPerVM: 300Gi"))
+WAL_ONLY = '[{"name": "wal", "size": "20Gi"}]'
+
+
+def test_detached_disks_count_towards_max_total_per_vm() -> None:
+    """Detach pgdata (200Gi, its image stays on the node), then add a new 200Gi disk: the VM would
+    hold 420Gi on the node, over maxTotalPerVM 300Gi. Denied naming diskhooks.io/disks, with what
+    is attached and what the detached disks hold; re-attaching pgdata instead is counted once."""
+    first = mutate(vm_create(), policy=SMALL_TOTAL).obj
+    detached = mutate(annotate(copy.deepcopy(first), disks=WAL_ONLY), policy=SMALL_TOTAL,
+                      operation="UPDATE", old=first).obj
+    assert _detached(detached) == [("pgdata", 200 * GI)]
+    for old in (detached, first):  # in two steps, or swapped in one UPDATE
+        swapped = annotate(copy.deepcopy(old), disks='[{"name": "wal", "size": "20Gi"}, '
+                           '{"name": "data2", "size": "200Gi"}]')
+        with pytest.raises(Refused) as exc:
+            call_vm(swapped, policy=SMALL_TOTAL, operation="UPDATE", old=old)
+        assert exc.value.field == "diskhooks.io/disks"
+        assert "420Gi" in exc.value.reason and "limit 300Gi" in exc.value.reason
+        assert "220Gi attached" in exc.value.reason and "200Gi held" in exc.value.reason
+        assert "pgdata 200Gi" in exc.value.reason
+    # the same through a clean manifest replacing the VM (the record survives it)
+    clean = vm_create()
+    del clean["metadata"]["annotations"]
+    replaced = mutate(copy.deepcopy(clean), policy=SMALL_TOTAL, operation="UPDATE", old=first).obj
+    with pytest.raises(Refused) as exc:
+        call_vm(annotate(copy.deepcopy(clean), disks='[{"name": "new", "size": "200Gi"}]'),
+                policy=SMALL_TOTAL, operation="UPDATE", old=replaced)
+    assert exc.value.field == "diskhooks.io/disks" and "wal 20Gi" in exc.value.reason
+    # re-attached, pgdata is counted once; what fits beside the detached image is admitted
+    back = annotate(copy.deepcopy(detached), disks='[{"name": "wal", "size": "20Gi"}, '
+                    '{"name": "pgdata", "size": "200Gi"}, {"name": "more", "size": "80Gi"}]')
+    assert [d.name for d in plan_of(mutate(back, policy=SMALL_TOTAL, operation="UPDATE",
+                                           old=detached).obj).disks] == ["wal", "pgdata", "more"]
+    beside = annotate(copy.deepcopy(detached), disks='[{"name": "wal", "size": "100Gi"}]')
+    assert _detached(mutate(beside, policy=SMALL_TOTAL, operation="UPDATE", old=detached).obj) \
+        == [("pgdata", 200 * GI)]
+    # many detached disks: the largest are named, the others counted
+    many = mutate(annotate(vm_create(), disks="[" + ", ".join(f"{{name: d{i}, size: {i + 30}Gi}}"
+                                                              for i in range(6)) + "]"), policy=SMALL_TOTAL).obj
+    gone = mutate(annotate(copy.deepcopy(many), disks="[]"), policy=SMALL_TOTAL, operation="UPDATE", old=many).obj
+    with pytest.raises(Refused) as exc:
+        call_vm(annotate(copy.deepcopy(gone), disks="[{name: new, size: 110Gi}]"), policy=SMALL_TOTAL,
+                operation="UPDATE", old=gone)
+    assert "110Gi attached and 195Gi held by detached disks (d5 35Gi, d4 34Gi, d3 33Gi, d2 32Gi " \
+        "and 2 more)" in exc.value.reason
+    # the attached disks alone, on CREATE, as before
+    with pytest.raises(Refused) as exc:
+        call_vm(annotate(vm_create(), disks="[" + ", ".join(f"{{name: d{i}, size: 2Ti}}"
+                                                            for i in range(5)) + "]"))
+    assert str(exc.value) == "diskhooks.io/disks: the disks add up to 10Ti, more than the platform " \
+        "limit 8Ti per VM"
+
+
+def _over_the_limit() -> dict[str, Any]:
+    """A VM admitted under maxTotalPerVM 8Ti that holds 420Gi: wal 20Gi and data2 200Gi attached,
+    pgdata 200Gi detached; over SMALL_TOTAL's 300Gi once detached disks count (or once the
+    platform lowers the limit)."""
+    first = mutate(vm_create()).obj
+    detached = mutate(annotate(copy.deepcopy(first), disks=WAL_ONLY), operation="UPDATE", old=first).obj
+    added = annotate(copy.deepcopy(detached), disks='[{"name": "wal", "size": "20Gi"}, '
+                     '{"name": "data2", "size": "200Gi"}]')
+    return mutate(added, operation="UPDATE", old=detached).obj
+
+
+@pytest.mark.parametrize("edit", [
+    _stopped, _labelled, _started,
+    lambda vm: annotate(vm, profile="small"),  # sizing
+    lambda vm: annotate(vm, disks='[{"name": "wal", "size": "20Gi", "bus": "virtio"}, '
+                        '{"name": "data2", "size": "200Gi"}]'),  # driver settings
+    lambda vm: annotate(vm, disks='[{"name": "data2", "size": "200Gi"}]'),  # detaching wal
+    lambda vm: annotate(vm, disks='[{"name": "wal", "size": "20Gi"}, {"name": "data2", "size": "200Gi"}, '
+                        '{"name": "pgdata", "size": "200Gi"}]'),  # re-attaching pgdata
+], ids=["stop", "label", "start", "sizing", "bus", "detach", "re-attach"])
+def test_a_vm_over_max_total_per_vm_keeps_every_update_that_does_not_grow_it(edit: Any) -> None:
+    """Grandfathered: a VM that already holds more than maxTotalPerVM (detached disks count, or
+    the limit was lowered) is not stranded: any UPDATE that does not increase its total is
+    admitted as usual (its record carried forward); only growth beyond the limit is denied."""
+    held = _over_the_limit()
+    m = mutate(edit(copy.deepcopy(held)), policy=SMALL_TOTAL, operation="UPDATE", old=held)
+    plan = plan_of(m.obj)
+    assert sum(d.size_bytes for d in plan.disks) + sum(x.size_bytes for x in plan.detached) == 420 * GI
+
+
+@pytest.mark.parametrize("disks_", [
+    '[{"name": "wal", "size": "21Gi"}, {"name": "data2", "size": "200Gi"}]',  # growing a disk
+    '[{"name": "wal", "size": "20Gi"}, {"name": "data2", "size": "200Gi"}, {"name": "x", "size": "1Gi"}]',
+    '[{"name": "wal", "size": "20Gi"}, {"name": "data2", "size": "200Gi"}, {"name": "pgdata", "size": "201Gi"}]',
+], ids=["grow", "add", "re-attach-larger"])
+def test_a_vm_over_max_total_per_vm_cannot_grow(disks_: str) -> None:
+    held = _over_the_limit()
+    with pytest.raises(Refused) as exc:
+        call_vm(annotate(copy.deepcopy(held), disks=disks_), policy=SMALL_TOTAL, operation="UPDATE",
+                old=held)
+    assert exc.value.field == "diskhooks.io/disks"
+    assert "limit 300Gi" in exc.value.reason and "already held 420Gi" in exc.value.reason
+    # a VM over the limit by its attached disks alone (the limit was lowered) is treated alike
+    lowered = load_policy(EXAMPLE_POLICY.read_text().replace("maxDiskSize: 2Ti", "maxDiskSize: 200Gi")
+                          .replace("maxTotalPerVM: 8Ti", "maxTotalPerVM: 200Gi"))
+    first = mutate(vm_create()).obj
+    assert mutate(annotate(copy.deepcopy(first), profile="small"), policy=lowered, operation="UPDATE",
+                  old=first).obj
+    with pytest.raises(Refused) as exc:
+        call_vm(annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "200Gi"}, '
+                         '{"name": "wal", "size": "21Gi"}]'), policy=lowered, operation="UPDATE", old=first)
+    assert exc.value.field == "diskhooks.io/disks" and "already held 220Gi" in exc.value.reason
+
+
+# ------------------------------------------------------------------------------------------------
 # defaultProfile on bare VMIs
 # ------------------------------------------------------------------------------------------------
 def _unsized_vmi(**meta: Any) -> dict[str, Any]:

@@ -26,7 +26,8 @@ arbitrary code: a ``command``, other ``args``, a ``configMap`` or ``pvc`` script
 
 Disks removed from the annotation are detached (their images stay on the node); the plan remembers
 them with their largest size (plan version 2, ``detached``), carried across UPDATEs even when every
-diskhooks annotation is gone, so a disk of that name can only come back at that size or larger.
+diskhooks annotation is gone, so a disk of that name can only come back at that size or larger;
+their sizes count towards ``maxTotalPerVM`` (an UPDATE may not raise the total above it).
 
 The result is a function of the annotations, the policy and the user's own part of the spec: the
 webhook's own volumes, disks, sidecar entry, plan and label are recognised and rebuilt, so calling
@@ -285,6 +286,7 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
                         "on the node (diskhooks never deletes disk images)")
     detached = _detached(previous, requested)
     _check_detached_names(requests, detached)
+    _check_total(requests, detached, previous.plan, policy.host_disks.max_total_per_vm)
     _check_boot_orders(t, requests)
     persist = _persist_root(t) if requests.persist_root else None
 
@@ -401,6 +403,43 @@ def _check_detached_names(requests: Requests, detached: tuple[DetachedDisk, ...]
             raise Refused(f"{p.field}.name", f"{p.name!r} is the name of a detached disk whose image "
                           f"stays on the node; the name can come back only as a disk of {K.ANN_DISKS} "
                           f"of {quantity_text(gone[p.name])} or larger: use another name")
+
+
+MAX_NAMED_DETACHED = 4  # detached disks a maxTotalPerVM denial names (the largest)
+
+
+def _check_total(requests: Requests, detached: tuple[DetachedDisk, ...], before: Plan | None,
+                 limit: int) -> None:
+    """``maxTotalPerVM`` bounds what the VM holds on the node: its disks and the images of its
+    detached disks (a re-attached disk is no longer detached, so it counts once). A VM already
+    above the limit (detached disks count since this check, or the platform lowered the limit)
+    is not stranded: an UPDATE that does not increase the total over what the old object's
+    verified plan held is admitted; only one that grows it beyond the limit is denied."""
+    attached = sum(d.size_bytes for d in requests.disks)
+    held = sum(x.size_bytes for x in detached)
+    total = attached + held
+    if total <= limit:
+        return
+    before_total = 0 if before is None else \
+        sum(d.size_bytes for d in before.disks) + sum(x.size_bytes for x in before.detached)
+    if total <= before_total:
+        return
+    reason = f"the disks add up to {quantity_text(total)}, more than the platform limit " \
+        f"{quantity_text(limit)} per VM"
+    if detached:
+        largest = sorted(detached, key=lambda x: (-x.size_bytes, x.name))
+        named = ", ".join(f"{x.name} {quantity_text(x.size_bytes)}" for x in largest[:MAX_NAMED_DETACHED])
+        if len(largest) > MAX_NAMED_DETACHED:
+            named += f" and {len(largest) - MAX_NAMED_DETACHED} more"
+        reason += (f": {quantity_text(attached)} attached and {quantity_text(held)} held by detached "
+                   f"disks ({named}), whose images stay on the node and count towards the limit")
+    if before_total > limit:
+        reason += (f"; this VM already held {quantity_text(before_total)}, which an update may keep "
+                   "but not increase")
+    if detached:
+        reason += ("; a detached disk re-attached by its name reuses its image; to free the space, "
+                   "ask the platform team to remove the detached disks' images and re-create the VM")
+    raise Refused(K.ANN_DISKS, reason)
 
 
 def _plan_warnings(plan: Plan, before: Plan | None, operation: str) -> list[str]:
