@@ -36,6 +36,7 @@ import errno
 import hashlib
 import json
 import os
+import posixpath
 import re
 import secrets
 import stat
@@ -321,12 +322,19 @@ def _backing_problem(image: FileState, where: str, expected: str | None,
     if image.backing_file is None:
         return (f"{where} has no backing file, but the plan expects {expected!r} ({expected_format}); "
                 "diskhooks does not rebase images")
-    allowed = (K.LAUNCHER_VM_DIR + "/", K.LAUNCHER_IMAGE_LIBRARY + "/")
-    outside = "" if image.backing_file.startswith(allowed) else \
+    outside = "" if _in_allowed_dirs(image.backing_file) else \
         " (outside the VM directory and the image library)"
     want = "none" if expected is None else f"{expected!r} ({expected_format})"
     return (f"{where} has backing file {image.backing_file!r} ({image.backing_format}){outside}; the plan "
             f"expects {want}; diskhooks refuses images with unexpected backing files")
+
+
+def _in_allowed_dirs(name: str) -> bool:
+    """Whether a backing file name read from a header lies in the VM directory or the image library
+    once ``..`` is resolved (for the message only: any unexpected backing file is refused)."""
+    clean = posixpath.normpath(name)
+    return name.startswith("/") and clean.startswith((K.LAUNCHER_VM_DIR + "/",
+                                                      K.LAUNCHER_IMAGE_LIBRARY + "/"))
 
 
 def _persist_actions(pr: PersistRoot, obs: PersistObservation, plan: Plan,

@@ -390,6 +390,30 @@ def test_backing_file_outside_the_allowed_directories_is_refused(node: Node) -> 
     assert "outside the VM directory and the image library" in proc.stderr
 
 
+@pytest.mark.parametrize("backing", [
+    "../../../../../etc/shadow",  # relative: qemu resolves it from the image's directory
+    f"{K.LAUNCHER_IMAGE_LIBRARY}/../../../../../etc/shadow",  # starts like the library, escapes it
+    "almalinux-9.qcow2",  # relative, in the image's own directory
+])
+def test_backing_file_escaping_with_dot_dot_or_relative_is_refused(node: Node, backing: str) -> None:
+    from diskplan.errors import Refused
+    from hooksidecar.images import check_images
+
+    d = node.mount_volume("data")
+    base = library_base(node, "almalinux-9.qcow2", "qcow2", 8 * MiB)
+    qimg("create", "-q", "-f", "qcow2", "-F", "raw", "-b", backing, "-u", str(d / "data.qcow2"),
+         str(16 * MiB))
+    before = snapshot(node.root)
+    for plan in (make_plan(make_disk("data", 32 * MiB)), make_plan(make_disk("data", 32 * MiB, base))):
+        proc = run_prepare(node, plan)
+        assert proc.returncode == 1
+        assert f"backing file {backing!r}" in proc.stderr
+        assert "outside the VM directory and the image library" in proc.stderr, proc.stderr
+        assert snapshot(node.root) == before
+        with pytest.raises(Refused, match="unexpected backing files"):
+            check_images(plan, vmi_uid=VMI_UID, path_prefix=str(node.root))
+
+
 def test_backing_file_other_than_the_planned_one_is_refused(node: Node) -> None:
     d = node.mount_volume("data")
     base = library_base(node, "almalinux-9.qcow2", "qcow2", 8 * MiB)
