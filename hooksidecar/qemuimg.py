@@ -126,20 +126,20 @@ def resize(path: str, *, size: int, backing: tuple[str, str] | None = None,
 
     ``qemu-img resize`` opens the backing chain (qemu zeroes the part of a grown overlay that
     would otherwise show the backing file's data). ``backing`` = ``(path, format)`` says where that
-    file is *here*: the image is then opened through a ``json:`` description naming it, which
-    leaves the backing file name written in the header unchanged.
+    file is *here*. The image is always opened through a ``json:`` description that names its
+    backing (the base, whose own backing is ``null``, or ``null``), so qemu opens exactly the files
+    the caller checked, never a name read from a header, and the backing file name written in the
+    header stays as it is.
     """
     target = str(round_to_sector(size))
-    if backing is None:
-        name = path
-    else:
+    backing_node: dict[str, Any] | None = None
+    if backing is not None:
         base_path, base_format = backing
         _check_format(base_format)
-        name = "json:" + json.dumps({
-            "driver": "qcow2",
-            "file": {"driver": "file", "filename": path},
-            "backing": {"driver": base_format, "file": {"driver": "file", "filename": base_path}},
-        })
+        backing_node = {"driver": base_format, "file": {"driver": "file", "filename": base_path},
+                        "backing": None}
+    name = "json:" + json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": path},
+                                 "backing": backing_node})
     _run([binary, "resize", "-q", "-f", "qcow2", name, target], what="qemu-img resize")
 
 

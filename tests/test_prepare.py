@@ -257,6 +257,31 @@ def test_larger_size_grows_plain_and_backed_images(node: Node) -> None:
     assert scratch["backing-filename-format"] == "qcow2"
 
 
+def test_resize_opens_only_the_files_it_is_given(tmp_path: Path) -> None:
+    """qemu-img resize opens the backing chain; prepare checks the image and its base first, and
+    resize must then open exactly those files, never a backing file named in a header (here a
+    name that does not exist: opening it would fail). The header's names stay as they were."""
+    from hooksidecar import qemuimg
+
+    plain = tmp_path / "plain.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/nonexistent/other.raw", "-u", str(plain),
+         str(8 * MiB))
+    base = tmp_path / "base.qcow2"  # a base that is itself an overlay: the chain stops at the base
+    qimg("create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/nonexistent/further.raw", "-u", str(base),
+         str(8 * MiB))
+    overlay = tmp_path / "overlay.qcow2"
+    qimg("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "/launcher/base.qcow2", "-u", str(overlay),
+         str(8 * MiB))
+
+    qemuimg.resize(str(plain), size=16 * MiB)
+    qemuimg.resize(str(overlay), size=16 * MiB, backing=(str(base), "qcow2"))
+
+    assert (qinfo(plain)["virtual-size"], qinfo(plain)["backing-filename"]) == \
+        (16 * MiB, "/nonexistent/other.raw")
+    assert (qinfo(overlay)["virtual-size"], qinfo(overlay)["backing-filename"]) == \
+        (16 * MiB, "/launcher/base.qcow2")
+
+
 def test_image_larger_than_planned_is_kept_as_it_is_and_said_so(node: Node) -> None:
     """A VM re-created under the same name with a smaller disk, or a platform that lowered
     maxDiskSize: the bigger image on the node is kept (never shrunk, its data intact), prepare
