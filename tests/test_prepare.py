@@ -468,6 +468,82 @@ def test_directory_in_place_of_the_image_is_refused(node: Node) -> None:
     assert proc.returncode == 1 and "not a regular file" in proc.stderr
 
 
+def test_fifo_in_place_of_the_image_is_refused_without_blocking(node: Node) -> None:
+    os.mkfifo(node.mount_volume("data") / "data.qcow2")  # opening it for reading would block
+    proc = run_prepare(node, make_plan(make_disk("data", 16 * MiB)))
+    assert proc.returncode == 1 and "not a regular file" in proc.stderr
+
+
+def test_qcow2_version_2_image_is_used_and_grown(node: Node) -> None:
+    """An image made with compat=0.10 (qcow2 version 2, e.g. by an old tool) is a valid qcow2
+    image: kept, grown in place (still version 2), and accepted by the sidecar."""
+    from hooksidecar.images import check_images
+
+    d = node.mount_volume("data")
+    qimg("create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(d / "data.qcow2"), str(16 * MiB))
+    assert summaries(run_prepare(node, make_plan(make_disk("data", 16 * MiB))))["data"]["result"] == \
+        "unchanged"
+    plan = make_plan(make_disk("data", 32 * MiB))
+    assert summaries(run_prepare(node, plan))["data"]["result"] == "grown"
+    info = qinfo(d / "data.qcow2")
+    assert (info["virtual-size"], info["format-specific"]["data"]["compat"]) == (32 * MiB, "0.10")
+    check_images(plan, vmi_uid=VMI_UID, path_prefix=str(node.root))
+
+
+def _base_is_an_overlay(p: Path) -> None:
+    qimg("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", f"{K.LAUNCHER_IMAGE_LIBRARY}/older.qcow2",
+         "-u", str(p), str(8 * MiB))
+
+
+def _base_with_data_file(p: Path) -> None:
+    qimg("create", "-q", "-f", "qcow2", "-o", f"data_file={p.parent / 'data.raw'}", str(p), str(8 * MiB))
+
+
+def _base_symlink(p: Path) -> None:
+    real = p.with_name("almalinux-9-2026.qcow2")
+    qimg("create", "-q", "-f", "qcow2", str(real), str(8 * MiB))
+    p.symlink_to(real.name)
+
+
+def _base_cut_short(p: Path) -> None:
+    qimg("create", "-q", "-f", "qcow2", str(p), str(8 * MiB))
+    os.truncate(p, 4096)
+
+
+UNUSABLE_BASES: list[tuple[str, Callable[[Path], object], str]] = [
+    ("base is itself an overlay", _base_is_an_overlay, "library bases must be self-contained"),
+    ("base has an external data file", _base_with_data_file, "external data file"),
+    ("base is a symbolic link", _base_symlink, "is a symbolic link"),
+    ("base is cut short", _base_cut_short, "lies beyond the end of the file"),
+    ("base is a FIFO", lambda p: os.mkfifo(p), "not a regular file"),
+    ("base is empty", lambda p: p.write_bytes(b""), "is raw, but the plan says qcow2"),
+]
+
+
+@pytest.mark.parametrize("label, make_base, words", UNUSABLE_BASES, ids=[u[0] for u in UNUSABLE_BASES])
+def test_unusable_library_base_is_refused_and_nothing_created(node: Node, label: str,
+                                                               make_base: Callable[[Path], object],
+                                                               words: str) -> None:
+    """The chain is the image and its base, nothing further: a base must be a regular,
+    self-contained qcow2 (or raw) file, checked before any overlay is made on it."""
+    from diskplan.errors import Refused
+    from hooksidecar.images import check_images
+
+    d = node.mount_volume("data")
+    make_base(node.library() / "almalinux-9.qcow2")
+    backing = Backing("almalinux-9", "almalinux-9.qcow2", "qcow2")
+    plan = make_plan(make_disk("data", 16 * MiB, backing))
+    proc = run_prepare(node, plan)
+    assert proc.returncode == 1
+    assert "volume data:" in proc.stderr and words in proc.stderr, proc.stderr
+    assert list(d.iterdir()) == []
+    # the sidecar checks the same base under an overlay made as prepare makes it
+    qimg("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", backing.launcher_path, "-u",
+         str(d / "data.qcow2"), str(16 * MiB))
+    with pytest.raises(Refused, match="^volume data: "):
+        check_images(plan, vmi_uid=VMI_UID, path_prefix=str(node.root))
+
+
 def test_missing_volume_directory_is_refused_naming_the_pod_volume(node: Node) -> None:
     node.mount_volume("data")
     proc = run_prepare(node, make_plan(make_disk("data", 16 * MiB), make_disk("logs", 16 * MiB)))
