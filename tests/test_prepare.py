@@ -452,14 +452,16 @@ def test_backing_file_other_than_the_planned_one_is_refused(node: Node) -> None:
 
 def test_symlinked_image_is_refused(node: Node, tmp_path: Path) -> None:
     d = node.mount_volume("data")
-    target = tmp_path / "elsewhere.qcow2"
+    (tmp_path / "elsewhere").mkdir()
+    target = tmp_path / "elsewhere" / "disk.qcow2"
     qimg("create", "-q", "-f", "qcow2", str(target), str(16 * MiB))
     (d / "data.qcow2").symlink_to(target)
-    before = target.read_bytes()
+    os.chmod(target, 0o600)
+    before = snapshot(target.parent)
     proc = run_prepare(node, make_plan(make_disk("data", 32 * MiB)))
     assert proc.returncode == 1
     assert "symbolic link" in proc.stderr
-    assert target.read_bytes() == before
+    assert snapshot(target.parent) == before  # not grown, not given to qemu (owner, mode) through the link
 
 
 def test_directory_in_place_of_the_image_is_refused(node: Node) -> None:
