@@ -833,6 +833,16 @@ def test_persist_root_needs_the_image_volume(node: Node) -> None:
     assert "/var/run/kubevirt-image-volume/disk_0" in proc.stderr
 
 
+def test_persist_root_container_disk_cut_short_is_refused(node: Node) -> None:
+    """The containerDisk's content is the VM owner's choice: a qcow2 file cut after its header is
+    refused before any overlay is made on it."""
+    os.truncate(persist_layout(node, qcow2_size=24 * MiB), 4096)
+    proc = run_prepare(node, make_plan(persist=PERSIST))
+    assert proc.returncode == 1
+    assert "volume rootdisk:" in proc.stderr and "lies beyond the end of the file" in proc.stderr
+    assert list(node.vm_dir().iterdir()) == []
+
+
 def test_persist_root_container_disk_with_two_files_is_refused(node: Node) -> None:
     base = persist_layout(node, content=b"x" * 4096)
     (base.parent / "second.img").write_bytes(b"y")
