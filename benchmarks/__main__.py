@@ -1,7 +1,8 @@
 """``python -m benchmarks [webhook|sidecar|all] [options passed on]`` — run the benchmarks.
 
-The sidecar benchmark lives in ``benchmarks/sidecar_bench.py`` (imported only when asked for, so
-a missing one does not stop the webhook benchmark).
+The sidecar and prepare benchmarks live in ``benchmarks/sidecar_bench.py`` and
+``benchmarks/prepare_bench.py`` (imported only when asked for, so a missing one does not stop the
+webhook benchmark).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = {"webhook": "benchmarks.webhook_bench", "sidecar": "benchmarks.sidecar_bench"}
+BENCHMARKS = {"webhook": "benchmarks.webhook_bench", "sidecar": "benchmarks.sidecar_bench",
+              "prepare": "benchmarks.prepare_bench"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

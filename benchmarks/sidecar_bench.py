@@ -105,7 +105,8 @@ class Workload:
 
 def build_workload(workdir: Path) -> Workload:
     """Sample 05's launcher VMI and first-call domain, with a signed plan for ``scratch`` (qcow2)
-    and ``logs`` (qcow2 overlay on a library base), and the images prepare would leave."""
+    and ``logs`` (qcow2 overlay on a library base), and the images (and base record) prepare would
+    leave."""
     from diskplan import keys as K
     from diskplan.plan import Backing, Plan, PlanKeys, PlannedDisk, sign_plan
 
@@ -141,6 +142,11 @@ def build_workload(workdir: Path) -> Workload:
 
     img(str(prefix / LAUNCHER_LIBRARY.lstrip("/") / BASE_FILE), "1G")
     img(str(prefix / LAUNCHER_DISKS.lstrip("/") / "scratch" / "scratch.qcow2"), "20G")
+    from hooksidecar.prepare import make_base_record
+
+    logs = plan.disks[1]
+    (prefix / LAUNCHER_DISKS.lstrip("/") / "logs" / logs.base_record).write_text(  # record first
+        json.dumps(make_base_record(logs, str(prefix / LAUNCHER_LIBRARY.lstrip("/") / BASE_FILE))))
     img("-u", "-F", "qcow2", "-b", f"{LAUNCHER_LIBRARY}/{BASE_FILE}",
         str(prefix / LAUNCHER_DISKS.lstrip("/") / "logs" / "logs.qcow2"), "10G")
     return Workload(prefix=prefix, vmi=json.dumps(vmi).encode(), domain=domain, plan=plan_text)

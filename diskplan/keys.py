@@ -62,6 +62,13 @@ def disk_file_name(disk: str) -> str:
     return f"{disk}.qcow2"
 
 
+def disk_base_record_name(disk: str) -> str:
+    """JSON record of the library base a disk's overlay was made on (written by prepare). ``disk``
+    is a DNS label (no dots), so this never meets ``persist-root.<volume>.*`` (two dots before
+    ``base.json``) nor prepare's temporary names (``.<file>.tmp-<hex>``, leading dot)."""
+    return f"{disk}.base.json"
+
+
 def persist_root_file_name(volume: str) -> str:
     """File of a persistent containerDisk overlay; the dots keep it apart from ``<dns-label>.qcow2``."""
     return f"persist-root.{volume}.qcow2"

@@ -96,6 +96,15 @@ class PlannedDisk:
         return f"{self.launcher_dir}/{self.file}"
 
     @property
+    def base_record(self) -> str:
+        """File name of the record of the library base (only meaningful with ``backing``)."""
+        return K.disk_base_record_name(self.name)
+
+    @property
+    def base_record_path(self) -> str:
+        return f"{self.launcher_dir}/{self.base_record}"
+
+    @property
     def alias(self) -> str:
         return K.disk_alias(self.name)
 

@@ -11,7 +11,10 @@ mutation). For every planned disk it checks, reading only the first 64 KiB of ea
 - its backing file and backing format are exactly the planned ones (none, or the library base);
 - its virtual size is at least the planned size (prepare grows images, never shrinks them: a
   larger image is accepted, as prepare keeps it);
-- a library base it overlays is a plain file and, when qcow2, has no backing or data file itself.
+- a library base it overlays is a plain file and, when qcow2, has no backing or data file itself;
+- the base record prepare wrote beside the overlay (``<disk>.base.json``) exists, names that base
+  and holds the base file's current identity (device, inode, size, mtime, ctime): a base replaced
+  since prepare checked its SHA-256 is refused. Only ``stat`` is compared, nothing is hashed here.
 
 For a persistent containerDisk root it checks the base record prepare wrote for this start (same
 image as the plan, same VMI uid) and the overlay (qcow2 backed by KubeVirt's containerDisk file in
@@ -32,8 +35,8 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
+from diskplan import baserecord, qcow2
 from diskplan import keys as K
-from diskplan import qcow2
 from diskplan.errors import Refused
 from diskplan.plan import BASE_FORMATS, Backing, PersistRoot, Plan, PlannedDisk
 
@@ -83,24 +86,63 @@ def _check_host_disk(disk: PlannedDisk, plan: Plan, prefix: str) -> None:
                       f"less than the planned {disk.size_bytes}: the diskhooks-prepare init container "
                       "did not grow it; check its logs")
     if disk.backing is not None:
-        _check_base(disk.backing, plan, prefix, field)
+        identity = _check_base(disk.backing, plan, prefix, field)
+        _check_base_record(disk, plan, prefix, field, identity)
 
 
-def _check_base(backing: Backing, plan: Plan, prefix: str, field: str) -> None:
+def _check_base_record(disk: PlannedDisk, plan: Plan, prefix: str, field: str,
+                       identity: dict[str, int]) -> None:
+    """The base is still the file prepare recorded (and hashed, when it changed) for this overlay."""
+    b = disk.backing
+    assert b is not None
+    node_record = f"{plan.host_dir}/{disk.base_record}"
+    where = f"the base record {disk.base_record_path} (node file {node_record})"
+    data, _ = _read_start(prefix, disk.base_record_path, field, node_path=node_record,
+                          missing=f"{where} does not exist: the {K.PREPARE_CONTAINER} init container "
+                          f"did not run for this start, so nothing checked that the base {b.image} is "
+                          "the one the overlay was made on; check the Pod has it and that it succeeded",
+                          limit=baserecord.MAX_RECORD_BYTES + 1)
+    if len(data) > baserecord.MAX_RECORD_BYTES:
+        raise Refused(field, f"{where} is larger than {baserecord.MAX_RECORD_BYTES} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        doc = None
+    problem = "is not JSON" if doc is None else baserecord.record_problem(doc)
+    if problem is not None:
+        raise Refused(field, f"{where} {problem}; the {K.PREPARE_CONTAINER} init container refuses "
+                      "it too (check its logs)")
+    if baserecord.names_other_base(doc, b):
+        raise Refused(field, f"{where} names the base {doc['file']!r} ({doc['format']}), not the "
+                      f"planned {b.file!r} ({b.format}); the {K.PREPARE_CONTAINER} init container "
+                      "refuses it too (check its logs)")
+    if doc["identity"] != identity:
+        node_base = f"{plan.image_library or '<imageLibrary>'}/{b.file}"
+        raise Refused(field, f"the base image {b.image} ({node_base}) changed since the "
+                      f"{K.PREPARE_CONTAINER} init container checked it for the overlay "
+                      f"{plan.host_dir}/{disk.file} ({baserecord.identity_changes(doc['identity'], identity)}); "
+                      "the overlay is only valid on the base it was made on. Restart the VM: "
+                      "prepare then compares the base's content with the record and refuses a "
+                      "replaced base with what to do")
+
+
+def _check_base(backing: Backing, plan: Plan, prefix: str, field: str) -> dict[str, int]:
+    """Check the library base; return its identity (for the base record)."""
     _require_dir(prefix, K.LAUNCHER_IMAGE_LIBRARY, field,
                  f"the image library {K.LAUNCHER_IMAGE_LIBRARY} is not mounted in the sidecar: check "
                  "the Pod mutation added the read-only image-library mount to the diskhooks "
                  "hook-sidecar container")
     node_path = f"{plan.image_library or '<imageLibrary>'}/{backing.file}"
-    data, size = _read_start(prefix, backing.launcher_path, field, node_path=node_path,
-                             missing=f"base image {backing.launcher_path} ({backing.image}, node file "
-                             f"{node_path}) does not exist in the image library")
-    if backing.format != "qcow2":
-        return
-    header = _parse(data, size, backing.launcher_path, field, node_path=node_path, writable=False)
-    if header.backing_file is not None:
-        raise Refused(field, f"base image {backing.launcher_path} ({backing.image}) has a backing file "
-                      f"{header.backing_file!r} itself; library bases must be self-contained")
+    data, st = _read_start_stat(prefix, backing.launcher_path, field, node_path=node_path,
+                                missing=f"base image {backing.launcher_path} ({backing.image}, node "
+                                f"file {node_path}) does not exist in the image library")
+    if backing.format == "qcow2":
+        header = _parse(data, st.st_size, backing.launcher_path, field, node_path=node_path,
+                        writable=False)
+        if header.backing_file is not None:
+            raise Refused(field, f"base image {backing.launcher_path} ({backing.image}) has a backing "
+                          f"file {header.backing_file!r} itself; library bases must be self-contained")
+    return baserecord.identity_of(st)
 
 
 def _check_persist_root(pr: PersistRoot, plan: Plan, vmi_uid: str, prefix: str) -> str:
@@ -146,6 +188,13 @@ def _read_start(prefix: str, path: str, field: str, *, node_path: str, missing: 
                 limit: int = qcow2.HEADER_READ_BYTES) -> tuple[bytes, int]:
     """The first ``limit`` bytes of a regular, non-symlink file (opened without following links),
     and the file's size."""
+    data, st = _read_start_stat(prefix, path, field, node_path=node_path, missing=missing, limit=limit)
+    return data, st.st_size
+
+
+def _read_start_stat(prefix: str, path: str, field: str, *, node_path: str, missing: str,
+                     limit: int = qcow2.HEADER_READ_BYTES) -> tuple[bytes, os.stat_result]:
+    """As :func:`_read_start`, with the ``fstat`` of the file that was read."""
     full = prefix + path
     try:
         st = os.lstat(full)
@@ -168,7 +217,7 @@ def _read_start(prefix: str, path: str, field: str, *, node_path: str, missing: 
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise Refused(field, f"{path} (node file {node_path}) is not a regular file")
-        return os.read(fd, limit), st.st_size
+        return os.read(fd, limit), st
     finally:
         os.close(fd)
 

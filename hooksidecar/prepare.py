@@ -13,12 +13,16 @@ Three layers, in this order:
    an explicit format, under limits, see :mod:`hooksidecar.qemuimg`) only on qcow2 images whose header
    shows no external data file.
 2. :func:`plan_actions` (pure): plan + observations -> a list of actions, one or more per volume:
-   create, grow, unchanged, or refuse. Nothing is done when any volume is refused. An image larger
+   create, grow, unchanged, or refuse. Nothing is done when any volume is refused. A library base
+   whose SHA-256 differs from the one recorded when its overlay was made is refused; inspection
+   hashes a base only when its identity (device, inode, size, mtime, ctime) differs from the
+   record's, streaming through one fixed buffer. An image larger
    than planned is kept as it is (never shrunk) and its summary line carries a ``warning``.
 3. :func:`apply` (I/O, writes): creates beside the target and publishes atomically (no half-made image
    is ever left under the final name; temporary names a killed run left beside a file are removed
    whenever that file is acted on), grows with ``qemu-img resize``, writes the persistent root's
-   base record. Every image it leaves, created, grown or unchanged (and the base record), is
+   base record and the base record of every library-backed disk (``<disk>.base.json``, see
+   :mod:`diskplan.baserecord`; always before the overlay it describes). Every image it leaves, created, grown or unchanged (and the base record), is
    qemu's: 107:107 with mode 0660 when running as root (mode 0660 only otherwise), set through an
    fd opened with ``O_NOFOLLOW``; when that cannot be done the volume is refused with the reason,
    since qemu could not open the file and the VM would fail later with a less clear error.
@@ -45,8 +49,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from diskplan import baserecord, qcow2
 from diskplan import keys as K
-from diskplan import qcow2
 from diskplan.errors import Malformed
 from diskplan.plan import BASE_FORMATS, MAX_PLAN_BYTES, PersistRoot, Plan, PlannedDisk, parse_plan
 from hooksidecar import qemuimg
@@ -84,11 +88,35 @@ class FileState:
 
 
 @dataclass(frozen=True)
+class MarkerState:
+    """A base record (the persistent root's, or a library-backed disk's). ``replaceable`` is False
+    for a link or a special file, which prepare never writes over."""
+
+    kind: Literal["missing", "invalid", "ok"]
+    detail: str = ""
+    record: Mapping[str, Any] = field(default_factory=dict)
+    replaceable: bool = True
+
+
+@dataclass(frozen=True)
+class BaseContent:
+    """A library base's identity now and the SHA-256 of its content: read from the record when the
+    identity matches it (``hashed`` False, the fast path), else computed from every byte."""
+
+    identity: Mapping[str, int] | None = None
+    sha256: str | None = None
+    hashed: bool = False
+    problem: str | None = None  # why the file could not be read or hashed
+
+
+@dataclass(frozen=True)
 class DiskObservation:
     dir_mounted: bool
     image: FileState
     library_mounted: bool = False
     base: FileState | None = None  # the library base at its (prefixed) launcher path, when planned
+    record: MarkerState = MarkerState("missing")  # <disk>.base.json, when a base is planned
+    content: BaseContent | None = None  # set when the base is otherwise usable
 
 
 @dataclass(frozen=True)
@@ -101,17 +129,6 @@ class BaseObservation:
     format: str | None = None
     virtual_size: int | None = None
     sha256: str | None = None
-
-
-@dataclass(frozen=True)
-class MarkerState:
-    """The persistent root's base record. ``replaceable`` is False for a link or a special file,
-    which prepare never writes over."""
-
-    kind: Literal["missing", "invalid", "ok"]
-    detail: str = ""
-    record: Mapping[str, Any] = field(default_factory=dict)
-    replaceable: bool = True
 
 
 @dataclass(frozen=True)
@@ -166,12 +183,36 @@ class WriteMarker:
 
 
 @dataclass(frozen=True)
+class WriteBaseRecord:
+    """Write a library-backed disk's base record (always before its overlay is created).
+    ``why``: ``new`` (a new overlay), ``identity`` (same content, the file's identity changed),
+    ``adopted`` (an overlay made before diskhooks kept records: the base as it is now)."""
+
+    volume: str
+    path: str
+    record: Mapping[str, Any]
+    hashed: bool
+    why: Literal["new", "identity", "adopted"]
+    warning: str | None = None
+
+
+@dataclass(frozen=True)
+class KeepBaseRecord:
+    """The base record already describes the base: give it to qemu's user, write nothing."""
+
+    volume: str
+    path: str
+    sha256: str
+    hashed: bool
+
+
+@dataclass(frozen=True)
 class Refuse:
     volume: str
     reason: str
 
 
-Action = CreateImage | GrowImage | Unchanged | WriteMarker | Refuse
+Action = CreateImage | GrowImage | Unchanged | WriteMarker | WriteBaseRecord | KeepBaseRecord | Refuse
 
 
 def marker_record(*, image: str, sha256: str, fmt: str, virtual_size: int, vmi_uid: str,
@@ -210,6 +251,86 @@ def plan_actions(plan: Plan, observed: Observed, *, vmi_uid: str | None) -> list
 
 
 def _disk_actions(disk: PlannedDisk, obs: DiskObservation, plan: Plan) -> list[Action]:
+    actions = _image_actions(disk, obs, plan)
+    if disk.backing is None or any(isinstance(a, Refuse) for a in actions):
+        return actions
+    record = _base_record_actions(disk, obs, plan, creating=isinstance(actions[0], CreateImage))
+    if isinstance(record, Refuse):
+        return [record]
+    return [record, *actions]  # the record first: an overlay never exists without it
+
+
+def _base_record_actions(disk: PlannedDisk, obs: DiskObservation, plan: Plan, *,
+                         creating: bool) -> WriteBaseRecord | KeepBaseRecord | Refuse:
+    """The base record of a library-backed disk whose image and base are otherwise usable."""
+    b = disk.backing
+    assert b is not None
+    vol = disk.name
+    node_base = f"{plan.image_library or '<imageLibrary>'}/{b.file}"
+    node_overlay = f"{plan.host_dir}/{disk.file}"
+    node_record = f"{plan.host_dir}/{disk.base_record}"
+    rec_where = f"the base record {disk.base_record_path} (node file {node_record})"
+    content, rec, base = obs.content, obs.record, obs.base
+    if content is None or base is None:
+        return Refuse(vol, "its base was not inspected (internal error)")
+    if content.problem is not None or content.sha256 is None or content.identity is None:
+        return Refuse(vol, f"base image {b.launcher_path} ({b.image}, node file {node_base}) "
+                      f"{content.problem or 'was not hashed (internal error)'}")
+    if not rec.replaceable:
+        return Refuse(vol, f"{rec_where} {rec.detail}; diskhooks never writes over it: remove it on "
+                      "the node")
+    size = base.virtual_size if base.kind == "qcow2" else base.file_size
+    assert size is not None
+    fresh = baserecord.make_record(disk, virtual_size=size, sha256=content.sha256,
+                                   identity=content.identity)
+    if creating:  # first start, or the overlay was deleted to discard its writes
+        if rec.kind == "ok" and dict(rec.record) == fresh:
+            return KeepBaseRecord(vol, disk.base_record_path, content.sha256, content.hashed)
+        return WriteBaseRecord(vol, disk.base_record_path, fresh, content.hashed, "new")
+    if rec.kind == "invalid":
+        return Refuse(vol, f"{rec_where} {rec.detail}; without it diskhooks cannot tell whether the "
+                      f"base {b.image} is still the one the overlay {node_overlay} was made on. If "
+                      f"{node_base} was not replaced since, delete {node_record} on the node and "
+                      "prepare records the base as it is now")
+    if rec.kind == "missing":  # an overlay made before diskhooks kept base records
+        return WriteBaseRecord(vol, disk.base_record_path, fresh, content.hashed, "adopted",
+                               warning=f"{disk.launcher_path} has no base record (made by a diskhooks "
+                               f"version that kept none): its base {b.image} (sha256 "
+                               f"{content.sha256}) was recorded as it is now, without proof that "
+                               "it is the one the overlay was made on; from now on a changed base "
+                               "is refused")
+    old = rec.record
+    if baserecord.names_other_base(old, b):
+        return Refuse(vol, f"{rec_where} names the base {old.get('file')!r} ({old.get('format')}), "
+                      f"but the overlay and the plan use {b.file!r} ({b.format}); if {node_base} is "
+                      f"the base the overlay was made on, delete {node_record} on the node and "
+                      "prepare records it as it is now")
+    if old.get("sha256") != content.sha256:
+        return Refuse(vol, base_changed(disk, plan, old_sha=str(old.get("sha256")),
+                                        new_sha=content.sha256))
+    if dict(old) == fresh:
+        return KeepBaseRecord(vol, disk.base_record_path, content.sha256, content.hashed)
+    # same content under another identity (copied back, touched, restored from a backup)
+    return WriteBaseRecord(vol, disk.base_record_path, fresh, content.hashed, "identity")
+
+
+def base_changed(disk: PlannedDisk, plan: Plan, *, old_sha: str, new_sha: str) -> str:
+    """The refusal for a library base whose content is not the one its overlay was made on."""
+    b = disk.backing
+    assert b is not None
+    node_base = f"{plan.image_library or '<imageLibrary>'}/{b.file}"
+    node_overlay = f"{plan.host_dir}/{disk.file}"
+    node_record = f"{plan.host_dir}/{disk.base_record}"
+    return (f"the base image {b.image} ({node_base}) changed since the overlay {node_overlay} was "
+            f"made on it (sha256 {old_sha} -> {new_sha}): the overlay's clusters refer to the old "
+            "base's content, so it is not used and nothing was changed. Restore the old base (the "
+            f"file with sha256 {old_sha}) in the image library; or the platform team rebases the "
+            f"overlay onto the new base (qemu-img rebase, with the old base at hand) and deletes "
+            f"{node_record}, or discards the overlay's writes by deleting {node_overlay} and "
+            f"{node_record} on the node")
+
+
+def _image_actions(disk: PlannedDisk, obs: DiskObservation, plan: Plan) -> list[Action]:
     vol = disk.name
     node_file = f"{plan.host_dir}/{disk.file}"
     if not obs.dir_mounted:
@@ -416,14 +537,82 @@ def inspect(plan: Plan, *, prefix: str = "", binary: str = "qemu-img") -> Observ
         mounted = _is_dir(prefix + disk.launcher_dir)
         image = inspect_image(prefix + disk.launcher_path, binary=binary) if mounted \
             else FileState("missing")
-        base = None
+        base, record, content = None, MarkerState("missing"), None
         if disk.backing is not None and library_mounted:
             base = inspect_image(prefix + disk.backing.launcher_path, run_qemu=False)
-        disks[disk.name] = DiskObservation(mounted, image, library_mounted, base)
+            if mounted:
+                record = read_base_record(prefix + disk.base_record_path)
+                if _worth_hashing(base, disk.backing.format, image):
+                    content = inspect_base_content(prefix + disk.backing.launcher_path, record)
+        disks[disk.name] = DiskObservation(mounted, image, library_mounted, base, record, content)
     persist = None
     if plan.persist_root is not None:
         persist = _inspect_persist(plan.persist_root, prefix, binary)
     return Observed(disks=disks, persist_root=persist)
+
+
+def _worth_hashing(base: FileState, fmt: str, image: FileState) -> bool:
+    """Whether the base (and the image on it) can be used at all: otherwise the disk is refused
+    anyway and reading many GiB of base would be for nothing."""
+    if image.kind not in ("missing", "qcow2") or base.kind != fmt:
+        return False
+    return base.kind == "raw" or (base.backing_file is None and base.data_file is None
+                                  and not base.encrypted and not base.unknown_features)
+
+
+def inspect_base_content(path: str, record: MarkerState) -> BaseContent:
+    """The library base's identity and content hash. When its identity is the one ``record``
+    holds, the recorded SHA-256 is taken as it is (nothing is read); otherwise every byte is
+    hashed, streaming through one fixed buffer (bounded memory whatever the size), and the file
+    must keep its identity while it is read."""
+    try:
+        fd = _open_regular(path)
+    except _NotUsable as exc:
+        return BaseContent(problem=exc.detail or exc.kind)
+    try:
+        before = baserecord.identity_of(os.fstat(fd))
+        if record.kind == "ok" and record.record.get("identity") == before:
+            return BaseContent(before, str(record.record["sha256"]), hashed=False)
+        digest = hash_fd(fd)
+        after = baserecord.identity_of(os.fstat(fd))
+    except OSError as exc:
+        return BaseContent(problem=f"cannot be read: {exc.strerror or exc}")
+    finally:
+        os.close(fd)
+    if after != before:
+        return BaseContent(problem="changed while prepare was reading it ("
+                           f"{baserecord.identity_changes(before, after)}); is it being replaced? "
+                           "Restart the VM once the image library is settled")
+    return BaseContent(before, digest, hashed=True)
+
+
+def hash_fd(fd: int, *, head: bytes = b"") -> str:
+    """SHA-256 of ``head`` followed by everything from ``fd``'s offset to its end, read through
+    one ``HASH_CHUNK`` buffer (memory stays bounded for a base of any size)."""
+    digest = hashlib.sha256(head)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except OSError:
+        pass
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    while n := os.readv(fd, [buf]):
+        digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def make_base_record(disk: PlannedDisk, base_path: str) -> dict[str, Any]:
+    """The record prepare writes for ``disk``'s base found at ``base_path`` (hashed now). For tests
+    and the benchmark, which lay out what prepare leaves without running it."""
+    assert disk.backing is not None
+    state = inspect_image(base_path, run_qemu=False)
+    content = inspect_base_content(base_path, MarkerState("missing"))
+    size = state.virtual_size if state.kind == "qcow2" else state.file_size
+    if content.problem is not None or content.sha256 is None or content.identity is None \
+            or size is None:
+        raise ValueError(f"{base_path}: {content.problem or state.detail or 'cannot be recorded'}")
+    return baserecord.make_record(disk, virtual_size=size, sha256=content.sha256,
+                                  identity=content.identity)
 
 
 def inspect_image(path: str, *, run_qemu: bool = True, binary: str = "qemu-img") -> FileState:
@@ -495,11 +684,8 @@ def inspect_container_disk(image_dir: str, *, binary: str = "qemu-img") -> BaseO
         return BaseObservation(True, f"{name}: {exc.detail or exc.kind}")
     try:
         size = os.fstat(fd).st_size
-        digest = hashlib.sha256()
         head = os.read(fd, qcow2.HEADER_READ_BYTES)
-        digest.update(head)
-        while chunk := os.read(fd, HASH_CHUNK):
-            digest.update(chunk)
+        sha256 = hash_fd(fd, head=head)
     except OSError as exc:
         return BaseObservation(True, f"{name} cannot be read: {exc.strerror}")
     finally:
@@ -520,11 +706,35 @@ def inspect_container_disk(image_dir: str, *, binary: str = "qemu-img") -> BaseO
         info = qemuimg.info(f"{disk_dir}/{name}", fmt=fmt, binary=binary)
     except qemuimg.QemuImgError as exc:
         return BaseObservation(True, f"{name}: {exc.reason}")
-    return BaseObservation(True, None, name, fmt, info.virtual_size, digest.hexdigest())
+    return BaseObservation(True, None, name, fmt, info.virtual_size, sha256)
 
 
 def read_marker(path: str) -> MarkerState:
     """The persistent root's base record, validated."""
+    state = _load_record(path)
+    if state.kind != "ok":
+        return state
+    doc = state.record
+    if not isinstance(doc.get("image"), str) \
+            or not isinstance(doc.get("sha256"), str) or not _SHA256.match(doc["sha256"]) \
+            or doc.get("format") not in BASE_FORMATS or not isinstance(doc.get("virtualSize"), int) \
+            or not isinstance(doc.get("vmiUID"), str) or not isinstance(doc.get("overlay"), str):
+        return MarkerState("invalid", "does not have the fields diskhooks writes (image, sha256, format, "
+                           "virtualSize, vmiUID, overlay)")
+    return state
+
+
+def read_base_record(path: str) -> MarkerState:
+    """A library-backed disk's base record (``<disk>.base.json``), validated."""
+    state = _load_record(path)
+    if state.kind != "ok":
+        return state
+    problem = baserecord.record_problem(state.record)
+    return state if problem is None else MarkerState("invalid", problem)
+
+
+def _load_record(path: str) -> MarkerState:
+    """A JSON object from a small regular file (never through a link); ``invalid`` says why not."""
     try:
         fd = _open_regular(path)
     except _NotUsable as exc:
@@ -546,12 +756,8 @@ def read_marker(path: str) -> MarkerState:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         return MarkerState("invalid", "is not JSON")
-    if not isinstance(doc, dict) or not isinstance(doc.get("image"), str) \
-            or not isinstance(doc.get("sha256"), str) or not _SHA256.match(doc["sha256"]) \
-            or doc.get("format") not in BASE_FORMATS or not isinstance(doc.get("virtualSize"), int) \
-            or not isinstance(doc.get("vmiUID"), str) or not isinstance(doc.get("overlay"), str):
-        return MarkerState("invalid", "does not have the fields diskhooks writes (image, sha256, format, "
-                           "virtualSize, vmiUID, overlay)")
+    if not isinstance(doc, dict):
+        return MarkerState("invalid", "is not a JSON object")
     return MarkerState("ok", record=doc)
 
 
@@ -645,10 +851,22 @@ def apply(actions: Sequence[Action], *, prefix: str = "", owner: tuple[int, int]
                 summary.setdefault("result", "unchanged")
                 summary.update(path=action.path, virtualSize=action.virtual_size)
                 if action.planned_size is not None:
-                    summary.update(plannedSize=action.planned_size, warning=larger_than_planned(action))
+                    summary.update(plannedSize=action.planned_size)
+                    _warn(summary, larger_than_planned(action))
             elif isinstance(action, WriteMarker):
                 _write_json(prefix + action.path, action.record, owner=owner)
                 summary.update(baseSha256=action.record["sha256"], baseFormat=action.record["format"])
+            elif isinstance(action, WriteBaseRecord):
+                _write_json(prefix + action.path, action.record, owner=owner)
+                summary.update(baseRecord={"new": "written", "identity": "identity-updated",
+                                           "adopted": "adopted"}[action.why],
+                               baseSha256=action.record["sha256"], baseHashed=action.hashed)
+                if action.warning is not None:
+                    _warn(summary, action.warning)
+            elif isinstance(action, KeepBaseRecord):
+                remove_stale_tmp(prefix + action.path)
+                _note_ownership(summary, action.path, hand_to_qemu(prefix + action.path, owner, action.path))
+                summary.update(baseRecord="kept", baseSha256=action.sha256, baseHashed=action.hashed)
         except qemuimg.QemuImgError as exc:
             raise ApplyError(vol, exc.reason) from None
         except HandoverError as exc:
@@ -659,6 +877,11 @@ def apply(actions: Sequence[Action], *, prefix: str = "", owner: tuple[int, int]
         if report is not None and last[vol] == i:
             report(summary)
     return [summaries[v] for v in order]
+
+
+def _warn(summary: dict[str, Any], text: str) -> None:
+    """Add ``text`` to the log line's ``warning`` (several are joined with "; ")."""
+    summary["warning"] = f"{summary['warning']}; {text}" if "warning" in summary else text
 
 
 def larger_than_planned(action: Unchanged) -> str:

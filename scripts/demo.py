@@ -298,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  qemu-img info {d['name']}.qcow2: format {info['format']}, virtual size "
                   f"{info['virtual-size'] / 2**30:.0f} GiB, backing {info.get('backing-filename', '-')}"
                   f" ({info.get('backing-filename-format', '-')})")
+            record = img.with_name(f"{d['name']}.base.json")  # written before the overlay
+            if d.get("backing"):
+                rec = json.loads(record.read_text())
+                print(f"  base record {record.name}: {rec['file']} sha256 {rec['sha256'][:16]}…, identity "
+                      f"inode {rec['identity']['ino']} size {rec['identity']['size']} (checked at every start)")
         root = prefix / "var/run/kubevirt-private/diskhooks/vm/persist-root.root.qcow2"
         info = qemu_img_info(root)
         print(f"  qemu-img info persist-root.root.qcow2: virtual size {info['virtual-size'] / 2**30:.0f} GiB,"

@@ -21,6 +21,7 @@ from diskplan import keys as K
 from diskplan.errors import Refused
 from diskplan.plan import Backing, PersistRoot, Plan, PlannedDisk
 from hooksidecar.images import ImageFacts, check_images
+from hooksidecar.prepare import make_base_record
 
 QEMU_IMG = shutil.which("qemu-img")
 UID = "6a1e5f3c-1d2b-4c3a-9e8f-0123456789ab"
@@ -71,6 +72,8 @@ def build_tree(root: Path, plan: Plan = PLAN) -> None:
             base.parent.mkdir(parents=True, exist_ok=True)
             if not base.exists():
                 qemu_img("create", "-f", disk.backing.format, str(base), "10G")
+            # the base record prepare writes before the overlay
+            at(root, disk.base_record_path).write_text(json.dumps(make_base_record(disk, str(base))))
     if plan.persist_root is not None:
         pr = plan.persist_root
         at(root, K.LAUNCHER_VM_DIR).mkdir(parents=True, exist_ok=True)
@@ -105,6 +108,27 @@ def test_raw_base_format_is_reported(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # every way a tree can be wrong, each with the words a user needs to see
 # ------------------------------------------------------------------------------------------------
+def _base_record(root: Path) -> Path:
+    return at(root, PLAN.disks[1].base_record_path)
+
+
+def _record_other_base(root: Path) -> None:
+    doc = json.loads(_base_record(root).read_text())
+    _base_record(root).write_text(json.dumps({**doc, "file": "rocky-9.qcow2"}))
+
+
+def _base_record_symlink(root: Path) -> None:
+    real = _base_record(root).with_name("elsewhere.json")
+    _base_record(root).rename(real)
+    _base_record(root).symlink_to(real.name)
+
+
+def _base_replaced(root: Path) -> None:
+    new = _base(root).with_name("incoming.qcow2")
+    qemu_img("create", "-f", "qcow2", str(new), "10G")  # same name, same size, other file
+    os.replace(new, _base(root))
+
+
 def _pgdata(root: Path) -> Path:
     return at(root, PLAN.disks[0].launcher_path)
 
@@ -244,6 +268,16 @@ CASES: list[tuple[str, Callable[[Path], object], str]] = [
     ("base with its own backing file", _base_with_backing, "library bases must be self-contained"),
     ("base is a symlink", _base_symlink, "is a symbolic link"),
     ("base cut short", lambda r: os.truncate(_base(r), 1024), "lies beyond the end of the file"),
+    ("base record missing", lambda r: _base_record(r).unlink(),
+     ("scratch.base.json (node file /var/lib/diskhooks/vms/vms/pg01/scratch.base.json) does not exist: "
+      "the diskhooks-prepare init container did not run for this start")),
+    ("base record not JSON", lambda r: _base_record(r).write_text("{"), "is not JSON"),
+    ("base record without its fields", lambda r: _base_record(r).write_text("{}"),
+     "does not have the fields diskhooks writes"),
+    ("base record of another base", _record_other_base, "names the base 'rocky-9.qcow2'"),
+    ("base record a symlink", _base_record_symlink, "is a symbolic link"),
+    ("base replaced (new inode)", _base_replaced, "changed since the diskhooks-prepare init container"),
+    ("base touched", lambda r: os.utime(_base(r), ns=(1, 1)), "mtimeNs "),
     ("VM dir not mounted", lambda r: shutil.rmtree(_overlay(r).parent),
      "the VM directory /var/run/kubevirt-private/diskhooks/vm is not mounted"),
     ("marker missing", lambda r: _marker(r).unlink(),

@@ -145,6 +145,10 @@ def snapshot(d: Path) -> dict[str, tuple[int, str, int, int]]:
     return out
 
 
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def leftovers(node: Node) -> list[str]:
     return [str(p) for p in node.root.rglob(f"*{prepare._TMP_INFIX}*")]
 
@@ -209,7 +213,8 @@ def test_plan_from_env_and_raw_base(node: Node) -> None:
     result = summaries(run_prepare(node, plan, from_env=True))
     assert result["data"] == {"volume": "data", "result": "created", "path": plan.disks[0].launcher_path,
                               "virtualSize": 16 * MiB, "backing": base.launcher_path,
-                              "backingFormat": "raw"}
+                              "backingFormat": "raw", "baseRecord": "written", "baseHashed": True,
+                              "baseSha256": sha256_of(node.path(base.launcher_path))}
     info = qinfo(node.path(plan.disks[0].launcher_path))
     assert (info["backing-filename"], info["backing-filename-format"]) == (base.launcher_path, "raw")
 
@@ -1048,3 +1053,255 @@ def test_disk_decisions(image: prepare.FileState, planned: int, expected: str) -
     observed = prepare.Observed(disks={"data": prepare.DiskObservation(True, image)})
     actions = prepare.plan_actions(make_plan(make_disk("data", planned)), observed, vmi_uid=None)
     assert [type(a).__name__ for a in actions] == [expected]
+
+
+# ------------------------------------------------------------------------------------------------
+# the base record of a library-backed disk (<disk>.base.json)
+# ------------------------------------------------------------------------------------------------
+def _record_path(node: Node, disk: PlannedDisk) -> Path:
+    return node.path(disk.base_record_path)
+
+
+def _identity(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtimeNs": st.st_mtime_ns,
+            "ctimeNs": st.st_ctime_ns}
+
+
+def _backed_layout(node: Node, fmt: str = "qcow2") -> tuple[Plan, Path]:
+    node.mount_volume("data")
+    name = f"almalinux-9.{fmt}"
+    base = library_base(node, name, fmt, 8 * MiB)
+    if fmt == "raw":  # content to tell bases apart
+        node.path(base.launcher_path).write_bytes(os.urandom(8 * MiB))
+    return make_plan(make_disk("data", 32 * MiB, base)), node.path(base.launcher_path)
+
+
+def _replace_base(path: Path, content: bytes, *, same_times: bool = True) -> None:
+    """The platform team copies a new base over the old one under the same name (a new file moved
+    in); with ``same_times`` it even keeps the old mtime (``cp -p``, rsync -t)."""
+    st = path.stat()
+    new = path.with_name(".incoming")
+    new.write_bytes(content)
+    if same_times:
+        os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(new, path)
+
+
+def test_new_overlay_on_a_library_base_gets_a_base_record_first(node: Node) -> None:
+    plan, base = _backed_layout(node, "raw")
+    disk = plan.disks[0]
+
+    result = summaries(run_prepare(node, plan))["data"]
+
+    record = json.loads(_record_path(node, disk).read_text())
+    assert record == {"base": "almalinux-9", "file": "almalinux-9.raw", "format": "raw",
+                      "virtualSize": 8 * MiB, "sha256": sha256_of(base), "overlay": "data.qcow2",
+                      "identity": _identity(base)}
+    assert (result["result"], result["baseRecord"], result["baseHashed"], result["baseSha256"]) == \
+        ("created", "written", True, sha256_of(base))
+    assert _owner_mode(_record_path(node, disk)) == QEMU_OWNED
+    assert qinfo(node.path(disk.launcher_path))["backing-filename"] == disk.backing.launcher_path  # type: ignore[union-attr]
+    assert leftovers(node) == []
+
+
+def test_base_record_is_written_before_the_overlay(node: Node) -> None:
+    """An overlay never exists without its record: when the overlay cannot be made (here qemu-img
+    refuses the size), the record is already there and no overlay is."""
+    node.mount_volume("huge")
+    base = library_base(node, "almalinux-9.qcow2", "qcow2", 8 * MiB)
+    disk = make_disk("huge", 1 << 58, base)
+    proc = run_prepare(node, make_plan(disk))
+    assert proc.returncode == 1 and "qemu-img create failed" in proc.stderr
+    assert _record_path(node, disk).exists() and not node.path(disk.launcher_path).exists()
+    # the next run finds the record still right for the base and only makes the overlay
+    assert [type(a).__name__ for a in prepare.plan_actions(
+        make_plan(disk), prepare.inspect(make_plan(disk), prefix=str(node.root)), vmi_uid=None)] == \
+        ["KeepBaseRecord", "CreateImage"]
+
+
+def test_later_start_with_the_base_unchanged_does_not_hash_it(node: Node) -> None:
+    plan, base = _backed_layout(node)
+    summaries(run_prepare(node, plan))
+    before = snapshot(node.root)
+
+    result = summaries(run_prepare(node, plan))["data"]
+
+    assert (result["result"], result["baseRecord"], result["baseHashed"]) == ("unchanged", "kept", False)
+    assert result["baseSha256"] == sha256_of(base)
+    assert snapshot(node.root) == before  # record and overlay untouched
+
+
+def test_fast_path_trusts_the_identity_and_reads_nothing(node: Node) -> None:
+    """The fast path takes the recorded SHA-256 when the identity matches: shown with a record
+    whose sha256 was edited (the base is not read, so the edit is not noticed), then with its
+    identity edited too (the base is hashed again and the mismatch refused)."""
+    plan, _ = _backed_layout(node)
+    summaries(run_prepare(node, plan))
+    path = _record_path(node, plan.disks[0])
+    record = json.loads(path.read_text())
+    record["sha256"] = "0" * 64
+    path.write_text(json.dumps(record))
+    result = summaries(run_prepare(node, plan))["data"]
+    assert (result["baseHashed"], result["baseSha256"]) == (False, "0" * 64)
+
+    record["identity"]["ino"] += 1
+    path.write_text(json.dumps(record))
+    proc = run_prepare(node, plan)
+    assert proc.returncode == 1 and "changed since the overlay" in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["new file moved in", "overwritten in place"])
+def test_replaced_base_with_the_same_size_is_refused_and_nothing_changed(node: Node, how: str) -> None:
+    from diskplan.errors import Refused
+    from hooksidecar.images import check_images
+
+    plan, base = _backed_layout(node, "raw")
+    summaries(run_prepare(node, plan))
+    old_sha = sha256_of(base)
+    new = os.urandom(8 * MiB)  # same size, other content
+    if how == "new file moved in":
+        _replace_base(base, new)
+    else:
+        st = base.stat()
+        with base.open("r+b") as fh:  # cp new old: same inode, same size
+            fh.write(new)
+        os.utime(base, ns=(st.st_atime_ns, st.st_mtime_ns))  # even the old mtime
+    assert base.stat().st_size == 8 * MiB
+    before = snapshot(node.path(K.launcher_disk_dir("data")))
+
+    proc = run_prepare(node, replace(plan, disks=(replace(plan.disks[0], size_bytes=64 * MiB),)))
+
+    assert proc.returncode == 1, proc.stdout
+    assert (f"volume data: the base image almalinux-9 ({LIBRARY}/almalinux-9.raw) changed since the "
+            f"overlay {HOST_DIR}/data.qcow2 was made on it (sha256 {old_sha} -> {sha256_of(base)})") \
+        in proc.stderr
+    assert "Restore the old base" in proc.stderr and "rebases the overlay" in proc.stderr
+    assert f"deleting {HOST_DIR}/data.qcow2 and {HOST_DIR}/data.base.json" in proc.stderr
+    assert "nothing was changed" in proc.stderr
+    assert snapshot(node.path(K.launcher_disk_dir("data"))) == before  # not grown, record kept
+    assert qinfo(node.path(plan.disks[0].launcher_path))["virtual-size"] == 32 * MiB
+    # the sidecar refuses the same start on the identity alone
+    with pytest.raises(Refused, match=r"^volume data: the base image almalinux-9 .* changed since the "
+                       r"diskhooks-prepare init container checked it"):
+        check_images(plan, vmi_uid=VMI_UID, path_prefix=str(node.root))
+
+
+@pytest.mark.parametrize("how", ["touched", "copied back"])
+def test_base_with_the_same_content_under_a_new_identity_is_accepted(node: Node, how: str) -> None:
+    from hooksidecar.images import check_images
+
+    plan, base = _backed_layout(node, "raw")
+    summaries(run_prepare(node, plan))
+    old_identity = _identity(base)
+    if how == "touched":
+        os.utime(base)
+    else:  # copied away and back (a restore from a backup)
+        _replace_base(base, base.read_bytes(), same_times=False)
+    assert _identity(base) != old_identity
+
+    result = summaries(run_prepare(node, plan))["data"]
+
+    assert (result["result"], result["baseRecord"], result["baseHashed"]) == \
+        ("unchanged", "identity-updated", True)
+    record = json.loads(_record_path(node, plan.disks[0]).read_text())
+    assert record["identity"] == _identity(base) and record["sha256"] == sha256_of(base)
+    assert _owner_mode(_record_path(node, plan.disks[0])) == QEMU_OWNED
+    check_images(plan, vmi_uid=VMI_UID, path_prefix=str(node.root))
+    again = summaries(run_prepare(node, plan))["data"]
+    assert (again["baseRecord"], again["baseHashed"]) == ("kept", False)
+
+
+def test_overlay_made_before_base_records_is_adopted_with_a_warning(node: Node) -> None:
+    """Trust on first use: an overlay an earlier diskhooks made has no record; its base is
+    recorded as it is now, and the log line says so."""
+    plan, base = _backed_layout(node)
+    disk = plan.disks[0]
+    qimg("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", disk.backing.launcher_path, "-u",  # type: ignore[union-attr]
+         str(node.path(disk.launcher_path)), str(32 * MiB))
+
+    result = summaries(run_prepare(node, plan))["data"]
+
+    assert (result["result"], result["baseRecord"], result["baseHashed"]) == \
+        ("unchanged", "adopted", True)
+    assert "has no base record" in result["warning"] and "recorded as it is now" in result["warning"]
+    assert json.loads(_record_path(node, disk).read_text())["sha256"] == sha256_of(base)
+    again = summaries(run_prepare(node, plan))["data"]
+    assert (again["baseRecord"], "warning" in again) == ("kept", False)
+
+
+def test_adopting_while_growing_keeps_both_parts_of_the_log_line(node: Node) -> None:
+    plan, _ = _backed_layout(node)
+    disk = plan.disks[0]
+    qimg("create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", disk.backing.launcher_path, "-u",  # type: ignore[union-attr]
+         str(node.path(disk.launcher_path)), str(16 * MiB))
+    result = summaries(run_prepare(node, plan))["data"]
+    assert (result["result"], result["baseRecord"]) == ("grown", "adopted")
+    assert _record_path(node, disk).exists()
+
+
+@pytest.mark.parametrize("label, spoil, words", [
+    ("not JSON", lambda p: p.write_text("{"), "is not JSON"),
+    ("fields missing", lambda p: p.write_text('{"sha256": "x"}'), "does not have the fields"),
+    ("another base", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()),
+                                                          "file": "rocky-9.qcow2"})),
+     "names the base 'rocky-9.qcow2'"),
+    ("a symbolic link", lambda p: (p.unlink(), p.symlink_to("/etc/hostname")), "is a symbolic link"),
+])
+def test_unusable_base_record_of_an_existing_overlay_is_refused(node: Node, label: str,
+                                                                spoil: Callable[[Path], object],
+                                                                words: str) -> None:
+    plan, _ = _backed_layout(node)
+    summaries(run_prepare(node, plan))
+    spoil(_record_path(node, plan.disks[0]))
+    before = snapshot(node.root)
+    proc = run_prepare(node, plan)
+    assert proc.returncode == 1
+    assert "volume data: the base record" in proc.stderr and words in proc.stderr, proc.stderr
+    assert snapshot(node.root) == before
+
+
+def test_deleted_overlay_gets_a_fresh_record_on_the_new_base(node: Node) -> None:
+    """Deleting the overlay (and not the record) discards its writes: the next start records the
+    base as it is and makes a new overlay on it."""
+    plan, base = _backed_layout(node, "raw")
+    summaries(run_prepare(node, plan))
+    _replace_base(base, os.urandom(8 * MiB))
+    node.path(plan.disks[0].launcher_path).unlink()
+    result = summaries(run_prepare(node, plan))["data"]
+    assert (result["result"], result["baseRecord"], result["baseSha256"]) == \
+        ("created", "written", sha256_of(base))
+
+
+def test_hashing_a_base_is_streamed_under_an_address_space_limit(node: Node) -> None:
+    """A base larger than prepare's whole address space is hashed: it is never read into memory."""
+    import resource
+
+    node.mount_volume("data")
+    base = node.library() / "big.raw"
+    with base.open("wb") as fh:
+        fh.truncate(768 * MiB)
+        fh.seek(700 * MiB)
+        fh.write(b"not only zeros")
+    plan = make_plan(make_disk("data", 1024 * MiB, Backing("big", "big.raw", "raw")))
+    limit = 512 * MiB
+
+    def cap() -> None:  # soft limit only: qemu-img children still set their own 1 GiB
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+
+    result = summaries(run_prepare(node, plan, preexec=cap))["data"]
+    assert (result["result"], result["baseHashed"]) == ("created", True)
+    digest = hashlib.sha256()
+    with base.open("rb") as rh:
+        while chunk := rh.read(MiB):
+            digest.update(chunk)
+    assert result["baseSha256"] == digest.hexdigest()
+
+
+@pytest.mark.parametrize("name", ["data", "persist-root", "root"])
+def test_record_names_meet_no_other_name_prepare_uses(name: str) -> None:
+    disk = make_disk(name, MiB)
+    persist = PersistRoot(volume=name, image=ROOT_IMAGE, volume_index=0)
+    others = {disk.file, persist.file, persist.marker}
+    assert disk.base_record == f"{name}.base.json" and disk.base_record not in others
+    assert not disk.base_record.startswith(".")  # temporary names start with a dot

@@ -36,6 +36,7 @@ from hooksidecar import logfmt
 from hooksidecar import server as srv
 from hooksidecar._pb import info_pb2, v1alpha1_pb2, v1alpha2_pb2, v1alpha3_pb2
 from hooksidecar.callback import on_define_domain
+from hooksidecar.prepare import make_base_record
 from tests.conftest import ROOT, SAMPLES
 
 SAMPLE01 = SAMPLES / "01-vm-containerdisk-hostdisk-cloudinit"
@@ -131,6 +132,9 @@ def make_images(prefix: Path, *, raw_datadisk: bool = False) -> None:
     # the backing path is the launcher's, which does not exist here: -u (do not open it)
     qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b", f"{K.LAUNCHER_IMAGE_LIBRARY}/{BASE_FILE}",
              str(scratch_dir / "scratch.qcow2"), "20G")
+    # the base record prepare writes before the overlay
+    scratch = make_plan().disks[1]
+    (scratch_dir / scratch.base_record).write_text(json.dumps(make_base_record(scratch, str(library / BASE_FILE))))
 
 
 def build_sample(prefix: Path, *, raw_datadisk: bool = False) -> PlannedSample:
@@ -524,6 +528,43 @@ def test_raw_image_is_failed_precondition_naming_the_volume(sock_dir: Path, tmp_
         sidecar.stop()
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "datadisk" in err.details() and "raw" in err.details()
+
+
+def test_library_base_replaced_after_prepare_is_failed_precondition(sock_dir: Path, tmp_path: Path) -> None:
+    """The base of ``scratch`` is replaced after prepare recorded it (same name, same size): the
+    sidecar compares its identity with the record and refuses, on every call, naming the reason."""
+    replaced = build_sample(tmp_path / "replaced-prefix")
+    base = replaced.prefix / K.LAUNCHER_IMAGE_LIBRARY.lstrip("/") / BASE_FILE
+    qemu_img("create", "-q", "-f", "qcow2", str(base.with_name("new")), "1G")
+    os.replace(base.with_name("new"), base)
+    sidecar = start_sidecar(sock_dir, "--path-prefix", str(replaced.prefix))
+    try:
+        errs = [rpc_error(call_on_define, sidecar.target, v, replaced.first_call, replaced.vmi)
+                for v in ("v1alpha3", "v1alpha2")]
+    finally:
+        sidecar.stop()
+    for err in errs:
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.details().startswith("volume scratch: the base image almalinux-9 "
+                                        "(/var/lib/diskhooks/images/almalinux-9.qcow2) changed since "
+                                        "the diskhooks-prepare init container checked it"), err.details()
+        assert "ino " in err.details()
+
+
+def test_missing_base_record_is_failed_precondition(sock_dir: Path, tmp_path: Path) -> None:
+    """As for a persistent root's record: no record means prepare did not run for this start."""
+    unrecorded = build_sample(tmp_path / "unrecorded-prefix")
+    (unrecorded.prefix / K.LAUNCHER_VMI_DISKS.lstrip("/") / "scratch" / "scratch.base.json").unlink()
+    sidecar = start_sidecar(sock_dir, "--path-prefix", str(unrecorded.prefix))
+    try:
+        err = rpc_error(call_on_define, sidecar.target, "v1alpha3", unrecorded.first_call, unrecorded.vmi)
+    finally:
+        sidecar.stop()
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert err.details().startswith("volume scratch: the base record "
+                                    "/var/run/kubevirt-private/vmi-disks/scratch/scratch.base.json"), \
+        err.details()
+    assert "did not run for this start" in err.details()
 
 
 def test_missing_image_is_failed_precondition(sock_dir: Path, tmp_path: Path, sample: PlannedSample) -> None:

@@ -1,0 +1,78 @@
+"""The base record of a library-backed disk: what the overlay ``<disk>.qcow2`` was made on.
+
+prepare writes ``<disk>.base.json`` beside the overlay *before* it creates the overlay (an overlay
+never exists without its record) and checks it at every later start; the hook sidecar compares the
+base's cheap identity with it at every ``OnDefineDomain``. Pure: the caller stats and hashes.
+
+Record (JSON object, written by prepare only)::
+
+    {"base": "almalinux-9", "file": "almalinux-9.qcow2", "format": "qcow2",
+     "virtualSize": 10737418240, "sha256": "<64 hex>", "overlay": "data.qcow2",
+     "identity": {"dev": 2049, "ino": 1234, "size": 1074135040,
+                  "mtimeNs": 1767225600000000000, "ctimeNs": 1767225600000000000}}
+
+``sha256`` is over every byte of the base file (its content, whatever its format). ``identity`` is
+the file's cheap fingerprint: device, inode, size, mtime and ctime in nanoseconds. A base copied
+over in place (``cp new old``) keeps its inode but changes size, mtime or ctime; a new file moved in
+(``mv``, ``rsync``) changes the inode; ``touch`` changes the times. When the identity still matches,
+the content is trusted without reading it; when it does not, prepare hashes the file again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from diskplan.plan import BASE_FORMATS, Backing, PlannedDisk
+
+MAX_RECORD_BYTES = 64 * 1024
+IDENTITY_FIELDS = ("dev", "ino", "size", "mtimeNs", "ctimeNs")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def identity_of(st: os.stat_result) -> dict[str, int]:
+    """The cheap identity of a file from its ``stat`` result."""
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtimeNs": st.st_mtime_ns,
+            "ctimeNs": st.st_ctime_ns}
+
+
+def make_record(disk: PlannedDisk, *, virtual_size: int, sha256: str,
+                identity: Mapping[str, int]) -> dict[str, Any]:
+    """The record of ``disk``'s library base (``disk.backing`` must be set)."""
+    b = disk.backing
+    assert b is not None
+    return {"base": b.image, "file": b.file, "format": b.format, "virtualSize": virtual_size,
+            "sha256": sha256, "overlay": disk.file, "identity": dict(identity)}
+
+
+def record_problem(doc: Any) -> str | None:
+    """Why ``doc`` (parsed JSON) is not a record prepare writes (None when it is one)."""
+    if not isinstance(doc, dict):
+        return "is not a JSON object"
+    ok = (isinstance(doc.get("base"), str) and isinstance(doc.get("file"), str)
+          and doc.get("format") in BASE_FORMATS and _is_count(doc.get("virtualSize"))
+          and isinstance(doc.get("sha256"), str) and bool(_SHA256.match(doc["sha256"]))
+          and isinstance(doc.get("overlay"), str) and isinstance(doc.get("identity"), dict)
+          and set(doc["identity"]) == set(IDENTITY_FIELDS)
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in doc["identity"].values()))
+    if not ok:
+        return ("does not have the fields diskhooks writes (base, file, format, virtualSize, sha256, "
+                "overlay, identity with " + ", ".join(IDENTITY_FIELDS) + ")")
+    return None
+
+
+def names_other_base(record: Mapping[str, Any], backing: Backing) -> bool:
+    """Whether a valid record describes another base than the planned one."""
+    return record.get("file") != backing.file or record.get("format") != backing.format
+
+
+def identity_changes(recorded: Mapping[str, Any], now: Mapping[str, int]) -> str:
+    """The identity fields that differ, for messages: ``"ino 12 -> 14, mtimeNs ..."``."""
+    return ", ".join(f"{k} {recorded.get(k)} -> {now.get(k)}" for k in IDENTITY_FIELDS
+                     if recorded.get(k) != now.get(k))
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
