@@ -24,7 +24,7 @@ from diskplan import keys as K
 from diskplan.errors import Refused
 from diskplan.plan import BUSES, CACHES, DISCARDS, DNS_LABEL, DNS_SUBDOMAIN, IOS, PASSTHROUGH_MODES
 from diskplan.policy import MIB, NATIVE_IO_CACHES, Policy
-from diskplan.quantity import parse_bytes
+from diskplan.quantity import format_bytes, parse_bytes
 from diskplan.yamlsafe import load_document
 
 MAX_DISKS = 32
@@ -149,16 +149,10 @@ def default_sizing(policy: Policy) -> Sizing | None:
 
 
 def quantity_text(n: int) -> str:
-    """The shortest exact quantity for ``n`` bytes: 214748364800 -> '200Gi', 10**10 -> '10G'."""
-    best = str(n)
-    for suffix, unit in (("Ei", 2**60), ("Pi", 2**50), ("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20),
-                         ("Ki", 2**10), ("E", 10**18), ("P", 10**15), ("T", 10**12), ("G", 10**9),
-                         ("M", 10**6), ("k", 10**3)):
-        if n % unit == 0:
-            text = f"{n // unit}{suffix}"
-            if len(text) < len(best):
-                best = text
-    return best
+    """The canonical quantity for ``n`` bytes (:func:`diskplan.quantity.format_bytes`, the shortest
+    exact form: 214748364800 -> '200Gi', 10**10 -> '10G'); what the webhook writes into KubeVirt
+    spec and messages, never the user's own text."""
+    return format_bytes(n)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,7 +390,7 @@ def _memory(value: Any, policy: Policy) -> int:
         raise Refused(K.ANN_MEMORY, str(exc)) from None
     text = str(doc).strip()
     if memory < MIB:
-        raise Refused(K.ANN_MEMORY, f"{text} is {memory} bytes; did you mean {text}Gi?")
+        raise Refused(K.ANN_MEMORY, f"{text} is {memory} bytes; did you mean {memory}Gi?")
     if memory % MIB:
         raise Refused(K.ANN_MEMORY, f"{text} is not a whole number of Mi (write e.g. 4Gi or 4096Mi)")
     if memory > policy.sizing.max_memory:

@@ -14,6 +14,13 @@ and returns warnings for values the user had set differently. The rules:
   memoryOvercommitPercent, rounded up to whole Mi, never above the limit (the guest itself with
   hugepages or dedicated CPUs, which cannot be overcommitted).
 
+Quantities are written in the canonical form (:func:`diskplan.quantity.format_bytes`,
+:func:`~diskplan.quantity.format_millicpu`), never in the annotation's own text. A value the user
+already wrote in the VM and that equals ours is left as written when KubeVirt's schema takes it (an
+integer, or quantity text without surrounding spaces), so no patch rewrites the user's notation;
+anything else (a float, text with spaces, an unreadable or hostile quantity) is replaced with a
+warning. The user's values are read with :mod:`diskplan.quantity`, bounded like the annotations.
+
 Everything emitted passes KubeVirt's own checks (request <= limit, guest <= limit, sockets <=
 maxSockets, guest <= maxGuest, hugepage multiples); a combination that cannot is refused naming
 the sizing annotation.
@@ -22,14 +29,13 @@ the sizing annotation.
 from __future__ import annotations
 
 import math
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from diskplan import keys as K
 from diskplan.annotations import Sizing, quantity_text
 from diskplan.errors import Refused
 from diskplan.policy import MIB, Policy
-from diskplan.quantity import format_millicpu, parse_bytes
+from diskplan.quantity import format_millicpu, parse_bytes, parse_millicpu
 
 TOPOLOGY_KEYS = ("sockets", "cores", "threads")
 
@@ -149,11 +155,21 @@ def _set(target: dict[str, Any], key: str, value: Any, path: str, sizing: Sizing
 
 
 def _same_bytes(a: Any, b: Any) -> bool:
-    return _bytes(a) is not None and _bytes(a) == _bytes(b)
+    return _as_written(a) and _bytes(a) is not None and _bytes(a) == _bytes(b)
 
 
 def _same_cpu(a: Any, b: Any) -> bool:
-    return _millis(a) is not None and _millis(a) == _millis(b)
+    return _as_written(a) and _millis(a) is not None and _millis(a) == _millis(b)
+
+
+def _as_written(value: Any) -> bool:
+    """Whether the user's own value may stay as written when it equals ours: an integer, or text
+    without surrounding whitespace. KubeVirt's CRD schema takes a quantity as an integer or a
+    string matching the quantity pattern (no spaces, no floating-point numbers), so anything else
+    is replaced by the canonical form even when its value is the same."""
+    if isinstance(value, str):
+        return value == value.strip()
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _bytes(value: Any) -> int | None:
@@ -166,13 +182,12 @@ def _bytes(value: Any) -> int | None:
 
 
 def _millis(value: Any) -> int | None:
-    """A CPU quantity in millicores (``"500m"``, ``"2"``, ``1.5``); None when unreadable."""
-    if value is None or isinstance(value, bool):
+    """A CPU quantity in whole millicores (``"500m"``, ``"2"``, ``"1.5"``, ``1.5``, ``"2e0"``); None
+    when it is not a quantity or not a whole number of millicores (then it never equals what
+    diskhooks writes, and is replaced with a warning)."""
+    if value is None:
         return None
-    text = str(value).strip()
     try:
-        if text.endswith("m"):
-            return int(Decimal(text[:-1]))
-        return int(Decimal(text) * 1000)
-    except (InvalidOperation, ValueError):
+        return parse_millicpu(value)
+    except ValueError:
         return None
