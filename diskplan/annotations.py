@@ -6,7 +6,10 @@ bare VirtualMachineInstance) and returns :class:`Requests`, or raises
 ``diskhooks.io/disks[1].size: 9Ti exceeds the platform limit 2Ti``. It knows nothing about the
 rest of the object: name clashes with the VM's own volumes, claims in the cluster, instancetypes,
 and the per-VM total ``maxTotalPerVM`` (which counts the VM's detached disks and lets a VM already
-above it keep what it holds) are checked by the mutation (``webhook/vm_mutation.py``).
+above it keep what it holds) are checked by the mutation (``webhook/vm_mutation.py``). Nor does it
+know the VM's past: a disk above ``maxDiskSize`` is refused unless the caller passes, in
+``kept_sizes``, a size that disk already holds (the mutation passes those of the old object's
+verified plan, so a disk keeps its size when the platform lowers the limit, and warns about it).
 
 Values are YAML or JSON, loaded by :mod:`diskplan.yamlsafe` (size-bounded, no anchors/aliases, no
 tags). No value ever becomes a path: disk names are DNS labels and base-image names are checked
@@ -121,13 +124,20 @@ def user_annotation_keys(annotations: Mapping[str, Any] | None) -> list[str]:
     return [k for k in annotations if isinstance(k, str) and k.startswith(K.PREFIX) and k != K.ANN_PLAN]
 
 
-def parse_requests(annotations: Mapping[str, Any], policy: Policy) -> Requests:
-    """Read every ``diskhooks.io/`` annotation. Raises :class:`Refused` for the first problem."""
+def parse_requests(annotations: Mapping[str, Any], policy: Policy, *,
+                   kept_sizes: Mapping[str, int] | None = None) -> Requests:
+    """Read every ``diskhooks.io/`` annotation. Raises :class:`Refused` for the first problem.
+
+    ``kept_sizes``: per disk name, the size the VM already holds for it (bytes); a disk of that
+    name up to that size is admitted even above ``maxDiskSize`` (grandfathered: the platform
+    lowered the limit since). Only ever sizes from a plan that verifies, never from the user's
+    annotations or template; none (the default) for a new object."""
     for key in user_annotation_keys(annotations):
         if key not in K.USER_ANNOTATIONS:
             raise Refused(key, "unknown diskhooks annotation (known: "
                           f"{', '.join(K.USER_ANNOTATIONS)})")
-    disks = _disks(annotations[K.ANN_DISKS], policy) if K.ANN_DISKS in annotations else ()
+    disks = _disks(annotations[K.ANN_DISKS], policy, kept_sizes or {}) \
+        if K.ANN_DISKS in annotations else ()
     passthrough = (_passthrough(annotations[K.ANN_PASSTHROUGH], policy)
                    if K.ANN_PASSTHROUGH in annotations else ())
     seen = {d.name: d.field for d in disks}
@@ -200,7 +210,7 @@ def _choice(raw: Mapping[str, Any], key: str, where: str, choices: tuple[str, ..
     return value
 
 
-def _disks(value: Any, policy: Policy) -> tuple[DiskRequest, ...]:
+def _disks(value: Any, policy: Policy, kept: Mapping[str, int]) -> tuple[DiskRequest, ...]:
     hd = policy.host_disks
     items = _load_list(value, K.ANN_DISKS, "[{name: data, size: 20Gi}]", MAX_DISKS)
     disks: list[DiskRequest] = []
@@ -212,7 +222,7 @@ def _disks(value: Any, policy: Policy) -> tuple[DiskRequest, ...]:
         if name in seen:
             raise Refused(f"{where}.name", f"{name!r} is already the name of {K.ANN_DISKS}[{seen[name]}]")
         seen[name] = i
-        size, size_text = _size(item, where, hd.max_disk_size)
+        size, size_text = _size(item, where, hd.max_disk_size, kept.get(name, 0))
         cache = _choice(item, "cache", where, CACHES, hd.defaults.cache)
         io = _choice(item, "io", where, IOS, "")
         if io == "":
@@ -231,7 +241,9 @@ def _disks(value: Any, policy: Policy) -> tuple[DiskRequest, ...]:
     return tuple(disks)
 
 
-def _size(item: Mapping[str, Any], where: str, limit: int) -> tuple[int, str]:
+def _size(item: Mapping[str, Any], where: str, limit: int, kept: int = 0) -> tuple[int, str]:
+    """The size in bytes and as written; above ``limit`` only up to ``kept`` (what the disk
+    already holds, see :func:`parse_requests`)."""
     value = item.get("size")
     if value is None:
         raise Refused(f"{where}.size", "is required (a quantity such as 20Gi)")
@@ -246,8 +258,10 @@ def _size(item: Mapping[str, Any], where: str, limit: int) -> tuple[int, str]:
     if size % SECTOR:
         raise Refused(f"{where}.size", f"{text} is not a whole number of 512-byte sectors; "
                       "use a binary suffix such as Mi or Gi")
-    if size > limit:
-        raise Refused(f"{where}.size", f"{text} exceeds the platform limit {quantity_text(limit)}")
+    if size > limit and size > kept:
+        held = (f"; the disk may keep its current {quantity_text(kept)}, but not grow until the limit "
+                "is raised") if kept > limit else ""
+        raise Refused(f"{where}.size", f"{text} exceeds the platform limit {quantity_text(limit)}{held}")
     return size, text
 
 

@@ -66,7 +66,8 @@ class HostDiskPolicy:
       ``<root>/<namespace>/<vm>/<disk>.qcow2``. Clean and absolute.
     - ``image_library`` (``imageLibrary``, default none): node directory of the base images VM
       owners may name as ``backing``; without it ``backing`` is refused. Must not overlap ``root``.
-    - ``max_disk_size`` (``maxDiskSize``, default ``2Ti``): largest disk, in bytes.
+    - ``max_disk_size`` (``maxDiskSize``, default ``2Ti``): largest disk, in bytes; a disk already
+      planned larger keeps that size when the limit is lowered (``webhook/vm_mutation.py``).
     - ``max_total_per_vm`` (``maxTotalPerVM``, default ``8Ti``): largest sum of one VM's
       disks, its detached ones included (their images stay on the node; ``webhook/vm_mutation.py``).
     - ``defaults``: :class:`DriverDefaults`.

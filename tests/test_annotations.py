@@ -246,6 +246,24 @@ def test_the_error_message_format(policy: Policy) -> None:
     assert str(err.value) == "diskhooks.io/disks[1].size: 9Ti exceeds the platform limit 2Ti"
 
 
+def test_kept_sizes_admit_a_disk_above_the_limit_up_to_what_it_holds(strict: Policy) -> None:
+    """``kept_sizes`` (the mutation passes the old object's verified plan): a disk of that name up
+    to that size passes above maxDiskSize (500Gi here); larger, or another name, is refused as
+    without it, the message saying what the disk may keep."""
+    kept = {"a": 600 * GI}
+    (d,) = parse_requests({D: "[{name: a, size: 600Gi}]"}, strict, kept_sizes=kept).disks
+    assert d.size_bytes == 600 * GI
+    with pytest.raises(Refused) as err:
+        parse_requests({D: "[{name: a, size: 601Gi}]"}, strict, kept_sizes=kept)
+    assert str(err.value) == (f"{D}[0].size: 601Gi exceeds the platform limit 500Gi; the disk may keep "
+                              "its current 600Gi, but not grow until the limit is raised")
+    for given, kept_ in (({D: "[{name: b, size: 600Gi}]"}, kept), ({D: "[{name: a, size: 600Gi}]"}, {}),
+                               ({D: "[{name: a, size: 600Gi}]"}, {"a": 400 * GI})):
+        with pytest.raises(Refused) as err:
+            parse_requests(given, strict, kept_sizes=kept_)
+        assert str(err.value) == f"{D}[0].size: 600Gi exceeds the platform limit 500Gi"
+
+
 @pytest.mark.parametrize(("annotations", "field", "reason"), [
     ({P: "[{name: f0, claim: c, mode: lun}]"}, f"{P}[0].mode", "not allowed"),
     ({D: "[{name: a, size: 501Gi}]"}, f"{D}[0].size", "platform limit 500Gi"),

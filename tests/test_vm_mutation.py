@@ -409,7 +409,8 @@ def test_a_detached_record_keeps_its_size_when_max_disk_size_is_lowered() -> Non
     """pgdata 200Gi is admitted, the platform lowers maxDiskSize to 100Gi, pgdata is detached:
     its image on the node is still 200Gi, so the record stays 200Gi (it comes from a verified plan,
     within policy when written) and pgdata cannot come back planned smaller than its image. At
-    200Gi it is refused like any disk above the lowered limit; once the limit is raised, it can."""
+    200Gi it comes back grandfathered (with a warning), as an attached 200Gi disk stays; larger, it
+    is refused like any disk above the lowered limit; once the limit is raised, it can grow."""
     first = mutate(vm_create()).obj
     detached = mutate(annotate(copy.deepcopy(first), disks='[{"name": "wal", "size": "20Gi"}]'),
                       policy=TIGHT, operation="UPDATE", old=first).obj
@@ -423,14 +424,19 @@ def test_a_detached_record_keeps_its_size_when_max_disk_size_is_lowered() -> Non
                 operation="UPDATE", old=resized)
     assert exc.value.field == "diskhooks.io/disks[1].size"
     assert "smaller than 200Gi" in exc.value.reason and "limit is now 100Gi" in exc.value.reason
-    with pytest.raises(Refused) as exc:  # as an attached 200Gi disk is under the lowered limit
-        call_vm(annotate(copy.deepcopy(resized), disks=back % "200Gi"), policy=TIGHT,
+    assert "can come back only at 200Gi" in exc.value.reason
+    m = mutate(annotate(copy.deepcopy(resized), disks=back % "200Gi"), policy=TIGHT, operation="UPDATE",
+               old=resized)  # as an attached 200Gi disk keeps its size under the lowered limit
+    assert [(d.name, d.size_bytes) for d in plan_of(m.obj).disks] == [("wal", 20 * GI), ("pgdata", 200 * GI)]
+    assert _detached(m.obj) == [] and _kept_warnings(m) == ["diskhooks.io/disks[1].size"]
+    with pytest.raises(Refused) as exc:
+        call_vm(annotate(copy.deepcopy(resized), disks=back % "201Gi"), policy=TIGHT,
                 operation="UPDATE", old=resized)
     assert exc.value.field == "diskhooks.io/disks[1].size"
-    assert "exceeds the platform limit 100Gi" in exc.value.reason
-    m = mutate(annotate(copy.deepcopy(resized), disks=back % "200Gi"), operation="UPDATE", old=resized)
-    assert [(d.name, d.size_bytes) for d in plan_of(m.obj).disks] == [("wal", 20 * GI), ("pgdata", 200 * GI)]
-    assert _detached(m.obj) == []
+    assert exc.value.reason.startswith("201Gi exceeds the platform limit 100Gi")
+    m = mutate(annotate(copy.deepcopy(resized), disks=back % "201Gi"), operation="UPDATE", old=resized)
+    assert [(d.name, d.size_bytes) for d in plan_of(m.obj).disks] == [("wal", 20 * GI), ("pgdata", 201 * GI)]
+    assert _detached(m.obj) == [] and _kept_warnings(m) == []
 
 
 def test_a_passthrough_cannot_take_the_name_of_a_detached_disk() -> None:
@@ -963,7 +969,8 @@ def test_a_bare_vmi_with_generate_name_is_refused() -> None:
 
 def test_a_vm_being_deleted_or_only_touched_by_kubevirt_passes_unchanged() -> None:
     """Finalizer and status updates must never be blocked, even when the policy was tightened
-    after the VM was admitted (here: its 200Gi disk is now above the limit)."""
+    after the VM was admitted (here: its 200Gi disk is now above the limit). A real change is
+    judged by today's policy, which lets the disk keep the size its verified plan holds."""
     first = call_vm(vm_create()).obj
     tight = load_policy(EXAMPLE_POLICY.read_text().replace("maxDiskSize: 2Ti", "maxDiskSize: 100Gi"))
     touched = copy.deepcopy(first)
@@ -972,8 +979,12 @@ def test_a_vm_being_deleted_or_only_touched_by_kubevirt_passes_unchanged() -> No
     deleting = annotate(copy.deepcopy(first), disks="{{{ broken")
     deleting["metadata"]["deletionTimestamp"] = "2026-11-28T05:00:00Z"
     assert call_vm(deleting, policy=tight, operation="UPDATE", old=first).obj == deleting
-    with pytest.raises(Refused):  # a real change is judged by today's policy
-        call_vm(annotate(copy.deepcopy(first), profile="small"), policy=tight, operation="UPDATE", old=first)
+    resized = mutate(annotate(copy.deepcopy(first), profile="small"), policy=tight, operation="UPDATE",
+                     old=first)  # a real change, pgdata kept at 200Gi: admitted with a warning
+    assert _kept_warnings(resized) == ["diskhooks.io/disks[0].size"]
+    with pytest.raises(Refused):  # growing it above today's limit is not
+        call_vm(annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "201Gi"}]'),
+                policy=tight, operation="UPDATE", old=first)
 
 
 def test_yaml_timestamps_from_a_manifest_file_do_not_break_the_copy() -> None:
@@ -1457,6 +1468,126 @@ def test_a_vm_over_max_total_per_vm_cannot_grow(disks_: str) -> None:
         call_vm(annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "200Gi"}, '
                          '{"name": "wal", "size": "21Gi"}]'), policy=lowered, operation="UPDATE", old=first)
     assert exc.value.field == "diskhooks.io/disks" and "already held 220Gi" in exc.value.reason
+
+
+# ------------------------------------------------------------------------------------------------
+# maxDiskSize lowered: a disk keeps the size the old object's verified plan held for it
+# ------------------------------------------------------------------------------------------------
+# TIGHT: maxDiskSize 100Gi (maxTotalPerVM 8Ti); vm_create() holds pgdata 200Gi + wal 20Gi (scsi)
+def _kept_warnings(m: Mutation) -> list[str]:
+    """The fields named by the warnings about disks kept above maxDiskSize."""
+    return [w.split(": ", 1)[0] for w in m.warnings if "above the platform limit" in w]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda vm: annotate(vm, profile="small"),  # sizing
+    lambda vm: annotate(vm, disks='[{"name": "pgdata", "size": "200Gi", "bus": "sata"}, '
+                        '{"name": "wal", "size": "20Gi", "bus": "scsi"}]'),  # bus
+    lambda vm: annotate(vm, disks='[{"name": "pgdata", "size": "200Gi"}]'),  # detaching wal
+    lambda vm: annotate(vm, disks='[{"name": "pgdata", "size": "200Gi"}, '
+                        '{"name": "wal", "size": "20Gi", "bus": "scsi"}, '
+                        '{"name": "small", "size": "10Gi"}]'),  # adding a disk within the limits
+], ids=["sizing", "bus", "detach-other", "add-small"])
+def test_a_disk_above_a_lowered_max_disk_size_keeps_its_size(edit: Any) -> None:
+    """Grandfathered per disk: pgdata was admitted at 200Gi, then the platform lowered maxDiskSize
+    to 100Gi. pgdata is not changing, so an UPDATE that re-plans the VM for another reason is
+    admitted with pgdata still 200Gi, and a warning tells the owner its size is above the limit."""
+    first = mutate(vm_create()).obj
+    m = mutate(edit(copy.deepcopy(first)), policy=TIGHT, operation="UPDATE", old=first)
+    assert {d.name: d.size_bytes for d in plan_of(m.obj).disks}["pgdata"] == 200 * GI
+    assert volumes(tspec(m.obj))["pgdata"]["hostDisk"]["capacity"] == "200Gi"
+    assert _kept_warnings(m) == ["diskhooks.io/disks[0].size"]
+    (warning,) = [w for w in m.warnings if "above the platform limit" in w]
+    assert warning == ("diskhooks.io/disks[0].size: disk 'pgdata' keeps 200Gi, above the platform "
+                       "limit 100Gi, which was lowered after it was planned; it cannot grow until the "
+                       "limit is raised")
+    # the next UPDATE, from what was admitted, is grandfathered the same way (nothing ratchets)
+    again = mutate(annotate(copy.deepcopy(m.obj), profile="large"), policy=TIGHT, operation="UPDATE",
+                   old=m.obj)
+    assert _kept_warnings(again) == ["diskhooks.io/disks[0].size"]
+
+
+def test_a_disk_above_a_lowered_max_disk_size_cannot_grow_and_new_disks_stay_within_it() -> None:
+    """Only what the old plan held is kept: growing pgdata (even within the old 2Ti limit), or a new
+    disk name above 100Gi, is denied with the usual message; a CREATE keeps nothing."""
+    first = mutate(vm_create()).obj
+    with pytest.raises(Refused) as exc:
+        call_vm(annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "300Gi"}, '
+                         '{"name": "wal", "size": "20Gi", "bus": "scsi"}]'),
+                policy=TIGHT, operation="UPDATE", old=first)
+    assert exc.value.field == "diskhooks.io/disks[0].size"
+    assert exc.value.reason == ("300Gi exceeds the platform limit 100Gi; the disk may keep its current "
+                                "200Gi, but not grow until the limit is raised")
+    with pytest.raises(Refused) as exc:
+        call_vm(annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "200Gi"}, '
+                         '{"name": "wal", "size": "20Gi", "bus": "scsi"}, '
+                         '{"name": "new", "size": "150Gi"}]'),
+                policy=TIGHT, operation="UPDATE", old=first)
+    assert str(exc.value) == "diskhooks.io/disks[2].size: 150Gi exceeds the platform limit 100Gi"
+    with pytest.raises(Refused) as exc:  # nothing is old on a CREATE
+        call_vm(vm_create(), policy=TIGHT)
+    assert str(exc.value) == "diskhooks.io/disks[0].size: 200Gi exceeds the platform limit 100Gi"
+    with pytest.raises(Refused) as exc:  # a disk of the kept size under another name is new
+        call_vm(annotate(copy.deepcopy(first), disks='[{"name": "pgdata2", "size": "200Gi"}, '
+                         '{"name": "wal", "size": "20Gi", "bus": "scsi"}]'),
+                policy=TIGHT, operation="UPDATE", old=first)
+    assert str(exc.value) == "diskhooks.io/disks[0].size: 200Gi exceeds the platform limit 100Gi"
+
+
+def test_a_plan_behind_its_annotations_is_recomputed_with_a_disk_kept_above_the_limit() -> None:
+    """wal grown to 30Gi while the webhook was not called, then the VM is started under the lowered
+    limit: the plan is recomputed (as for any VM) with pgdata kept at 200Gi, not left behind."""
+    first = call_vm(vm_create()).obj
+    edited = annotate(copy.deepcopy(first), disks='[{"name": "pgdata", "size": "200Gi"}, '
+                      '{"name": "wal", "size": "30Gi", "bus": "scsi"}]')  # admitted unmutated
+    m = mutate(_started(edited), policy=TIGHT, operation="UPDATE", old=edited)
+    assert {d.name: d.size_bytes for d in plan_of(m.obj).disks} == {"pgdata": 200 * GI, "wal": 30 * GI}
+    assert _kept_warnings(m) == ["diskhooks.io/disks[0].size"]
+
+
+def _tampered(vm: dict[str, Any]) -> dict[str, Any]:
+    """``vm`` with its template's plan claiming pgdata 300Gi, the signature left as it was."""
+    out = copy.deepcopy(vm)
+    anns = out["spec"]["template"]["metadata"]["annotations"]
+    doc = json.loads(anns[K.ANN_PLAN])
+    doc["disks"][0]["sizeBytes"] = 300 * GI
+    anns[K.ANN_PLAN] = json.dumps(doc)
+    return out
+
+
+def test_only_a_verified_old_plan_keeps_a_disk_above_a_lowered_max_disk_size() -> None:
+    """Never a size from a plan that does not verify (tampered, signed with another key), from the
+    old object's annotation, or from a genuine plan the user put in the new object: each of these
+    UPDATEs is denied as on a CREATE."""
+    first = mutate(vm_create()).obj
+    foreign = call_vm(vm_create(), keys=OTHER_KEYS).obj  # a genuine plan, of another cluster
+    unmutated = vm_create()  # admitted without the webhook: only the annotation says 200Gi
+    for old, new in ((_tampered(first), annotate(_tampered(first), profile="small")),
+                     (_tampered(first), annotate(copy.deepcopy(first), profile="small")),
+                     (foreign, annotate(copy.deepcopy(foreign), profile="small")),
+                     (unmutated, annotate(copy.deepcopy(first), profile="small"))):
+        with pytest.raises(Refused) as exc:
+            call_vm(new, policy=TIGHT, operation="UPDATE", old=old)
+        assert str(exc.value) == "diskhooks.io/disks[0].size: 200Gi exceeds the platform limit 100Gi"
+    with pytest.raises(Refused) as exc:  # nor the size a tampered plan claims
+        call_vm(annotate(_tampered(first), disks='[{"name": "pgdata", "size": "300Gi"}, '
+                         '{"name": "wal", "size": "20Gi", "bus": "scsi"}]'),
+                policy=TIGHT, operation="UPDATE", old=_tampered(first))
+    assert str(exc.value) == "diskhooks.io/disks[0].size: 300Gi exceeds the platform limit 100Gi"
+    # the same sizing change from the genuine plan is admitted: what was denied is the old plan
+    assert _kept_warnings(mutate(annotate(copy.deepcopy(first), profile="small"), policy=TIGHT,
+                                 operation="UPDATE", old=first)) == ["diskhooks.io/disks[0].size"]
+
+
+def test_warnings_about_disks_kept_above_max_disk_size_are_bounded() -> None:
+    """Six 200Gi disks kept under a 100Gi limit: four are named, the others counted."""
+    six = "[" + ", ".join(f'{{"name": "d{i}", "size": "200Gi"}}' for i in range(6)) + "]"
+    first = mutate(annotate(vm_create(), disks=six)).obj
+    m = mutate(annotate(copy.deepcopy(first), profile="small"), policy=TIGHT, operation="UPDATE", old=first)
+    assert _kept_warnings(m) == [f"diskhooks.io/disks[{i}].size" for i in range(4)] + ["diskhooks.io/disks"]
+    assert "diskhooks.io/disks: 2 more disks keep a size above the platform limit 100Gi; they cannot " \
+        "grow until it is raised" in m.warnings
+    assert all(len(w) < 256 for w in m.warnings)
 
 
 # ------------------------------------------------------------------------------------------------

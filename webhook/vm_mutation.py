@@ -29,6 +29,11 @@ them with their largest size (plan version 2, ``detached``), carried across UPDA
 diskhooks annotation is gone, so a disk of that name can only come back at that size or larger;
 their sizes count towards ``maxTotalPerVM`` (an UPDATE may not raise the total above it).
 
+Both limits are grandfathered when the platform lowers them: a disk may stay above ``maxDiskSize``
+at no more than the size the old object's verified plan held for its name (attached, or detached
+and coming back), with a warning, and a VM above ``maxTotalPerVM`` keeps every UPDATE that does not
+raise its total. A CREATE, or an UPDATE whose old plan does not verify, grandfathers nothing.
+
 The result is a function of the annotations, the policy and the user's own part of the spec: the
 webhook's own volumes, disks, sidecar entry, plan and label are recognised and rebuilt, so calling
 it again on its own output changes nothing (reinvocation, re-submission). A volume is recognised as
@@ -237,7 +242,8 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
             plan_keys: PlanKeys, cluster: Cluster) -> list[str]:
     warnings: list[str] = []
     annotations = t.user_meta.get("annotations") or {}
-    requests = parse_requests(annotations, policy) if user_annotation_keys(annotations) else Requests()
+    requests = parse_requests(annotations, policy, kept_sizes=_kept_sizes(previous.plan)) \
+        if user_annotation_keys(annotations) else Requests()
     name = _name_of_meta(t.user_meta)
     if requests.wants_plan:
         if not name:
@@ -276,7 +282,9 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
         return isinstance(pvc, Mapping) and isinstance(vname, str) \
             and isinstance(pvc.get("claimName"), str) and pvc["claimName"] in pass_claims.get(vname, ())
 
-    _check_growth(requests, previous, operation, warnings, policy.host_disks.max_disk_size)
+    _check_growth(requests, previous, operation, warnings, policy.host_disks.max_disk_size,
+                  _kept_sizes(previous.plan))
+    warnings += _kept_above_limit(requests, policy.host_disks.max_disk_size)
     desired_volumes, desired_disks = _desired(requests, namespace=namespace, host_dir=host_dir,
                                               t=t, policy=policy, cluster=cluster, ours=ours)
     left = _rebuild(t, requests, desired_volumes, desired_disks, ours=ours, policy=policy)
@@ -345,15 +353,48 @@ def _wants_default_profile(vm_spec: Mapping[str, Any], tspec: Mapping[str, Any],
         and not vm_spec.get("preference") and not sets_own_sizing(tspec)
 
 
+def _kept_sizes(before: Plan | None) -> dict[str, int]:
+    """Per disk name, the size the old object's verified plan holds for it (attached or detached):
+    a disk up to that size is admitted above a lowered ``maxDiskSize`` (its image on the node
+    already has it). Nothing without such a plan: never sizes from annotations or volumes."""
+    if before is None:
+        return {}
+    kept = {x.name: x.size_bytes for x in before.detached}
+    for d in before.disks:
+        kept[d.name] = max(kept.get(d.name, 0), d.size_bytes)
+    return kept
+
+
+MAX_KEPT_WARNINGS = 4  # disks named by a warning about being kept above maxDiskSize
+
+
+def _kept_above_limit(requests: Requests, limit: int) -> list[str]:
+    """Warnings for the disks admitted above ``maxDiskSize`` because they already held that size
+    (:func:`_kept_sizes`): the owner learns that the limit was lowered and the disk cannot grow.
+    At most :data:`MAX_KEPT_WARNINGS` disks are named; the others are counted."""
+    over = [d for d in requests.disks if d.size_bytes > limit]
+    out = [f"{d.field}.size: disk {d.name!r} keeps {quantity_text(d.size_bytes)}, above the platform "
+           f"limit {quantity_text(limit)}, which was lowered after it was planned; it cannot grow "
+           "until the limit is raised" for d in over[:MAX_KEPT_WARNINGS]]
+    if len(over) > MAX_KEPT_WARNINGS:
+        out.append(f"{K.ANN_DISKS}: {len(over) - MAX_KEPT_WARNINGS} more disks keep a size above the "
+                   f"platform limit {quantity_text(limit)}; they cannot grow until it is raised")
+    return out
+
+
 def _check_growth(requests: Requests, previous: _Previous, operation: str, warnings: list[str],
-                  max_disk_size: int) -> None:
+                  max_disk_size: int, kept: Mapping[str, int]) -> None:
     for d in requests.disks:
         old = previous.sizes.get(d.name)
         gone = previous.detached.get(d.name)
         if gone is not None and (old is None or gone > old):
             if d.size_bytes < gone:
-                lowered = (f"; the platform limit is now {quantity_text(max_disk_size)}, so the name "
-                           "can come back only once the limit is raised") if gone > max_disk_size else ""
+                lowered = ""
+                if gone > max_disk_size:
+                    lowered = f"; the platform limit is now {quantity_text(max_disk_size)}, so the name " \
+                        + (f"can come back only at {quantity_text(gone)}, the size of its image, until "
+                           "the limit is raised" if kept.get(d.name, 0) >= gone
+                           else "can come back only once the limit is raised")
                 raise Refused(f"{d.field}.size", f"{d.size_text} is smaller than {quantity_text(gone)}, "
                               f"the size of disk {d.name!r} when it was detached: its image is still on "
                               "the node, and disks can grow but never shrink (use another name for a "
@@ -1040,8 +1081,8 @@ def _shortcut_verdict(meta: Mapping[str, Any], spec: Mapping[str, Any], user_key
         return "repair"
     if not any(k in PLAN_ANNOTATIONS for k in user_keys):
         return "keep"
-    try:
-        requests = parse_requests(_map(meta.get("annotations")), policy)
+    try:  # the template is unchanged: its plan is the old object's (grandfathered sizes)
+        requests = parse_requests(_map(meta.get("annotations")), policy, kept_sizes=_kept_sizes(plan))
     except Refused:
         return "keep" if plan is not None else "repair"
     if plan is None:
