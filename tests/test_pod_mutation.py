@@ -415,7 +415,8 @@ def test_rendered_init_container_prepares_and_sidecar_accepts(policy: Policy, tm
     assert results == {"datadisk": "created", "rootdisk": "created"}
     host_dir = node / HOST_DIR.lstrip("/")
     assert sorted(p.name for p in host_dir.iterdir()) == [
-        "datadisk.qcow2", "persist-root.rootdisk.base.json", "persist-root.rootdisk.qcow2"]
+        "datadisk.base.json", "datadisk.qcow2", "persist-root.rootdisk.base.json",
+        "persist-root.rootdisk.qcow2"]
 
     sidecar = container(pod, "hook-sidecar-0")
     sview = tmp_path / "sidecar-view"
