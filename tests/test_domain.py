@@ -13,6 +13,7 @@ import copy
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -821,3 +822,37 @@ def test_data_files_for_the_cli_match_scenario_05() -> None:
     would receive it with a diskhooks plan (inputs for the dry-run CLI); they must not drift."""
     assert json.loads((DATA / "plan-05-launcher-vmi.json").read_text()) == S05.vmi()
     assert (DATA / "domain-05-first-call.xml").read_bytes() == S05.xml()
+
+
+def _closed_by_regex_only(data: bytes) -> bytes:
+    return xmlsafe._explicit_close_tags_by_regex(data)
+
+
+@pytest.mark.parametrize("path", sorted(SAMPLES.glob("*.xml")), ids=lambda p: p.name)
+def test_empty_elements_get_close_tags_in_every_sample(path: Path) -> None:
+    """The fast scan writes exactly what the comment-aware regular expression writes, and the
+    result is the same document (lxml reads both alike) with no self-closed element left."""
+    root = xmlsafe.parse_domain(path.read_bytes())
+    raw = etree.tostring(root, encoding="UTF-8")
+    fast = xmlsafe._explicit_close_tags(raw)
+    assert fast == _closed_by_regex_only(raw)
+    assert b"/>" not in fast
+    assert etree.tostring(etree.fromstring(fast), method="c14n") == etree.tostring(root, method="c14n")
+
+
+@pytest.mark.parametrize("xml", [
+    b'<domain type="kvm"><a x="p/&gt;q" y="&lt;b/&gt;"/><b>t/&gt;u</b><qemu:arg xmlns:qemu="urn:q" value="/"/></domain>',
+    b'<domain><devices><disk><driver name="qemu"/><source file="/a/b"/><backingStore/></disk></devices></domain>',
+    b"<domain><a/><b/><c><d/></c></domain>",
+    b"<domain>text only</domain>",
+    b'<domain><!-- a comment with <x/> in it --><a/><?pi <y/>?><b/></domain>',
+], ids=["escaped-gt", "disk", "nested", "no-empty", "comment-and-pi"])
+def test_empty_elements_get_close_tags_and_nothing_else_changes(xml: bytes) -> None:
+    root = etree.fromstring(xml)
+    raw = etree.tostring(root, encoding="UTF-8")
+    fast = xmlsafe._explicit_close_tags(raw)
+    assert fast == _closed_by_regex_only(raw)
+    assert etree.tostring(etree.fromstring(fast), method="c14n") == etree.tostring(root, method="c14n")
+    opaque = [m.group(0) for m in re.finditer(rb"<!--.*?-->|<\?.*?\?>", raw, re.DOTALL)]
+    assert [m.group(0) for m in re.finditer(rb"<!--.*?-->|<\?.*?\?>", fast, re.DOTALL)] == opaque
+    assert b"/>" not in re.sub(rb"<!--.*?-->|<\?.*?\?>", b"", fast, flags=re.DOTALL)
