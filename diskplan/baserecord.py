@@ -63,6 +63,21 @@ def record_problem(doc: Any) -> str | None:
     return None
 
 
+def persist_record_problem(doc: Any) -> str | None:
+    """Why ``doc`` (parsed JSON) is not a persistent root's base record
+    (``persist-root.<volume>.base.json``) as prepare writes it (None when it is one)."""
+    if not isinstance(doc, dict):
+        return "is not a JSON object"
+    ok = (isinstance(doc.get("image"), str) and isinstance(doc.get("sha256"), str)
+          and bool(_SHA256.match(doc["sha256"])) and doc.get("format") in BASE_FORMATS
+          and isinstance(doc.get("virtualSize"), int) and isinstance(doc.get("vmiUID"), str)
+          and isinstance(doc.get("overlay"), str))
+    if not ok:
+        return ("does not have the fields diskhooks writes (image, sha256, format, virtualSize, "
+                "vmiUID, overlay)")
+    return None
+
+
 def names_other_base(record: Mapping[str, Any], backing: Backing) -> bool:
     """Whether a valid record describes another base than the planned one."""
     return record.get("file") != backing.file or record.get("format") != backing.format

@@ -18,6 +18,8 @@ Layout (qemu ``docs/interop/qcow2.txt``), all integers big-endian::
 Anything that does not follow this layout raises :class:`ValueError` with the reason.
 :func:`layout_problem` then checks the header against the file's size: a file cut short (a copy
 that did not finish) keeps a good header, and ``qemu-img info`` reads it without complaint.
+Shared by prepare and the hook sidecar so that both decide alike: :func:`round_to_sector` (the size
+qemu gives an image) and :func:`raw_base_looks_qcow2` (the words both refuse such a base with).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ KNOWN_INCOMPATIBLE = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | I
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 L1_ENTRY_BYTES = REFTABLE_ENTRY_BYTES = 8
 SNAPSHOT_HEADER_BYTES = 40  # the fixed part of one snapshot table entry
+#: qemu sizes images in 512-byte sectors: ``create`` rounds up, ``resize`` refuses other sizes
+SECTOR = 512
 
 _HEADER = struct.Struct(">4sIQIIQIIQQIIQ")  # the 72 bytes common to versions 2 and 3
 _V3_TAIL = struct.Struct(">QQQII")  # incompatible, compatible, autoclear, refcount_order, header_length
@@ -207,6 +211,21 @@ def layout_problem(header: Qcow2Header, file_size: int) -> str | None:
             return (f"its {name} (bytes {offset}-{offset + length}) lies beyond the end of the file "
                     f"({file_size} bytes): the file was cut short")
     return None
+
+
+def raw_base_looks_qcow2(where: str) -> str:
+    """The refusal of a library base planned as raw whose first bytes are a qcow2 header (prepare
+    and the hook sidecar say the same); ``where`` names the file."""
+    return (f"{where} is qcow2, but the plan says raw: it starts with a qcow2 header, and anything "
+            "that probes its format would open it as qcow2 and follow the backing or data file "
+            "written in it (the format-confusion hazard); diskhooks never opens an image as a format "
+            "it is not")
+
+
+def round_to_sector(size: int) -> int:
+    """``size`` rounded up to a multiple of 512, the size qemu-img gives an image of ``size`` bytes
+    (what prepare creates and grows to, and what the sidecar compares a planned size with)."""
+    return -(-size // SECTOR) * SECTOR
 
 
 def _text(raw: bytes, what: str) -> str:

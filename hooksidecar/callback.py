@@ -27,6 +27,7 @@ Imports stay light (lxml, json, the diskplan core): the sidecar runs under a 64M
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any
 
 from diskplan import keys as K
@@ -51,12 +52,15 @@ PLAN_FROM_VMI = _PlanSource.VMI
 
 def on_define_domain(domain_xml: bytes, vmi_json: bytes, *, path_prefix: str = "",
                      check_images: bool = True,
-                     admitted_plan: str | None | _PlanSource = PLAN_FROM_VMI) -> bytes:
+                     admitted_plan: str | None | _PlanSource = PLAN_FROM_VMI,
+                     on_facts: Callable[[images.ImageFacts], None] | None = None) -> bytes:
     """The domain XML to hand back to virt-launcher for this VMI.
 
     ``path_prefix`` is prepended to every launcher path before a file is looked at (tests point it
     at a temporary directory; in the pod it is empty). ``admitted_plan`` is the plan verified at
     Pod admission (``None``: none was), or :data:`PLAN_FROM_VMI` for a dry run; see the module doc.
+    ``on_facts`` (optional) is given what the image checks learnt once they passed (e.g. images
+    kept larger than planned), for the caller's log; it never changes the answer.
     """
     vmi = parse_vmi(vmi_json)
     if admitted_plan is PLAN_FROM_VMI:
@@ -76,6 +80,8 @@ def on_define_domain(domain_xml: bytes, vmi_json: bytes, *, path_prefix: str = "
     if check_images:
         facts = images.check_images(plan, vmi_uid=uid, path_prefix=path_prefix)
         base_format = facts.persist_root_base_format
+        if on_facts is not None:
+            on_facts(facts)
     # the tree is ours and dropped after this call: edit it in place (a copy of an lxml tree costs as
     # much memory as the parse; the sidecar runs under a 64M limit)
     domain.apply_plan(root, plan, persist_root_base_format=base_format)

@@ -163,9 +163,17 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
         why = "--no-image-check" if args.path_prefix is not None else "no --path-prefix given"
         print(f"{PROG} dry-run: images not checked ({why}); the sidecar checks them on every call",
               file=sys.stderr)
+    def warn(facts: Any) -> None:  # what the served sidecar puts on its log line
+        from hooksidecar.logfmt import larger_than_planned
+
+        warning = larger_than_planned(facts.larger_than_planned).get("warning")
+        if warning:
+            print(f"{PROG} dry-run: warning: {warning}", file=sys.stderr)
+
     try:
         result = on_define_domain(domain_xml, vmi_json, path_prefix=args.path_prefix or "",
-                                  check_images=check_images, admitted_plan=PLAN_FROM_VMI)
+                                  check_images=check_images, admitted_plan=PLAN_FROM_VMI,
+                                  on_facts=warn)
     except Malformed as exc:
         print(f"{PROG} dry-run: unusable input: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -10,15 +10,18 @@ mutation). For every planned disk it checks, reading only the first 64 KiB of ea
 - the tables its header points at lie within the file (a file cut short keeps a good header);
 - its backing file and backing format are exactly the planned ones (none, or the library base);
 - its virtual size is at least the planned size (prepare grows images, never shrinks them: a
-  larger image is accepted, as prepare keeps it);
-- a library base it overlays is a plain file and, when qcow2, has no backing or data file itself;
+  larger image is accepted, as prepare keeps it, and listed in :attr:`ImageFacts.larger_than_planned`
+  for the call's log line, as prepare's log line warns);
+- a library base it overlays is a plain file in the planned format (a base planned raw that starts
+  with a qcow2 header is refused, with prepare's words: anything that probes its format would open
+  it as qcow2), when qcow2 has no backing or data file itself, and is not larger than the image;
 - the base record prepare wrote beside the overlay (``<disk>.base.json``) exists, names that base
   and holds the base file's current identity (device, inode, size, mtime, ctime): a base replaced
   since prepare checked its SHA-256 is refused. Only ``stat`` is compared, nothing is hashed here.
 
-For a persistent containerDisk root it checks the base record prepare wrote for this start (same
-image as the plan, same VMI uid) and the overlay (qcow2 backed by KubeVirt's containerDisk file in
-the recorded format).
+For a persistent containerDisk root it checks the base record prepare wrote for this start (the
+fields prepare writes, same image as the plan, same VMI uid) and the overlay (qcow2 backed by
+KubeVirt's containerDisk file in the recorded format).
 
 Only paths derived from the plan's validated names and the fixed launcher directories are opened,
 never a path read from a file. Reading a file here is the only I/O; the result is a small
@@ -44,10 +47,21 @@ MAX_MARKER_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
+class LargerImage:
+    """An image kept larger than its planned size (prepare never shrinks one): logged, not refused."""
+
+    volume: str
+    path: str  # launcher path
+    virtual_size: int
+    planned_size: int
+
+
+@dataclass(frozen=True)
 class ImageFacts:
-    """What the checks learnt that the domain core needs."""
+    """What the checks learnt: what the domain core needs, and what the call's log line says."""
 
     persist_root_base_format: str | None = None  # from the base record, when persist-root is planned
+    larger_than_planned: tuple[LargerImage, ...] = ()
 
 
 def check_images(plan: Plan, *, vmi_uid: str, path_prefix: str = "") -> ImageFacts:
@@ -56,16 +70,20 @@ def check_images(plan: Plan, *, vmi_uid: str, path_prefix: str = "") -> ImageFac
     ``vmi_uid`` is the VMI's ``metadata.uid``: the persistent root's base record must name it,
     which proves prepare ran (and checked the base) for this start. Raises :class:`Refused`.
     """
+    larger = []
     for disk in plan.disks:
-        _check_host_disk(disk, plan, path_prefix)
+        found = _check_host_disk(disk, plan, path_prefix)
+        if found is not None:
+            larger.append(found)
     base_format = None
     if plan.persist_root is not None:
         base_format = _check_persist_root(plan.persist_root, plan, vmi_uid, path_prefix)
-    return ImageFacts(persist_root_base_format=base_format)
+    return ImageFacts(persist_root_base_format=base_format, larger_than_planned=tuple(larger))
 
 
 # ------------------------------------------------------------------------------------------------
-def _check_host_disk(disk: PlannedDisk, plan: Plan, prefix: str) -> None:
+def _check_host_disk(disk: PlannedDisk, plan: Plan, prefix: str) -> LargerImage | None:
+    """Check one planned disk; return what to log when its image is larger than planned."""
     vol = disk.name
     field = f"volume {vol}"
     _require_dir(prefix, disk.launcher_dir, field,
@@ -81,13 +99,21 @@ def _check_host_disk(disk: PlannedDisk, plan: Plan, prefix: str) -> None:
     else:
         _expect_backing(header, disk.backing.launcher_path, disk.backing.format, field,
                         disk.launcher_path)
-    if header.virtual_size < disk.size_bytes:
+    target = qcow2.round_to_sector(disk.size_bytes)  # what prepare creates and grows to
+    if header.virtual_size < target:
         raise Refused(field, f"{disk.launcher_path} has a virtual size of {header.virtual_size} bytes, "
                       f"less than the planned {disk.size_bytes}: the diskhooks-prepare init container "
                       "did not grow it; check its logs")
     if disk.backing is not None:
-        identity = _check_base(disk.backing, plan, prefix, field)
+        identity, base_size = _check_base(disk.backing, plan, prefix, field)
         _check_base_record(disk, plan, prefix, field, identity)
+        if base_size > header.virtual_size:  # prepare's words: it refuses it too
+            raise Refused(field, f"disk {vol!r} is planned at {disk.size_bytes} bytes, smaller than its "
+                          f"base {disk.backing.image} ({base_size} bytes); ask for at least "
+                          f"{base_size} bytes")
+    if header.virtual_size > target:  # kept by prepare (never shrunk), with a warning: said in the log
+        return LargerImage(vol, disk.launcher_path, header.virtual_size, disk.size_bytes)
+    return None
 
 
 def _check_base_record(disk: PlannedDisk, plan: Plan, prefix: str, field: str,
@@ -126,8 +152,9 @@ def _check_base_record(disk: PlannedDisk, plan: Plan, prefix: str, field: str,
                       "replaced base with what to do")
 
 
-def _check_base(backing: Backing, plan: Plan, prefix: str, field: str) -> dict[str, int]:
-    """Check the library base; return its identity (for the base record)."""
+def _check_base(backing: Backing, plan: Plan, prefix: str, field: str) -> tuple[dict[str, int], int]:
+    """Check the library base as prepare does; return its identity (for the base record) and its
+    size as prepare measures it (virtual size of a qcow2 base, file size of a raw one)."""
     _require_dir(prefix, K.LAUNCHER_IMAGE_LIBRARY, field,
                  f"the image library {K.LAUNCHER_IMAGE_LIBRARY} is not mounted in the sidecar: check "
                  "the Pod mutation added the read-only image-library mount to the diskhooks "
@@ -136,13 +163,20 @@ def _check_base(backing: Backing, plan: Plan, prefix: str, field: str) -> dict[s
     data, st = _read_start_stat(prefix, backing.launcher_path, field, node_path=node_path,
                                 missing=f"base image {backing.launcher_path} ({backing.image}, node "
                                 f"file {node_path}) does not exist in the image library")
-    if backing.format == "qcow2":
-        header = _parse(data, st.st_size, backing.launcher_path, field, node_path=node_path,
-                        writable=False)
-        if header.backing_file is not None:
-            raise Refused(field, f"base image {backing.launcher_path} ({backing.image}) has a backing "
-                          f"file {header.backing_file!r} itself; library bases must be self-contained")
-    return baserecord.identity_of(st)
+    where = f"base image {backing.launcher_path} ({backing.image}, node file {node_path})"
+    if backing.format == "raw":
+        if qcow2.is_qcow2(data):  # valid header or not: the magic alone makes probing tools take it
+            raise Refused(field, qcow2.raw_base_looks_qcow2(where))
+        return baserecord.identity_of(st), st.st_size
+    if not qcow2.is_qcow2(data):
+        raise Refused(field, f"{where} is raw, but the plan says qcow2; diskhooks never opens an image "
+                      "as a format it is not")
+    header = _parse(data, st.st_size, backing.launcher_path, field, node_path=node_path,
+                    writable=False)
+    if header.backing_file is not None:
+        raise Refused(field, f"base image {backing.launcher_path} ({backing.image}) has a backing "
+                      f"file {header.backing_file!r} itself; library bases must be self-contained")
+    return baserecord.identity_of(st), header.virtual_size
 
 
 def _check_persist_root(pr: PersistRoot, plan: Plan, vmi_uid: str, prefix: str) -> str:
@@ -168,6 +202,10 @@ def _check_persist_root(pr: PersistRoot, plan: Plan, vmi_uid: str, prefix: str) 
     if fmt not in BASE_FORMATS:
         raise Refused(field, f"the base record {pr.marker} has format {fmt!r}, not one of "
                       f"{', '.join(BASE_FORMATS)}")
+    problem = baserecord.persist_record_problem(marker)
+    if problem is not None:
+        raise Refused(field, f"the base record {pr.marker_path} {problem}; the {K.PREPARE_CONTAINER} "
+                      "init container never leaves such a record (check its logs)")
     node_path = f"{plan.host_dir}/{pr.file}"
     header = _read_qcow2(prefix, pr.launcher_path, field, node_path=node_path, writable=True)
     _expect_backing(header, pr.base_path, fmt, field, pr.launcher_path)
@@ -176,8 +214,9 @@ def _check_persist_root(pr: PersistRoot, plan: Plan, vmi_uid: str, prefix: str) 
 
 # ------------------------------------------------------------------------------------------------
 def _require_dir(prefix: str, path: str, field: str, reason: str) -> None:
+    """A directory (a mount point), not a symbolic link to one: as prepare sees it."""
     try:
-        st = os.stat(prefix + path)
+        st = os.lstat(prefix + path)
     except OSError:
         raise Refused(field, reason) from None
     if not stat.S_ISDIR(st.st_mode):

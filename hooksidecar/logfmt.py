@@ -4,7 +4,9 @@ What a line may say is decided here; the servicers only hand over facts. Two pur
 call for the log without parsing anything twice in full: :func:`vmi_identity` (namespace/name of the
 VMI from its JSON, never raising) and :func:`changed_disks` (aliases of the ``<disk>`` elements whose
 text differs between the XML received and the XML answered, from a byte-level scan: a log hint, not a
-decision). No gRPC, no lxml, no environment.
+decision). :func:`larger_than_planned` turns the images the checks accepted although they are
+larger than planned into the line's ``largerThanPlanned`` and ``warning`` (prepare warns on its own
+line too). No gRPC, no lxml, no environment.
 """
 
 from __future__ import annotations
@@ -13,12 +15,34 @@ import json
 import re
 import threading
 import time
-from typing import IO, Any
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hooksidecar.images import LargerImage
 
 _DISK_TAG = re.compile(rb"<disk\b|</disk>")
 _ALIAS = re.compile(rb'<alias\s+name="([^"]{1,256})"')
 _SPACE = re.compile(rb"\s+")
 _MAX_LISTED = 32
+
+
+def larger_than_planned(images: Sequence[LargerImage]) -> dict[str, Any]:
+    """Log fields for images the sidecar accepted although they are larger than planned (prepare
+    keeps them, never shrinks them, and warns on its own log line): ``largerThanPlanned`` (volume,
+    virtualSize, plannedSize; at most 32) and a ``warning`` in prepare's words. Empty when none."""
+    if not images:
+        return {}
+    listed = images[:_MAX_LISTED]
+    warning = "; ".join(
+        f"volume {i.volume}: {i.path} is larger than planned ({i.virtual_size} bytes, planned "
+        f"{i.planned_size}): kept as it is, since diskhooks never shrinks an image; the guest sees "
+        f"{i.virtual_size} bytes" for i in listed)
+    if len(images) > len(listed):
+        warning += f"; and {len(images) - len(listed)} more"
+    return {"largerThanPlanned": [{"volume": i.volume, "virtualSize": i.virtual_size,
+                                   "plannedSize": i.planned_size} for i in listed],
+            "warning": warning}
 
 
 class JsonLog:

@@ -52,7 +52,7 @@ from typing import Any, Literal
 from diskplan import baserecord, qcow2
 from diskplan import keys as K
 from diskplan.errors import Malformed
-from diskplan.plan import BASE_FORMATS, MAX_PLAN_BYTES, PersistRoot, Plan, PlannedDisk, parse_plan
+from diskplan.plan import MAX_PLAN_BYTES, PersistRoot, Plan, PlannedDisk, parse_plan
 from hooksidecar import qemuimg
 
 PROG = "diskhooks-prepare"
@@ -61,7 +61,6 @@ IMAGE_MODE = 0o660
 MAX_MARKER_BYTES = 64 * 1024
 HASH_CHUNK = 1 << 20
 _VMI_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TMP_INFIX = ".tmp-"
 
 # ================================================================================================
@@ -339,7 +338,7 @@ def _image_actions(disk: PlannedDisk, obs: DiskObservation, plan: Plan) -> list[
                        f"for the hostDisk volume, path {plan.host_dir}) and that the diskhooks Pod "
                        f"mutation mounted it at {disk.launcher_dir}")]
     refusals: list[Action] = []
-    target = qemuimg.round_to_sector(disk.size_bytes)
+    target = qcow2.round_to_sector(disk.size_bytes)
     image = obs.image
     if disk.backing is not None:
         # the size the image has once prepare is done: an existing image is never shrunk
@@ -389,6 +388,8 @@ def _base_problem(disk: PlannedDisk, obs: DiskObservation, plan: Plan, final: in
     where = f"base image {b.launcher_path} ({b.image}, node file {node})"
     if base.kind == "missing":
         return f"{where} does not exist: the platform's image library on this node has no {b.file}"
+    if b.format == "raw" and base.kind in ("qcow2", "bad-qcow2"):
+        return qcow2.raw_base_looks_qcow2(where)  # the sidecar refuses it with the same words
     if base.kind in ("symlink", "not-regular", "unreadable", "bad-qcow2"):
         return _image_problem(base, where) or f"{where} cannot be used"
     if base.kind != b.format:
@@ -491,7 +492,7 @@ def _persist_actions(pr: PersistRoot, obs: PersistObservation, plan: Plan,
         # first start (or the overlay was deleted to discard its writes): record the base first, so
         # an overlay never exists without its record
         return [WriteMarker(vol, pr.marker_path, fresh),
-                CreateImage(vol, pr.launcher_path, qemuimg.round_to_sector(base.virtual_size),
+                CreateImage(vol, pr.launcher_path, qcow2.round_to_sector(base.virtual_size),
                             backing=pr.base_path, backing_format=base.format)]
     where = f"the persistent root overlay {pr.launcher_path} (node file {node_overlay})"
     problem = _image_problem(overlay, where)
@@ -714,14 +715,8 @@ def read_marker(path: str) -> MarkerState:
     state = _load_record(path)
     if state.kind != "ok":
         return state
-    doc = state.record
-    if not isinstance(doc.get("image"), str) \
-            or not isinstance(doc.get("sha256"), str) or not _SHA256.match(doc["sha256"]) \
-            or doc.get("format") not in BASE_FORMATS or not isinstance(doc.get("virtualSize"), int) \
-            or not isinstance(doc.get("vmiUID"), str) or not isinstance(doc.get("overlay"), str):
-        return MarkerState("invalid", "does not have the fields diskhooks writes (image, sha256, format, "
-                           "virtualSize, vmiUID, overlay)")
-    return state
+    problem = baserecord.persist_record_problem(state.record)
+    return state if problem is None else MarkerState("invalid", problem)
 
 
 def read_base_record(path: str) -> MarkerState:

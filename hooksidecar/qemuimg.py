@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from diskplan.qcow2 import round_to_sector
+
 #: address-space limit of a qemu-img child (CDI uses the same figure)
 ADDRESS_SPACE_LIMIT = 1 << 30
 #: CPU-time limit of a qemu-img child, seconds
@@ -36,8 +38,6 @@ TIMEOUT_SECONDS = 60.0
 #: the largest ``info`` output accepted (a real one is about 1 KiB)
 MAX_INFO_BYTES = 1 << 20
 FORMATS = ("qcow2", "raw")
-#: qemu sizes images in 512-byte sectors: ``create`` rounds up, ``resize`` refuses other sizes
-SECTOR = 512
 
 
 class QemuImgError(Exception):
@@ -58,11 +58,6 @@ class ImageInfo:
     backing_format: str | None
     data_file: str | None  # qcow2 format-specific ``data-file``
     corrupt: bool
-
-
-def round_to_sector(size: int) -> int:
-    """``size`` rounded up to a multiple of 512, the size qemu-img gives an image of ``size`` bytes."""
-    return -(-size // SECTOR) * SECTOR
 
 
 def parse_info(text: str) -> ImageInfo:

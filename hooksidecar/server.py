@@ -248,7 +248,9 @@ class Servicers:
                     fields["bytesIn"] = len(domain_xml)
                     result = self.on_define(domain_xml, vmi_json, path_prefix=self.settings.path_prefix,
                                             check_images=self.settings.check_images,
-                                            admitted_plan=self.settings.admitted_plan)
+                                            admitted_plan=self.settings.admitted_plan,
+                                            on_facts=lambda facts: fields.update(
+                                                logfmt.larger_than_planned(facts.larger_than_planned)))
             except WireError as exc:
                 self._fail(fields, started, StatusCode.INVALID_ARGUMENT,
                            f"OnDefineDomainParams: not a valid protobuf message: {exc}")

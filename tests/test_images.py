@@ -21,7 +21,7 @@ from diskplan import keys as K
 from diskplan.errors import Refused
 from diskplan.plan import Backing, PersistRoot, Plan, PlannedDisk
 from hooksidecar.images import ImageFacts, check_images
-from hooksidecar.prepare import make_base_record
+from hooksidecar.prepare import Refuse, Unchanged, inspect, make_base_record, plan_actions
 
 QEMU_IMG = shutil.which("qemu-img")
 UID = "6a1e5f3c-1d2b-4c3a-9e8f-0123456789ab"
@@ -70,8 +70,8 @@ def build_tree(root: Path, plan: Plan = PLAN) -> None:
         if disk.backing is not None:
             base = at(root, disk.backing.launcher_path)
             base.parent.mkdir(parents=True, exist_ok=True)
-            if not base.exists():
-                qemu_img("create", "-f", disk.backing.format, str(base), "10G")
+            if not base.exists():  # no larger than the overlay, as prepare requires
+                qemu_img("create", "-f", disk.backing.format, str(base), "1G")
             # the base record prepare writes before the overlay
             at(root, disk.base_record_path).write_text(json.dumps(make_base_record(disk, str(base))))
     if plan.persist_root is not None:
@@ -125,7 +125,7 @@ def _base_record_symlink(root: Path) -> None:
 
 def _base_replaced(root: Path) -> None:
     new = _base(root).with_name("incoming.qcow2")
-    qemu_img("create", "-f", "qcow2", str(new), "10G")  # same name, same size, other file
+    qemu_img("create", "-f", "qcow2", str(new), "1G")  # same name, same size, other file
     os.replace(new, _base(root))
 
 
@@ -237,6 +237,13 @@ def _overlay_other_base(root: Path) -> None:
              "/var/run/kubevirt/container-disks/disk_1.img", str(p), "10G")
 
 
+def _volume_dir_symlink(root: Path) -> None:
+    d = _pgdata(root).parent
+    real = d.with_name("pgdata-real")
+    d.rename(real)
+    d.symlink_to(real.name)
+
+
 def _corrupt_flag(root: Path) -> None:
     p = _pgdata(root)
     data = bytearray(p.read_bytes())
@@ -248,6 +255,8 @@ CASES: list[tuple[str, Callable[[Path], object], str]] = [
     ("volume dir not mounted", lambda r: shutil.rmtree(_pgdata(r).parent),
      ("volume directory /var/run/kubevirt-private/vmi-disks/pgdata is not mounted in the sidecar: check "
       "the Pod mutation added the read-only mount for pgdata")),
+    ("volume dir a symlink (prepare: not mounted)", _volume_dir_symlink,
+     "volume directory /var/run/kubevirt-private/vmi-disks/pgdata is not mounted in the sidecar"),
     ("image missing", lambda r: _pgdata(r).unlink(), "did not create it"),
     ("raw file named .qcow2", _replace_with_raw,
      ("raw image at /var/run/kubevirt-private/vmi-disks/pgdata/pgdata.qcow2: KubeVirt created it "
@@ -287,6 +296,10 @@ CASES: list[tuple[str, Callable[[Path], object], str]] = [
     ("marker from another start", _write_marker(vmiUID="00000000-0000-0000-0000-000000000000"),
      "prepare did not run for this start"),
     ("marker with a bad format", _write_marker(format="vmdk"), "has format 'vmdk'"),
+    ("marker without a sha256 (prepare: invalid)", _write_marker(sha256="not-a-hash"),
+     "does not have the fields diskhooks writes (image, sha256, format"),
+    ("marker without its overlay (prepare: invalid)", _write_marker(overlay=None),
+     "does not have the fields diskhooks writes"),
     ("marker not JSON", lambda r: _marker(r).write_text("{not json"), "is not JSON"),
     ("marker nested too deeply", lambda r: _marker(r).write_text("[" * 60000), "is not JSON"),
     ("overlay on another base", _overlay_other_base, "disk_1.img"),
@@ -347,3 +360,101 @@ def test_on_define_domain_refuses_before_answering(tmp_path: Path) -> None:
     qemu_img("create", "-f", "raw", str(datadisk), "10G")
     with pytest.raises(Refused, match="raw image"):
         on_define_domain(S01.xml(), S01.vmi_json(), path_prefix=str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare and the sidecar decide alike: the same tree through both, on real files
+# ------------------------------------------------------------------------------------------------
+RAW_BASE = Backing(image="debian-12", file="debian-12.raw", format="raw")
+RAW_PLAN = replace(PLAN, disks=(replace(PLAN.disks[1], backing=RAW_BASE),), persist_root=None)
+
+
+def prepare_refusals(plan: Plan, root: Path) -> list[str]:
+    """What prepare's inspection and pure core refuse for the tree under ``root`` (nothing is
+    applied), in the sidecar's ``volume X: reason`` form."""
+    actions = plan_actions(plan, inspect(plan, prefix=str(root)), vmi_uid=UID)
+    return [f"volume {a.volume}: {a.reason}" for a in actions if isinstance(a, Refuse)]
+
+
+def replace_base(root: Path, disk: PlannedDisk, *qemu_args: str, size: str = "1G",
+                 cut_to: int | None = None) -> None:
+    """Put another file at the base's path and record it as prepare would (so the base record
+    agrees with it: only the file itself can be the reason for a refusal)."""
+    assert disk.backing is not None
+    base = at(root, disk.backing.launcher_path)
+    base.unlink()
+    qemu_img("create", *qemu_args, str(base), size)
+    if cut_to is not None:
+        os.truncate(base, cut_to)
+    at(root, disk.base_record_path).write_text(json.dumps(make_base_record(disk, str(base))))
+
+
+QCOW2_IN_RAW = [
+    ("with a backing file in its header", ("-f", "qcow2", "-u", "-F", "raw", "-b", "/etc/shadow"), None),
+    ("a plain qcow2 image", ("-f", "qcow2"), None),
+    ("a qcow2 header whose tables are cut off", ("-f", "qcow2"), 4096),
+]
+
+
+@pytest.mark.parametrize("label,args,cut_to", QCOW2_IN_RAW, ids=[c[0] for c in QCOW2_IN_RAW])
+def test_raw_base_that_starts_with_a_qcow2_header_is_refused_as_prepare_refuses_it(
+        tmp_path: Path, label: str, args: tuple[str, ...], cut_to: int | None) -> None:
+    """The format-confusion hazard: a base planned raw whose first bytes are a qcow2 header would
+    be opened as qcow2 by anything that probes it, following the backing file written in it."""
+    build_tree(tmp_path, RAW_PLAN)
+    check_images(RAW_PLAN, vmi_uid=UID, path_prefix=str(tmp_path))  # a real raw base passes
+    replace_base(tmp_path, RAW_PLAN.disks[0], *args, cut_to=cut_to)
+    with pytest.raises(Refused) as err:
+        check_images(RAW_PLAN, vmi_uid=UID, path_prefix=str(tmp_path))
+    message = str(err.value)
+    assert message.startswith("volume scratch: base image "
+                              "/var/run/kubevirt-private/diskhooks/images/debian-12.raw (debian-12, "
+                              "node file /var/lib/diskhooks/images/debian-12.raw) is qcow2, but the "
+                              "plan says raw"), message
+    assert "format-confusion" in message
+    assert prepare_refusals(RAW_PLAN, tmp_path) == [message]  # prepare's words, exactly
+
+
+def test_qcow2_base_that_is_raw_is_refused_with_prepares_words(tmp_path: Path) -> None:
+    build_tree(tmp_path)
+    replace_base(tmp_path, PLAN.disks[1], "-f", "raw")
+    with pytest.raises(Refused) as err:
+        check_images(PLAN, vmi_uid=UID, path_prefix=str(tmp_path))
+    assert "is raw, but the plan says qcow2" in str(err.value)
+    assert prepare_refusals(replace(PLAN, persist_root=None), tmp_path) == [str(err.value)]
+
+
+def test_base_larger_than_the_image_is_refused_as_prepare_refuses_it(tmp_path: Path) -> None:
+    build_tree(tmp_path)
+    replace_base(tmp_path, PLAN.disks[1], "-f", "qcow2", size="3G")  # scratch is planned (and made) 2 GiB
+    with pytest.raises(Refused) as err:
+        check_images(PLAN, vmi_uid=UID, path_prefix=str(tmp_path))
+    assert "smaller than its base almalinux-9 (3221225472 bytes)" in str(err.value)
+    assert prepare_refusals(replace(PLAN, persist_root=None), tmp_path) == [str(err.value)]
+
+
+def test_image_larger_than_planned_is_accepted_and_reported_as_prepare_keeps_it(tmp_path: Path) -> None:
+    """prepare keeps it (never shrinks) with a warning on its log line; the sidecar accepts it and
+    hands the same fact to its own log line."""
+    from hooksidecar.images import LargerImage
+
+    build_tree(tmp_path)
+    _pgdata(tmp_path).unlink()
+    qemu_img("create", "-f", "qcow2", str(_pgdata(tmp_path)), "3G")  # planned 1 GiB
+    facts = check_images(PLAN, vmi_uid=UID, path_prefix=str(tmp_path))
+    assert facts == ImageFacts(persist_root_base_format="qcow2", larger_than_planned=(
+        LargerImage("pgdata", PLAN.disks[0].launcher_path, 3 * GiB, 1 * GiB),))
+    plan = replace(PLAN, persist_root=None)
+    kept = [a for a in plan_actions(plan, inspect(plan, prefix=str(tmp_path)), vmi_uid=UID)
+            if isinstance(a, Unchanged) and a.planned_size is not None]
+    assert [(a.volume, a.virtual_size, a.planned_size) for a in kept] == [("pgdata", 3 * GiB, 1 * GiB)]
+
+
+def test_a_planned_size_off_the_sector_grid_is_compared_as_prepare_rounds_it(tmp_path: Path) -> None:
+    """prepare makes a disk planned at 1 GiB - 100 bytes 1 GiB big (qemu's 512-byte sectors): not
+    larger than planned, for either."""
+    plan = replace(PLAN, disks=(replace(PLAN.disks[0], size_bytes=GiB - 100),), persist_root=None)
+    build_tree(tmp_path, replace(plan, disks=(PLAN.disks[0],)))
+    assert check_images(plan, vmi_uid=UID, path_prefix=str(tmp_path)) == ImageFacts()
+    assert [type(a) for a in plan_actions(plan, inspect(plan, prefix=str(tmp_path)), vmi_uid=UID)] \
+        == [Unchanged]

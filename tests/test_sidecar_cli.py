@@ -60,6 +60,25 @@ def test_dry_run_prints_the_rewritten_domain(files: dict[str, Path], sample: Pla
     assert again.returncode == 0 and again.stdout == res.stdout
 
 
+def test_dry_run_warns_about_an_image_larger_than_planned(files: dict[str, Path], tmp_path: Path) -> None:
+    """What the served sidecar puts on its log line (and prepare on its own), the dry run says on
+    stderr; the output is the same as for the planned size."""
+    from tests.test_sidecar_server import qemu_img
+
+    larger = build_sample(tmp_path / "larger")
+    datadisk = larger.prefix / "var/run/kubevirt-private/vmi-disks/datadisk/datadisk.qcow2"
+    datadisk.unlink()
+    qemu_img("create", "-q", "-f", "qcow2", str(datadisk), "12G")  # planned 10 GiB
+    res = run_cli("dry-run", "--vmi", str(files["vmi"]), "--domain", str(files["domain"]),
+                  "--path-prefix", str(larger.prefix))
+    assert res.returncode == 0, res.stderr
+    assert "warning: volume datadisk: /var/run/kubevirt-private/vmi-disks/datadisk/datadisk.qcow2 is " \
+        "larger than planned (12884901888 bytes, planned 10737418240)" in res.stderr
+    unchecked = run_cli("dry-run", "--vmi", str(files["vmi"]), "--domain", str(files["domain"]),
+                        "--no-image-check")
+    assert res.stdout == unchecked.stdout
+
+
 def test_dry_run_diff_shows_only_the_planned_disks(files: dict[str, Path]) -> None:
     res = run_cli("dry-run", "--vmi", str(files["vmi"]), "--domain", str(files["domain"]), "--diff",
                   "--no-image-check")

@@ -567,6 +567,73 @@ def test_missing_base_record_is_failed_precondition(sock_dir: Path, tmp_path: Pa
     assert "did not run for this start" in err.details()
 
 
+def test_raw_planned_base_with_a_qcow2_header_is_failed_precondition(sock_dir: Path, tmp_path: Path) -> None:
+    """``scratch`` is planned on a raw library base whose first bytes are a qcow2 header naming a
+    backing file (the format-confusion hazard): prepare refuses it, and so does the sidecar, on
+    every call, naming the volume, the base and the reason."""
+    raw_base = Backing(image="debian-12", file="debian-12.raw", format="raw")
+    plan = replace(make_plan(), disks=(make_plan().disks[0], replace(make_plan().disks[1], backing=raw_base)))
+    sample = build_sample(tmp_path / "confused-prefix")
+    library = sample.prefix / K.LAUNCHER_IMAGE_LIBRARY.lstrip("/")
+    scratch_dir = sample.prefix / K.LAUNCHER_VMI_DISKS.lstrip("/") / "scratch"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", "/etc/shadow",
+             str(library / raw_base.file), "1G")
+    (scratch_dir / "scratch.qcow2").unlink()
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b", raw_base.launcher_path,
+             str(scratch_dir / "scratch.qcow2"), "20G")
+    (scratch_dir / "scratch.base.json").write_text(
+        json.dumps(make_base_record(plan.disks[1], str(library / raw_base.file))))
+    vmi = json.dumps(planned_vmi(plan)).encode()
+    sidecar = start_sidecar(sock_dir, "--path-prefix", str(sample.prefix), plan=sign_plan(plan, PLAN_KEYS))
+    try:
+        errs = [rpc_error(call_on_define, sidecar.target, v, sample.first_call, vmi)
+                for v in ("v1alpha3", "v1alpha1")]
+    finally:
+        sidecar.stop()
+    for err in errs:
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert err.details().startswith(
+            "volume scratch: base image /var/run/kubevirt-private/diskhooks/images/debian-12.raw "
+            "(debian-12, node file /var/lib/diskhooks/images/debian-12.raw) is qcow2, but the plan says "
+            "raw"), err.details()
+        assert "format-confusion" in err.details()
+    failed = [r for r in sidecar.log() if r["event"] == "call" and r["hook"] == "OnDefineDomain"]
+    assert [r["code"] for r in failed] == ["FAILED_PRECONDITION"] * 2
+
+
+def test_image_larger_than_planned_is_answered_as_usual_and_logged(sock_dir: Path, tmp_path: Path) -> None:
+    """prepare keeps an image larger than planned (never shrinks it) with a warning; the sidecar
+    answers exactly as for the planned size and says so on the call's log line."""
+    larger = build_sample(tmp_path / "larger-prefix")
+    datadisk = larger.prefix / K.LAUNCHER_VMI_DISKS.lstrip("/") / "datadisk" / "datadisk.qcow2"
+    datadisk.unlink()
+    qemu_img("create", "-q", "-f", "qcow2", str(datadisk), "12G")  # planned 10 GiB
+    sidecar = start_sidecar(sock_dir, "--path-prefix", str(larger.prefix))
+    try:
+        out = call_on_define(sidecar.target, "v1alpha3", larger.first_call, larger.vmi)
+    finally:
+        sidecar.stop()
+    assert out == on_define_domain(larger.first_call, larger.vmi, check_images=False)
+    [call] = [r for r in sidecar.log() if r["event"] == "call" and r["hook"] == "OnDefineDomain"]
+    assert call["result"] == "ok"
+    assert call["largerThanPlanned"] == [{"volume": "datadisk", "virtualSize": 12 * GiB,
+                                          "plannedSize": 10 * GiB}]
+    assert call["warning"] == (
+        "volume datadisk: /var/run/kubevirt-private/vmi-disks/datadisk/datadisk.qcow2 is larger than "
+        f"planned ({12 * GiB} bytes, planned {10 * GiB}): kept as it is, since diskhooks never shrinks "
+        f"an image; the guest sees {12 * GiB} bytes")
+
+
+def test_larger_than_planned_log_fields_are_bounded() -> None:
+    from hooksidecar.images import LargerImage
+
+    many = [LargerImage(f"d{i}", f"/var/run/kubevirt-private/vmi-disks/d{i}/d{i}.qcow2", 2 * GiB, GiB)
+            for i in range(40)]
+    fields = logfmt.larger_than_planned(many)
+    assert len(fields["largerThanPlanned"]) == 32 and fields["warning"].endswith("; and 8 more")
+    assert logfmt.larger_than_planned([]) == {}
+
+
 def test_missing_image_is_failed_precondition(sock_dir: Path, tmp_path: Path, sample: PlannedSample) -> None:
     """Served without the prefix, the sidecar finds no mounted volume directory: it refuses."""
     sidecar = start_sidecar(sock_dir, "--path-prefix", str(tmp_path))
