@@ -7,14 +7,28 @@ Pure: text in, plain Python values out (dict, list, str, int, float, bool, None)
 - text larger than ``max_bytes`` (checked before any parsing);
 - YAML anchors and aliases (``&a``/``*a``): an alias "bomb" expands a few hundred bytes into
   gigabytes when a normal loader builds the objects; this loader never expands anything;
-- explicit tags (``!!python/object``, ``!!binary``, ``!foo``...), merge keys (``<<``), timestamps,
-  sets: nothing diskhooks reads needs them, and each is a way to smuggle a surprising type;
+- explicit tags (``!!python/object``, ``!!binary``, ``!foo``...) and merge keys (``<<``): nothing
+  diskhooks reads needs them, and each is a way to smuggle a surprising type;
 - nesting deeper than ``max_depth``, more than ``max_nodes`` values, several documents,
-  non-scalar or duplicate mapping keys, NaN/Infinity.
+  non-scalar or duplicate mapping keys, NaN/Infinity, integers of more than 4300 digits.
 
-JSON (the usual form of an annotation written by a tool) takes a fast path through :mod:`json`;
-anything that is not JSON goes through libyaml's event parser (or PyYAML's pure-Python parser
-where libyaml is missing) and a small composer here that builds values from the events.
+**Plain scalars resolve by the YAML 1.2 core schema** (as Kubernetes' own YAML reader and every
+YAML 1.2 reader do), not by PyYAML's YAML 1.1 rules: null is ``null``/``Null``/``NULL``/``~``/empty;
+a bool is ``true``/``True``/``TRUE``/``false``/``False``/``FALSE``; an integer is decimal
+``[-+]?[0-9]+`` (``017`` is 17, not octal 15), ``0o17`` or ``0x1F``; everything else is a string, so
+``yes``/``no``/``on``/``off``/``y``/``n``, ``1:20`` (not sexagesimal 80), ``1_000``, ``0b101`` and
+timestamps (``2024-01-01``) stay the text they are, and the field's own check (quantity, integer,
+choice...) refuses or reads that text. A float is a YAML 1.2 core float that YAML 1.1 read as a
+float too: a decimal point, and an exponent only with its sign (``1.5``, ``.5``, ``1.0e+10``,
+``.inf``, ``.nan``); ``1e10`` and ``1.5e9``, which YAML 1.2 calls floats, still read as text here,
+so a quantity field reads them exactly (``size: 1e10`` is 10**10 bytes), as it always has. This is
+PyYAML's own mechanism: :class:`CoreResolver` (a ``Resolver`` with its implicit resolvers replaced)
+and :class:`CoreConstructor` (decimal, ``0o`` and ``0x`` integers).
+
+JSON (the usual form of an annotation written by a tool) takes a fast path through :mod:`json`
+(JSON is YAML 1.2, so both paths agree); anything that is not JSON goes through libyaml's event
+parser (or PyYAML's pure-Python parser where libyaml is missing) and a small composer here that
+builds values from the events.
 """
 
 from __future__ import annotations
@@ -36,16 +50,51 @@ MAX_NODES = 2000
 _WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,200}\Z")
 
 _STR = "tag:yaml.org,2002:str"
+_MERGE = "tag:yaml.org,2002:merge"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
 _BOOL = "tag:yaml.org,2002:bool"
 _NULL = "tag:yaml.org,2002:null"
 
 _Parser: Any = getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader
-_resolver = Resolver()
-_constructor = SafeConstructor()
+
+
+class CoreResolver(Resolver):
+    """PyYAML's resolver with the YAML 1.1 implicit types replaced by the YAML 1.2 core schema
+    (see the module docstring), plus ``<<`` as a merge key so that one is still refused by name
+    (Kubernetes' go-yaml merges it; diskhooks does not)."""
+
+    yaml_implicit_resolvers = {}  # noqa: RUF012 - PyYAML's class-level table, filled below
+
+
+for _tag, _regexp, _first in (
+    (_NULL, r"(?:~|null|Null|NULL|)\Z", ["~", "n", "N", ""]),
+    (_BOOL, r"(?:true|True|TRUE|false|False|FALSE)\Z", list("tTfF")),
+    (_INT, r"(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)\Z", list("-+0123456789")),
+    # YAML 1.2 core floats that YAML 1.1 read as floats as well (``1e10``, ``1.5e9`` stay text)
+    (_FLOAT, (r"(?:[-+]?[0-9]+\.[0-9]*(?:[eE][-+][0-9]+)?|\.[0-9]+(?:[eE][-+][0-9]+)?"
+              r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))\Z"), list("-+0123456789.")),
+    (_MERGE, r"<<\Z", ["<"]),
+):
+    CoreResolver.add_implicit_resolver(_tag, re.compile(_regexp), _first)
+del _tag, _regexp, _first
+
+
+class CoreConstructor(SafeConstructor):
+    """Integers as the YAML 1.2 core schema writes them: decimal (leading zeros are still
+    decimal), ``0o`` octal, ``0x`` hexadecimal; :class:`CoreResolver` sends nothing else here."""
+
+    def construct_yaml_int(self, node: Any) -> int:
+        value = str(self.construct_scalar(node))
+        return int(value, 0 if value[:2] in ("0o", "0x") else 10)
+
+
+CoreConstructor.add_constructor(_INT, CoreConstructor.construct_yaml_int)  # type: ignore[type-var]
+
+_resolver = CoreResolver()
+_constructor = CoreConstructor()
 # first characters of plain scalars that may resolve to something else than a string
-_FIRST_CHARS = frozenset(k for k in Resolver.yaml_implicit_resolvers if k is not None)
+_FIRST_CHARS = frozenset(k for k in CoreResolver.yaml_implicit_resolvers if k is not None)
 
 
 def load_document(text: str, *, field: str, max_bytes: int = MAX_ANNOTATION_BYTES,
@@ -238,7 +287,11 @@ class _Composer:
         if tag == _BOOL:
             return _constructor.construct_yaml_bool(node)
         if tag == _INT:
-            return _constructor.construct_yaml_int(node)
+            try:
+                return _constructor.construct_yaml_int(node)
+            except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+                raise Refused(self.where, f"{value[:20]!r}... is a number of {len(value)} "
+                              "digits; that is too long") from None
         if tag == _FLOAT:
             number = _constructor.construct_yaml_float(node)
             if not math.isfinite(number):
@@ -249,7 +302,7 @@ class _Composer:
 
 
 def _resolve(value: str, implicit: tuple[bool, bool]) -> str:
-    """The YAML 1.1 tag of a plain scalar (PyYAML's resolver, untyped)."""
+    """The YAML 1.2 core schema tag of a plain scalar (:class:`CoreResolver`, untyped)."""
     return str(_resolver.resolve(yaml.ScalarNode, value, implicit))  # type: ignore[no-untyped-call]
 
 

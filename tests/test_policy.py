@@ -159,7 +159,8 @@ BAD = [
     ("sizing: {cpuAllocationRatio: .nan}\n" + MINIMAL, "sizing.cpuAllocationRatio", "not a finite number"),
     ("sizing: {cpuAllocationRatio: -.inf}\n" + MINIMAL, "sizing.cpuAllocationRatio", "not a finite number"),
     ("sidecar: {image: a/b:1, allowedImages: [x/y:1, !!str x/z:1]}\n", "sidecar.allowedImages[1]", "tags"),
-    ("hostDisks: {root: 2026-01-01}\n" + MINIMAL, "hostDisks.root", "YAML timestamp"),
+    # YAML 1.2 core schema: a timestamp is text, refused here as the path it is not
+    ("hostDisks: {root: 2026-01-01}\n" + MINIMAL, "hostDisks.root", "not a clean absolute path"),
     ("- &a 1\n", "policy[0]", "anchors"),
 ]
 
