@@ -12,8 +12,10 @@ Pure: text in, plain Python values out (dict, list, str, int, float, bool, None)
 - nesting deeper than ``max_depth``, more than ``max_nodes`` values, several documents,
   non-scalar or duplicate mapping keys, NaN/Infinity, integers of more than 4300 digits.
 
-**Plain scalars resolve by the YAML 1.2 core schema** (as Kubernetes' own YAML reader and every
-YAML 1.2 reader do), not by PyYAML's YAML 1.1 rules: null is ``null``/``Null``/``NULL``/``~``/empty;
+**Plain scalars resolve by the YAML 1.2 core schema** (as YAML 1.2 readers do), not by PyYAML's
+YAML 1.1 rules. Kubernetes' own manifest reader (go-yaml v2) still follows 1.1, but it never parses an
+annotation's value, and 1.2 is the set of rules under which an unquoted value means what it looks
+like (the policy, rendered by Helm's ``toYaml``, reads the same under both): null is ``null``/``Null``/``NULL``/``~``/empty;
 a bool is ``true``/``True``/``TRUE``/``false``/``False``/``FALSE``; an integer is decimal
 ``[-+]?[0-9]+`` (``017`` is 17, not octal 15), ``0o17`` or ``0x1F``; everything else is a string, so
 ``yes``/``no``/``on``/``off``/``y``/``n``, ``1:20`` (not sexagesimal 80), ``1_000``, ``0b101`` and
