@@ -1,5 +1,5 @@
 """Plain YAML scalars in annotation values and in the policy file resolve by the YAML 1.2 core
-schema (``diskplan/yamlsafe.py``), as Kubernetes' own YAML reader does, not by PyYAML's YAML 1.1
+schema (``diskplan/yamlsafe.py``), not by PyYAML's YAML 1.1
 rules: ``017`` is 17 (not octal 15), ``1:20`` is text (not sexagesimal 80), ``1_000``, ``yes``,
 ``on``, ``0b101`` and dates are text, which the field's own check then reads or refuses naming
 the field. What a user notices: the vCPUs and disk sizes a VM gets, the denial it gets, and
