@@ -27,7 +27,7 @@ from typing import Any
 
 from diskplan.plan import BASE_FORMATS, Backing, PlannedDisk
 
-MAX_RECORD_BYTES = 64 * 1024
+MAX_RECORD_BYTES = 64 * 1024  # both base records (this one and the persistent root's): prepare and the sidecar
 IDENTITY_FIELDS = ("dev", "ino", "size", "mtimeNs", "ctimeNs")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

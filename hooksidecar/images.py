@@ -43,8 +43,6 @@ from diskplan import keys as K
 from diskplan.errors import Refused
 from diskplan.plan import BASE_FORMATS, Backing, PersistRoot, Plan, PlannedDisk
 
-MAX_MARKER_BYTES = 64 * 1024
-
 
 @dataclass(frozen=True)
 class LargerImage:
@@ -123,17 +121,10 @@ def _check_base_record(disk: PlannedDisk, plan: Plan, prefix: str, field: str,
     assert b is not None
     node_record = f"{plan.host_dir}/{disk.base_record}"
     where = f"the base record {disk.base_record_path} (node file {node_record})"
-    data, _ = _read_start(prefix, disk.base_record_path, field, node_path=node_record,
-                          missing=f"{where} does not exist: the {K.PREPARE_CONTAINER} init container "
-                          f"did not run for this start, so nothing checked that the base {b.image} is "
-                          "the one the overlay was made on; check the Pod has it and that it succeeded",
-                          limit=baserecord.MAX_RECORD_BYTES + 1)
-    if len(data) > baserecord.MAX_RECORD_BYTES:
-        raise Refused(field, f"{where} is larger than {baserecord.MAX_RECORD_BYTES} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        doc = None
+    doc = _read_json(prefix, disk.base_record_path, field, node_path=node_record, where=where,
+                     missing=f"{where} does not exist: the {K.PREPARE_CONTAINER} init container "
+                     f"did not run for this start, so nothing checked that the base {b.image} is "
+                     "the one the overlay was made on; check the Pod has it and that it succeeded")
     problem = "is not JSON" if doc is None else baserecord.record_problem(doc)
     if problem is not None:
         raise Refused(field, f"{where} {problem}; the {K.PREPARE_CONTAINER} init container refuses "
@@ -308,18 +299,27 @@ def _expect_backing(header: qcow2.Qcow2Header, backing: str, fmt: str, field: st
 
 
 def _read_marker(pr: PersistRoot, plan: Plan, prefix: str, field: str) -> dict[str, Any]:
-    data, _ = _read_start(prefix, pr.marker_path, field, node_path=f"{plan.host_dir}/{pr.marker}",
-                          missing=f"the base record {pr.marker_path} does not exist: the "
-                          f"{K.PREPARE_CONTAINER} init container did not run for this start, so "
-                          "nothing checked the base image of the persistent root; check the Pod has it",
-                          limit=MAX_MARKER_BYTES + 1)
-    if len(data) > MAX_MARKER_BYTES:
-        raise Refused(field, f"the base record {pr.marker_path} is larger than {MAX_MARKER_BYTES} bytes")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    doc = _read_json(prefix, pr.marker_path, field, node_path=f"{plan.host_dir}/{pr.marker}",
+                     where=f"the base record {pr.marker_path}",
+                     missing=f"the base record {pr.marker_path} does not exist: the "
+                     f"{K.PREPARE_CONTAINER} init container did not run for this start, so "
+                     "nothing checked the base image of the persistent root; check the Pod has it")
+    if doc is None:
         raise Refused(field, f"the base record {pr.marker_path} is not JSON; the "
-                      f"{K.PREPARE_CONTAINER} init container rewrites it on the next start") from None
+                      f"{K.PREPARE_CONTAINER} init container rewrites it on the next start")
     if not isinstance(doc, dict):
         raise Refused(field, f"the base record {pr.marker_path} is not a JSON object")
     return doc
+
+
+def _read_json(prefix: str, path: str, field: str, *, node_path: str, where: str, missing: str) -> Any:
+    """A base record's parsed JSON (``None`` when it is not JSON), read as :func:`_read_start` reads
+    (no links, regular files only) and bounded as prepare bounds it."""
+    data, _ = _read_start(prefix, path, field, node_path=node_path, missing=missing,
+                          limit=baserecord.MAX_RECORD_BYTES + 1)
+    if len(data) > baserecord.MAX_RECORD_BYTES:
+        raise Refused(field, f"{where} is larger than {baserecord.MAX_RECORD_BYTES} bytes")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
+        return None

@@ -58,7 +58,6 @@ from hooksidecar import qemuimg
 PROG = "diskhooks-prepare"
 EXIT_OK, EXIT_REFUSED, EXIT_MALFORMED = 0, 1, 2
 IMAGE_MODE = 0o660
-MAX_MARKER_BYTES = 64 * 1024
 HASH_CHUNK = 1 << 20
 _VMI_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
 _TMP_INFIX = ".tmp-"
@@ -740,13 +739,13 @@ def _load_record(path: str) -> MarkerState:
         return MarkerState("invalid", "is a symbolic link" if exc.kind == "symlink"
                            else "is a directory or special file", replaceable=False)
     try:
-        data = os.read(fd, MAX_MARKER_BYTES + 1)
+        data = os.read(fd, baserecord.MAX_RECORD_BYTES + 1)
     except OSError as exc:
         return MarkerState("invalid", f"cannot be read: {exc.strerror}")
     finally:
         os.close(fd)
-    if len(data) > MAX_MARKER_BYTES:
-        return MarkerState("invalid", f"is larger than {MAX_MARKER_BYTES} bytes")
+    if len(data) > baserecord.MAX_RECORD_BYTES:
+        return MarkerState("invalid", f"is larger than {baserecord.MAX_RECORD_BYTES} bytes")
     try:
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
