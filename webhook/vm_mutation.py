@@ -242,7 +242,8 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
             plan_keys: PlanKeys, cluster: Cluster) -> list[str]:
     warnings: list[str] = []
     annotations = t.user_meta.get("annotations") or {}
-    requests = parse_requests(annotations, policy, kept_sizes=_kept_sizes(previous.plan)) \
+    kept = _kept_sizes(previous.plan)
+    requests = parse_requests(annotations, policy, kept_sizes=kept) \
         if user_annotation_keys(annotations) else Requests()
     name = _name_of_meta(t.user_meta)
     if requests.wants_plan:
@@ -282,8 +283,7 @@ def _mutate(t: _Target, *, operation: str, namespace: str, previous: _Previous, 
         return isinstance(pvc, Mapping) and isinstance(vname, str) \
             and isinstance(pvc.get("claimName"), str) and pvc["claimName"] in pass_claims.get(vname, ())
 
-    _check_growth(requests, previous, operation, warnings, policy.host_disks.max_disk_size,
-                  _kept_sizes(previous.plan))
+    _check_growth(requests, previous, operation, warnings, policy.host_disks.max_disk_size, kept)
     warnings += _kept_above_limit(requests, policy.host_disks.max_disk_size)
     desired_volumes, desired_disks = _desired(requests, namespace=namespace, host_dir=host_dir,
                                               t=t, policy=policy, cluster=cluster, ours=ours)
