@@ -136,7 +136,7 @@ class KubeCluster:
         """The pod's service account. Raises the client's ConfigException outside a pod."""
         from kubernetes import client, config
 
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        config.load_incluster_config()
         return cls(client.ApiClient(), timeout=timeout)
 
     @classmethod
@@ -145,7 +145,7 @@ class KubeCluster:
         """A kubeconfig file (default: ``$KUBECONFIG`` or ``~/.kube/config``, as kubectl)."""
         from kubernetes import config
 
-        api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+        api_client = config.new_client_from_config(
             config_file=path, context=context)
         return cls(api_client, timeout=timeout)
 
