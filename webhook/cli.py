@@ -38,6 +38,9 @@ import yaml
 
 EXIT_DENIED = 1
 EXIT_USAGE = 2
+# an object file is read up to the served webhook's review body limit (webhook.app's
+# DEFAULT_MAX_BODY_BYTES; the API server sends objects up to 3 MiB), so that dry-run reaches the same
+# verdict as the server (e.g. the denial naming a 1 MB annotation) instead of refusing the file
 MAX_OBJECT_BYTES = 4 * 1024 * 1024
 _HOSTNAME = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
@@ -220,7 +223,7 @@ def _load_object(path: Path, what: str) -> dict[str, Any]:
     from webhook.reload import SourceError, read_bounded
 
     try:
-        data = read_bounded(path, what=what)
+        data = read_bounded(path, what=what, max_bytes=MAX_OBJECT_BYTES)
     except SourceError as exc:
         raise UsageError(str(exc)) from None
     try:

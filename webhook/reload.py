@@ -62,17 +62,17 @@ def stamp(path: Path) -> Stamp:
     return Stamp(resolved, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def read_bounded(path: Path, *, what: str) -> bytes:
-    """The bytes of ``path`` (at most :data:`MAX_FILE_BYTES`), or :class:`SourceError`."""
+def read_bounded(path: Path, *, what: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of ``path`` (at most ``max_bytes``), or :class:`SourceError`."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+            data = f.read(max_bytes + 1)
     except FileNotFoundError:
         raise SourceError(f"{what} {path}: the file does not exist") from None
     except OSError as exc:
         raise SourceError(f"{what} {path}: cannot be read: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise SourceError(f"{what} {path}: larger than {MAX_FILE_BYTES} bytes")
+    if len(data) > max_bytes:
+        raise SourceError(f"{what} {path}: larger than {max_bytes} bytes")
     return data
 
 
