@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ROOT.parent / "shared" / "kubevirt" / "samples"
+SAMPLES = ROOT / "tests" / "data" / "kubevirt" / "samples"
 SAMPLE = SAMPLES / "05-vm-mixed-smbios"
 if str(ROOT) not in sys.path:  # python benchmarks/sidecar_bench.py
     sys.path.insert(0, str(ROOT))

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-ADMISSION = ROOT.parent / "shared" / "kubevirt" / "admission"
+ADMISSION = ROOT / "tests" / "data" / "kubevirt" / "admission"
 POLICY = ROOT / "examples" / "policy.yaml"
 DEMO = ROOT / "examples" / "demo"
 DATA = ROOT / "tests" / "data"

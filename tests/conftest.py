@@ -1,4 +1,7 @@
-"""Shared test fixtures: where the repository and the shared KubeVirt material live."""
+"""Shared test fixtures: where the repository and its KubeVirt material (``tests/data/kubevirt/``) live.
+
+The tests read nothing outside the repository except the API server binaries (``$KUBEBUILDER_ASSETS``).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-KUBEVIRT = SHARED / "kubevirt"
+DATA = Path(__file__).resolve().parent / "data"
+KUBEVIRT = DATA / "kubevirt"  # what each file is and where it came from: its README.md
 SAMPLES = KUBEVIRT / "samples"
 ADMISSION = KUBEVIRT / "admission"
 SWAGGER = KUBEVIRT / "openapi" / "swagger.json"
+KUBEVIRT_CRDS = KUBEVIRT / "crds" / "kubevirt-crds.yaml"
 EXAMPLE_POLICY = ROOT / "examples" / "policy.yaml"
-DATA = Path(__file__).resolve().parent / "data"
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    assert SAMPLES.is_dir(), f"the shared KubeVirt material is missing at {SHARED}"
-    return SHARED
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Two layers, both real material, no guessing:
 
-1. **Schema**: KubeVirt's own OpenAPI document (``shared/kubevirt/openapi/swagger.json``),
+1. **Schema**: KubeVirt's own OpenAPI document (``tests/data/kubevirt/openapi/swagger.json``),
    ``#/definitions/v1.VirtualMachine`` / ``v1.VirtualMachineInstance`` with every ``$ref``
    resolved, validated with :mod:`jsonschema` (Draft 4, the dialect of Swagger 2.0). By default
    *strict*: every object schema that lists its properties also refuses unknown ones — the API

@@ -1,7 +1,7 @@
 """The admission core (``webhook/admission.py``), called directly: review dict in, response out.
 
 Runs the real mutation cores on the AdmissionReviews kube-apiserver really sent
-(``shared/kubevirt/admission/``) and the example policy; no HTTP here (``tests/test_server.py``
+(``tests/data/kubevirt/admission/``) and the example policy; no HTTP here (``tests/test_server.py``
 sends the same reviews to the real server).
 """
 

@@ -1,7 +1,7 @@
 """The sidecar's domain-XML core (hooksidecar.domain, .xmlsafe, .callback) without gRPC and without
 image files (``check_images=False``; tests/test_images.py covers the files).
 
-Inputs are KubeVirt's own samples (shared/kubevirt/samples). None carries a diskhooks plan, so each
+Inputs are KubeVirt's own samples (tests/data/kubevirt/samples). None carries a diskhooks plan, so each
 scenario adds one as the webhook would: it signs a plan into the VMI's annotations and points the
 planned hostDisk volumes at ``<hostDir>/<name>.qcow2`` (KubeVirt then renders the launcher path
 ``/var/run/kubevirt-private/vmi-disks/<name>/<name>.qcow2``, which the scenario writes into the XML).

@@ -1,6 +1,6 @@
 """The Pod mutation (``webhook/pod_mutation.py``) on the virt-launcher Pod kube-apiserver really sent.
 
-The Pod is ``shared/kubevirt/admission/virt-launcher-pod-create.json`` (sample 01: a containerDisk
+The Pod is ``tests/data/kubevirt/admission/virt-launcher-pod-create.json`` (sample 01: a containerDisk
 root in image-volume mode, a hostDisk ``datadisk``, one hook sidecar), given the pod label, a plan
 signed for its volumes, and the diskhooks sidecar image, as the VM mutation would have made it.
 Results are validated against Kubernetes' own Pod schema (kubernetes-validate, strict).

@@ -1,7 +1,7 @@
 """The real webhook server: ``python -m webhook.cli serve --self-signed`` (gunicorn, 2 gthread
 workers, TLS) on a free loopback port, talked to exactly as kube-apiserver does: ``POST
 /mutate?timeout=5s`` with ``Content-Type: application/json`` on a kept-alive TLS connection
-verified against the generated CA, bodies taken from ``shared/kubevirt/admission/``.
+verified against the generated CA, bodies taken from ``tests/data/kubevirt/admission/``.
 
 The one thing played here is the API server itself (no cluster on this machine). The policy file
 is mounted the way the kubelet mounts a ConfigMap (a ``..data`` symlink swapped atomically), so the

@@ -1,7 +1,7 @@
 """The real hook sidecar: ``python -m hooksidecar.cli serve`` on a unix socket, called as virt-launcher
 calls it — a new gRPC channel per call, ``Info`` first, then ``OnDefineDomain`` — through the client
 stubs generated from our own protos (``hooksidecar/_pb``), with KubeVirt's own sample VMI and domain
-XML (``shared/kubevirt/samples/01-*``) plus a diskhooks plan as the webhook would add it, and real
+XML (``tests/data/kubevirt/samples/01-*``) plus a diskhooks plan as the webhook would add it, and real
 qcow2 images made by ``qemu-img`` under a ``--path-prefix`` directory.
 
 Nothing is faked but virt-launcher itself (there is no KubeVirt on this machine): these tests play

@@ -1,7 +1,7 @@
 """The VM/VMI mutation core (``webhook/vm_mutation.py``, ``webhook/sizing.py``) and the cluster
 lookups (``webhook/cluster.py``), called directly.
 
-Inputs are the objects kube-apiserver really sent (``shared/kubevirt/admission/``), KubeVirt's
+Inputs are the objects kube-apiserver really sent (``tests/data/kubevirt/admission/``), KubeVirt's
 sample VMs and VMIs, the demo VM and the largest test VM (``tests/data/vm-kitchen-sink.yaml``).
 Every successful mutation is checked by :func:`mutate`: the input is left untouched, the result
 passes KubeVirt's schema and admission checks (``tests/kubevirt_schema.py``), a second call on
