@@ -7,6 +7,9 @@ are refused with their path, so a misspelt key is an error at load time instead 
 ignored setting. It reads no files and no environment: the transport (``webhook/reload.py``)
 reads the file and keeps the last good policy when a new one is refused.
 
+It also names the node agent's identity (``nodeAgent.serviceAccount``): the one user the webhook
+lets set or change a VM's home-node annotation.
+
 What the policy deliberately does not hold: the webhook's ``failurePolicy``, its timeout and the
 namespaces that take part. Those belong to the MutatingWebhookConfiguration, which the Helm chart
 renders (``values.yaml``); a key for them here is refused with a pointer to the chart.
@@ -71,6 +74,9 @@ class HostDiskPolicy:
     - ``max_total_per_vm`` (``maxTotalPerVM``, default ``8Ti``): largest sum of one VM's
       disks, its detached ones included (their images stay on the node; ``webhook/vm_mutation.py``).
     - ``defaults``: :class:`DriverDefaults`.
+    - ``online_expand`` (``onlineExpand``, default true): the node agent grows a running VM's disks
+      through the launcher's libvirt when an admitted update grows them; false: a grown disk takes
+      effect at the next start only (prepare grows the image then).
     """
 
     root: str = "/var/lib/diskhooks/vms"
@@ -78,6 +84,7 @@ class HostDiskPolicy:
     max_disk_size: int = 2 * 1024**4
     max_total_per_vm: int = 8 * 1024**4
     defaults: DriverDefaults = field(default_factory=DriverDefaults)
+    online_expand: bool = True
 
     def vm_dir(self, namespace: str, vm: str) -> str:
         """Node directory of one VM's disks (``namespace`` and ``vm`` are validated names)."""
@@ -177,16 +184,40 @@ class SidecarPolicy:
 
 
 @dataclass(frozen=True)
+class NodeAgentPolicy:
+    """``nodeAgent``: who the node agent (``diskhooks-node``) is.
+
+    - ``service_account`` (``serviceAccount``, ``<namespace>/<name>``, both DNS labels; default
+      none): the agent's ServiceAccount, the only user allowed to set or change a VM's
+      ``diskhooks.io/node`` annotation. The Helm chart writes it when it installs the agent. Without
+      it nobody may (no VM gets a home node).
+    """
+
+    service_account: str | None = None
+
+    @property
+    def username(self) -> str | None:
+        """The user name the API server gives the agent's requests (the AdmissionReview's
+        ``userInfo.username``): ``system:serviceaccount:<namespace>:<name>``; None without one."""
+        if self.service_account is None:
+            return None
+        namespace, name = self.service_account.split("/")
+        return f"system:serviceaccount:{namespace}:{name}"
+
+
+@dataclass(frozen=True)
 class Policy:
     """The whole policy. ``default_profile`` (``defaultProfile``, default none) names a profile
     applied to VMs that have no sizing annotation and set no CPU/memory of their own (nor use an
-    instancetype or preference), and likewise to bare VMIs (not made from a VM)."""
+    instancetype or preference), and likewise to bare VMIs (not made from a VM). ``node_agent``:
+    :class:`NodeAgentPolicy`."""
 
     host_disks: HostDiskPolicy
     passthrough: PassthroughPolicy
     sizing: SizingPolicy
     sidecar: SidecarPolicy
     default_profile: str | None = None
+    node_agent: NodeAgentPolicy = field(default_factory=NodeAgentPolicy)
 
 
 def image_repository(image: str) -> str:
@@ -206,14 +237,16 @@ def load_policy(text: str) -> Policy:
                         key_paths=True)
     if doc is None:
         doc = {}
-    top = _Section(doc, "", {"hostDisks", "passthrough", "sizing", "sidecar", "defaultProfile"})
+    top = _Section(doc, "", {"hostDisks", "passthrough", "sizing", "sidecar", "defaultProfile",
+                             "nodeAgent"})
     host_disks = _host_disks(top.section("hostDisks", {"root", "imageLibrary", "maxDiskSize",
-                                                       "maxTotalPerVM", "defaults"}))
+                                                       "maxTotalPerVM", "defaults", "onlineExpand"}))
     passthrough = _passthrough(top.section("passthrough", {"storageClasses", "allowLun"}))
     sizing = _sizing(top.section("sizing", {"profiles", "maxCPU", "maxMemory", "cpuAllocationRatio",
                                             "memoryOvercommitPercent", "maxSockets"}))
     sidecar = _sidecar(top.section("sidecar", {"image", "imagePullPolicy", "allowedImages"},
                                    required=True))
+    node_agent = _node_agent(top.section("nodeAgent", {"serviceAccount"}))
     default_profile = top.optional_str("defaultProfile")
     if default_profile == "":
         default_profile = None  # the chart renders "" for "none"
@@ -222,7 +255,7 @@ def load_policy(text: str) -> Policy:
         raise Refused("defaultProfile", f"{default_profile!r} is not a profile in sizing.profiles "
                       f"({known})")
     return Policy(host_disks=host_disks, passthrough=passthrough, sizing=sizing, sidecar=sidecar,
-                  default_profile=default_profile)
+                  default_profile=default_profile, node_agent=node_agent)
 
 
 class _Section:
@@ -347,7 +380,8 @@ def _host_disks(s: _Section) -> HostDiskPolicy:
         raise Refused(d.where("io"), f"native needs cache {' or '.join(NATIVE_IO_CACHES)} "
                       f"(cache is {defaults.cache}); use io: threads")
     return HostDiskPolicy(root=root, image_library=library, max_disk_size=max_disk,
-                          max_total_per_vm=max_total, defaults=defaults)
+                          max_total_per_vm=max_total, defaults=defaults,
+                          online_expand=s.boolean("onlineExpand", True))
 
 
 def _node_dir(s: _Section, key: str, default: str | None) -> str:
@@ -433,6 +467,17 @@ def _sidecar(s: _Section) -> SidecarPolicy:
                          image_pull_policy=s.string("imagePullPolicy", "IfNotPresent",
                                                     choices=PULL_POLICIES),
                          allowed_images=allowed)
+
+
+def _node_agent(s: _Section) -> NodeAgentPolicy:
+    value = s.optional_str("serviceAccount")
+    if value is None:
+        return NodeAgentPolicy()
+    namespace, slash, name = value.partition("/")
+    if not slash or not DNS_LABEL.fullmatch(namespace) or not DNS_LABEL.fullmatch(name):
+        raise Refused(s.where("serviceAccount"), f"{value[:120]!r} is not <namespace>/<name> of a "
+                      "ServiceAccount (both DNS labels: lowercase letters, digits, '-', at most 63)")
+    return NodeAgentPolicy(service_account=value)
 
 
 def _type(value: object) -> str:

@@ -9,6 +9,7 @@ from diskplan.errors import Refused
 from diskplan.policy import (
     DriverDefaults,
     HostDiskPolicy,
+    NodeAgentPolicy,
     PassthroughPolicy,
     Profile,
     SidecarPolicy,
@@ -65,6 +66,27 @@ def test_what_the_chart_renders_loads() -> None:
     base = (ROOT / "examples" / "policy.yaml").read_text().replace("defaultProfile: null", "")
     assert load_policy(base + 'defaultProfile: ""\n').default_profile is None
     assert load_policy(base + 'defaultProfile: "small"\n').default_profile == "small"
+
+
+def test_the_node_agent_keys() -> None:
+    """``nodeAgent.serviceAccount`` names the user allowed to set the home node; ``onlineExpand``
+    defaults to true and can be switched off."""
+    example = load_policy(EXAMPLE_POLICY.read_text())
+    assert example.node_agent == NodeAgentPolicy(service_account="diskhooks-system/diskhooks-node")
+    assert example.node_agent.username == "system:serviceaccount:diskhooks-system:diskhooks-node"
+    assert example.host_disks.online_expand is True
+    minimal = load_policy(MINIMAL)
+    assert minimal.node_agent == NodeAgentPolicy(service_account=None)
+    assert minimal.node_agent.username is None
+    assert minimal.host_disks.online_expand is True
+    assert load_policy("nodeAgent: null\n" + MINIMAL).node_agent.username is None
+    assert load_policy("nodeAgent: {serviceAccount: null}\n" + MINIMAL).node_agent.username is None
+    longest = f"{'n' * 63}/{'a' * 63}"
+    assert load_policy(f"nodeAgent: {{serviceAccount: {longest}}}\n" + MINIMAL).node_agent.username == \
+        f"system:serviceaccount:{'n' * 63}:{'a' * 63}"
+    off = load_policy("hostDisks: {onlineExpand: false}\n" + MINIMAL)
+    assert off.host_disks.online_expand is False
+    assert off.host_disks == HostDiskPolicy(online_expand=False)
 
 
 def test_helpers_of_the_model() -> None:
@@ -162,6 +184,24 @@ BAD = [
     # YAML 1.2 core schema: a timestamp is text, refused here as the path it is not
     ("hostDisks: {root: 2026-01-01}\n" + MINIMAL, "hostDisks.root", "not a clean absolute path"),
     ("- &a 1\n", "policy[0]", "anchors"),
+    ("hostDisks: {onlineExpand: 'no'}\n" + MINIMAL, "hostDisks.onlineExpand", "true or false"),
+    ("hostDisks: {onlineExpand: 0}\n" + MINIMAL, "hostDisks.onlineExpand", "true or false"),
+    ("nodeAgent: diskhooks-system/diskhooks-node\n" + MINIMAL, "nodeAgent", "mapping"),
+    ("nodeAgent: {serviceAccount: x/y, name: z}\n" + MINIMAL, "nodeAgent.name", "unknown key"),
+    ("nodeAgent: {serviceAccount: diskhooks-node}\n" + MINIMAL, "nodeAgent.serviceAccount",
+     "<namespace>/<name>"),
+    ("nodeAgent: {serviceAccount: ''}\n" + MINIMAL, "nodeAgent.serviceAccount", "<namespace>/<name>"),
+    ("nodeAgent: {serviceAccount: /diskhooks-node}\n" + MINIMAL, "nodeAgent.serviceAccount", "DNS labels"),
+    ("nodeAgent: {serviceAccount: diskhooks-system/}\n" + MINIMAL, "nodeAgent.serviceAccount", "DNS labels"),
+    ("nodeAgent: {serviceAccount: a/b/c}\n" + MINIMAL, "nodeAgent.serviceAccount", "DNS labels"),
+    ("nodeAgent: {serviceAccount: Diskhooks/node}\n" + MINIMAL, "nodeAgent.serviceAccount", "DNS labels"),
+    ("nodeAgent: {serviceAccount: 'ns:x/node'}\n" + MINIMAL, "nodeAgent.serviceAccount", "DNS labels"),
+    ("nodeAgent: {serviceAccount: diskhooks.system/node}\n" + MINIMAL, "nodeAgent.serviceAccount",
+     "DNS labels"),
+    ("nodeAgent: {serviceAccount: \"ns/node\\n\"}\n" + MINIMAL, "nodeAgent.serviceAccount", "DNS labels"),
+    (f"nodeAgent: {{serviceAccount: ns/{'a' * 64}}}\n" + MINIMAL, "nodeAgent.serviceAccount",
+     "at most 63"),
+    ("nodeAgent: {serviceAccount: [ns, node]}\n" + MINIMAL, "nodeAgent.serviceAccount", "string"),
 ]
 
 
