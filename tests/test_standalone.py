@@ -1,12 +1,12 @@
 """The repository stands on its own: a copy of it, with nothing beside it, passes its tests.
 
-A user's clone has no ``../shared`` folder. This test copies the files git knows about (tracked, plus
-untracked ones that are not ignored; never ``.venv/`` or ``.tools/``) into a temporary directory whose
-parent holds nothing else, and runs a fast subset of the suite there with this interpreter and the
-copy as the working directory and ``PYTHONPATH``, so the copy's packages, tests and fixtures are the
-ones imported (checked), not this checkout's editable install. The subset reads every kind of
-fixture: KubeVirt's samples and domain XML, the AdmissionReviews, the OpenAPI schema, and real
-libvirt's parser.
+A user's clone has nothing beside it: every fixture must live inside the repository. This test copies
+the files git knows about (tracked, plus untracked ones that are not ignored; never ``.venv/`` or
+``.tools/``) into a temporary directory whose parent holds nothing else, and runs a fast subset of the
+suite there with this interpreter, the copy as the working directory and as ``PYTHONPATH``, so that
+the copy's packages, tests and fixtures are the ones imported (checked), not this checkout's editable
+install. The subset reads every kind of fixture: KubeVirt's samples and domain XML, the
+AdmissionReviews and the OpenAPI schema, and runs real libvirt's parser.
 """
 
 from __future__ import annotations
