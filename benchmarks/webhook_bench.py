@@ -245,7 +245,7 @@ def core_timings(repeat: int = 7) -> list[tuple[str, float, int]]:
     from diskplan.policy import load_policy
     from webhook.admission import handle_review
     from webhook.cluster import EMPTY_CLUSTER, FileCluster
-    from webhook.vm_mutation import mutate_vm
+    from webhook.vm.mutate import mutate_vm
 
     policy = load_policy(POLICY.read_text())
     keys = PlanKeys(current=secrets.token_bytes(32))

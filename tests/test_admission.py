@@ -195,7 +195,7 @@ def test_vm_create_is_mutated(policy: Policy) -> None:
 
 
 def test_the_patch_is_the_diff_of_the_core_result(policy: Policy) -> None:
-    from webhook.vm_mutation import mutate_vm
+    from webhook.vm.mutate import mutate_vm
 
     review = load_review("vm-create.json")
     obj = review["request"]["object"]

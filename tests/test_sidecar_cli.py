@@ -234,7 +234,7 @@ def test_the_webhooks_sidecar_args_offer_every_hook_version(tmp_path: Path) -> N
     """The webhook gives the sidecar ``serve --version v1alpha3``; that must offer v1alpha3, v1alpha2
     and v1alpha1 (a KubeVirt 1.0 virt-launcher knows no v1alpha3)."""
     from hooksidecar import cli
-    from webhook.vm_mutation import SIDECAR_ARGS
+    from webhook.vm.sidecars import SIDECAR_ARGS
 
     args = cli.build_parser().parse_args([*SIDECAR_ARGS, "--socket-dir", str(tmp_path)])
     assert cli.versions_up_to(args.version) == ("v1alpha3", "v1alpha2", "v1alpha1")

@@ -1,4 +1,4 @@
-"""The VM/VMI mutation core (``webhook/vm_mutation.py``, ``webhook/sizing.py``) and the cluster
+"""The VM/VMI mutation core (``webhook/vm/``, ``webhook/sizing.py``) and the cluster
 lookups (``webhook/cluster.py``), called directly.
 
 Inputs are the objects kube-apiserver really sent (``tests/data/kubevirt/admission/``), KubeVirt's
@@ -31,7 +31,7 @@ from tests.conftest import ADMISSION, DATA, EXAMPLE_POLICY, ROOT, SAMPLES
 from tests.kubevirt_schema import assert_valid_vm, assert_valid_vmi
 from webhook.cluster import EMPTY_CLUSTER, Cluster, ClusterError, FileCluster, KubeCluster
 from webhook.mutation import Mutation
-from webhook.vm_mutation import mutate_vm, mutate_vmi
+from webhook.vm.mutate import mutate_vm, mutate_vmi
 
 KEYS = PlanKeys(current=b"vm-mutation-test-key-0123456789abc")
 OTHER_KEYS = PlanKeys(current=b"a-different-clusters-key-987654321")

@@ -38,7 +38,7 @@ from diskplan.policy import Policy
 from webhook.cluster import Cluster
 from webhook.mutation import Mutation
 from webhook.pod_mutation import mutate_pod
-from webhook.vm_mutation import mutate_vm, mutate_vmi
+from webhook.vm.mutate import mutate_vm, mutate_vmi
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 ADMISSION_KIND = "AdmissionReview"

@@ -2,8 +2,10 @@
 derived from the platform's overcommit settings.
 
 Pure, and part of the VM/VMI mutation core: :func:`apply_sizing` edits the *copy* of a VMI spec
-(``spec.template.spec`` of a VM, or ``spec`` of a bare VMI) that :mod:`webhook.vm_mutation` made,
-and returns warnings for values the user had set differently. The rules:
+(``spec.template.spec`` of a VM, or ``spec`` of a bare VMI) that :mod:`webhook.vm.mutate` made,
+and returns warnings for values the user had set differently. :func:`choose_sizing` says which sizing
+applies: the sizing annotations (refused beside a KubeVirt instancetype or preference, which size the
+VM themselves), else the policy's defaultProfile unless the VM already sizes itself. The rules:
 
 - topology ``sockets/cores/threads`` as requested (an integer N means 1 socket x N cores x 1 thread);
 - ``domain.memory.guest`` = the guest memory;
@@ -29,15 +31,38 @@ the sizing annotation.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from diskplan import keys as K
-from diskplan.annotations import Sizing, quantity_text
+from diskplan.annotations import Sizing, default_sizing, quantity_text
 from diskplan.errors import Refused
 from diskplan.policy import MIB, Policy
 from diskplan.quantity import format_millicpu, parse_bytes, parse_millicpu
 
 TOPOLOGY_KEYS = ("sockets", "cores", "threads")
+
+
+def choose_sizing(requested: Sizing | None, *, vm_spec: Mapping[str, Any], spec: Any,
+                  policy: Policy) -> Sizing | None:
+    """The sizing to apply to ``spec`` (a VMI spec; ``vm_spec``: its VM's spec, empty for a bare VMI):
+    ``requested`` by the sizing annotations, else the policy's default profile; None for none."""
+    if requested is not None:
+        for key in ("instancetype", "preference"):
+            if vm_spec.get(key):
+                raise Refused(f"spec.{key}", f"the VM uses a KubeVirt {key}, which sets its CPU and "
+                              f"memory; remove it or the sizing annotations ({requested.source})")
+        return requested
+    if vm_spec.get("instancetype") or vm_spec.get("preference") or sets_own_sizing(spec):
+        return None
+    return default_sizing(policy)
+
+
+def wants_default_profile(vm_spec: Mapping[str, Any], spec: Any, policy: Policy) -> bool:
+    """Whether the policy's default profile would size ``spec`` (no instancetype, no preference,
+    no CPU or memory of its own)."""
+    return policy.default_profile is not None and not vm_spec.get("instancetype") \
+        and not vm_spec.get("preference") and not sets_own_sizing(spec)
 
 
 def sets_own_sizing(spec: Any) -> bool:
