@@ -6,7 +6,7 @@ bare VirtualMachineInstance) and returns :class:`Requests`, or raises
 ``diskhooks.io/disks[1].size: 9Ti exceeds the platform limit 2Ti``. It knows nothing about the
 rest of the object: name clashes with the VM's own volumes, claims in the cluster, instancetypes,
 and the per-VM total ``maxTotalPerVM`` (which counts the VM's detached disks and lets a VM already
-above it keep what it holds) are checked by the mutation (``webhook/vm_mutation.py``). Nor does it
+above it keep what it holds) are checked by the mutation (``webhook/vm/``). Nor does it
 know the VM's past: a disk above ``maxDiskSize`` is refused unless the caller passes, in
 ``kept_sizes``, a size that disk already holds (the mutation passes those of the old object's
 verified plan, so a disk keeps its size when the platform lowers the limit, and warns about it).

@@ -70,9 +70,9 @@ class HostDiskPolicy:
     - ``image_library`` (``imageLibrary``, default none): node directory of the base images VM
       owners may name as ``backing``; without it ``backing`` is refused. Must not overlap ``root``.
     - ``max_disk_size`` (``maxDiskSize``, default ``2Ti``): largest disk, in bytes; a disk already
-      planned larger keeps that size when the limit is lowered (``webhook/vm_mutation.py``).
+      planned larger keeps that size when the limit is lowered (``webhook/vm/updates.py``).
     - ``max_total_per_vm`` (``maxTotalPerVM``, default ``8Ti``): largest sum of one VM's
-      disks, its detached ones included (their images stay on the node; ``webhook/vm_mutation.py``).
+      disks, its detached ones included (their images stay on the node; ``webhook/vm/updates.py``).
     - ``defaults``: :class:`DriverDefaults`.
     - ``online_expand`` (``onlineExpand``, default true): the node agent grows a running VM's disks
       through the launcher's libvirt when an admitted update grows them; false: a grown disk takes
