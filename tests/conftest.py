@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# the real control plane (etcd + kube-apiserver from $KUBEBUILDER_ASSETS): fixtures envtest, kube_namespace
+pytest_plugins = ["tests.envtest"]
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 KUBEVIRT = DATA / "kubevirt"  # what each file is and where it came from: its README.md
