@@ -23,6 +23,21 @@ ANN_PLAN = PREFIX + "plan"  # on spec.template.metadata.annotations (VM) or meta
 LABEL_MANAGED = PREFIX + "managed"
 LABEL_MANAGED_VALUE = "true"
 
+# --- the home node (written only by the node agent's ServiceAccount, see docs) ---
+# on a VirtualMachine's metadata.annotations (not the template): the node that holds its images
+ANN_NODE = PREFIX + "node"
+# label on the VirtualMachine's metadata, equal to ANN_NODE: each node agent watches only its VMs
+LABEL_NODE = PREFIX + "node"
+# file in the VM directory <hostDisks.root>/<ns>/<vm>/, written by prepare (diskplan/homemarker.py);
+# two dots, so it never meets <dns-label>.qcow2, <label>.base.json or persist-root.* names
+HOME_MARKER = "home.node.json"
+# prepare's environment: the node its Pod runs on (downward API spec.nodeName)
+ENV_NODE_NAME = "DISKHOOKS_NODE_NAME"
+# Events on the VirtualMachine
+EVENT_HOME_NODE_RECORDED = "HomeNodeRecorded"
+EVENT_DISK_EXPANDED = "DiskExpanded"
+EVENT_DISK_EXPAND_FAILED = "DiskExpandFailed"
+
 # --- KubeVirt names ---
 ANN_HOOK_SIDECARS = "hooks.kubevirt.io/hookSidecars"
 LABEL_LAUNCHER = "kubevirt.io"  # value "virt-launcher" on launcher pods
