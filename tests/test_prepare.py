@@ -25,6 +25,7 @@ import pytest
 from diskplan import keys as K
 from diskplan.plan import Backing, DetachedDisk, PersistRoot, Plan, PlanKeys, PlannedDisk, sign_plan
 from hooksidecar import prepare
+from hooksidecar.prepare.files import TMP_INFIX
 from tests.conftest import ROOT
 
 MiB = 1 << 20
@@ -150,7 +151,7 @@ def sha256_of(path: Path) -> str:
 
 
 def leftovers(node: Node) -> list[str]:
-    return [str(p) for p in node.root.rglob(f"*{prepare._TMP_INFIX}*")]
+    return [str(p) for p in node.root.rglob(f"*{TMP_INFIX}*")]
 
 
 @pytest.fixture

@@ -1,0 +1,122 @@
+"""The command line of the prepare step: argv and environment -> plan -> inspect, decide, apply.
+
+``diskhooks-sidecar prepare --plan-from-env | --plan FILE [--path-prefix DIR]`` (and
+``python -m hooksidecar.prepare``). The plan comes from ``$DISKHOOKS_PLAN`` or a file, the VMI uid
+(needed for a persistent root) from ``$DISKHOOKS_VMI_UID``. ``--path-prefix DIR`` (tests, the local
+demo) prefixes every path this process opens; the backing file names written into qcow2 headers stay
+the launcher paths. Exit status: 0 done (one JSON line per volume on stdout), 1 refused or failed
+(one reason per line on stderr), 2 unreadable plan or bad arguments/environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+
+from diskplan import keys as K
+from diskplan.errors import Malformed
+from diskplan.plan import MAX_PLAN_BYTES, parse_plan
+from hooksidecar.prepare.actions import Refuse
+from hooksidecar.prepare.apply import ApplyError, apply
+from hooksidecar.prepare.decide import plan_actions
+from hooksidecar.prepare.observe import inspect
+
+PROG = "diskhooks-prepare"
+EXIT_OK, EXIT_REFUSED, EXIT_MALFORMED = 0, 1, 2
+_VMI_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diskhooks-sidecar prepare",
+        description="Create and grow the qcow2 images a diskhooks plan needs (the diskhooks-prepare "
+                    "init container). Exit 0 done, 1 refused, 2 unreadable plan.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--plan-from-env", action="store_true",
+                     help=f"read the plan from ${K.ENV_PLAN} (the VMI uid from ${K.ENV_VMI_UID})")
+    src.add_argument("--plan", metavar="FILE", help="read the plan from FILE")
+    p.add_argument("--path-prefix", metavar="DIR", default="",
+                   help="prefix every path opened (tests, local demo); headers keep launcher paths")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    try:
+        args = build_parser().parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_MALFORMED
+    try:
+        text = _read_plan_text(args, env)
+        plan = parse_plan(text)
+        prefix = _prefix(args.path_prefix)
+        vmi_uid = _vmi_uid(env, required=plan.persist_root is not None)
+    except Malformed as exc:
+        _err(str(exc))
+        return EXIT_MALFORMED
+
+    observed = inspect(plan, prefix=prefix)
+    actions = plan_actions(plan, observed, vmi_uid=vmi_uid)
+    refusals = [a for a in actions if isinstance(a, Refuse)]
+    if refusals:
+        for r in refusals:
+            _err(f"volume {r.volume}: {r.reason}")
+        _err(f"nothing was changed ({len(refusals)} problem(s)); the VM does not start until they are "
+             "fixed")
+        return EXIT_REFUSED
+    owner = (K.QEMU_UID, K.QEMU_GID) if os.geteuid() == 0 else None
+    try:
+        apply(actions, prefix=prefix, owner=owner,
+              report=lambda s: print(json.dumps(s, sort_keys=True), flush=True))
+    except ApplyError as exc:
+        _err(str(exc))
+        return EXIT_REFUSED
+    return EXIT_OK
+
+
+def _read_plan_text(args: argparse.Namespace, env: Mapping[str, str]) -> str:
+    if args.plan_from_env:
+        text = env.get(K.ENV_PLAN)
+        if not text:
+            raise Malformed(K.ENV_PLAN, "is not set or empty: the diskhooks Pod mutation sets it to the "
+                            "plan")
+        return text
+    try:
+        with open(args.plan, "rb") as fh:
+            data = fh.read(MAX_PLAN_BYTES + 1)
+    except OSError as exc:
+        raise Malformed("--plan", f"cannot read {args.plan}: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Malformed("--plan", f"{args.plan} is not UTF-8") from None
+
+
+def _prefix(value: str) -> str:
+    if not value:
+        return ""
+    path = os.path.abspath(value)
+    if not os.path.isdir(path):
+        raise Malformed("--path-prefix", f"{value} is not a directory")
+    return path.rstrip("/")
+
+
+def _vmi_uid(env: Mapping[str, str], *, required: bool) -> str | None:
+    uid = env.get(K.ENV_VMI_UID, "")
+    if not uid:
+        if required:
+            raise Malformed(K.ENV_VMI_UID, "is not set: a persistent root records the VMI it was "
+                            "prepared for (the Pod mutation sets it from the pod label "
+                            f"{K.LABEL_CREATED_BY})")
+        return None
+    if not _VMI_UID.match(uid):
+        raise Malformed(K.ENV_VMI_UID, f"{uid[:80]!r} is not a VMI uid")
+    return uid
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
