@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 BENCHMARKS = {"webhook": "benchmarks.webhook_bench", "sidecar": "benchmarks.sidecar_bench",
-              "prepare": "benchmarks.prepare_bench"}
+              "prepare": "benchmarks.prepare_bench", "expand": "benchmarks.expand_bench"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
