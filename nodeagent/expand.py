@@ -27,6 +27,10 @@ Connecting: the daemon runs unprivileged in session mode (uid 107), and root may
 (``/var/lib/kubelet/pods/<uid>/volumes/kubernetes.io~empty-dir/libvirt-runtime/virtqemud-sock``, 121
 characters, more with a host prefix) does not fit a unix socket address (107 bytes), so the socket is
 opened with ``O_PATH`` and reached as ``/proc/self/fd/<n>``: short, and bound to the inode checked.
+
+Blocking: libvirt's client has no timeout for opening a connection, so a socket whose server accepts
+and never answers blocks :func:`expand_online` (a launcher's real daemon answers in milliseconds:
+``python -m benchmarks expand``). Callers run it away from their watch loop.
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ What a launcher runs, as far as the node agent can tell, and how this module rep
   prepare hands them to 107:107 as it does in a launcher), laid out below a path prefix like the
   launcher's filesystem.
 
-Measured on the 2-core CI machine: the daemon answers about 0.1 s after it is started and the
-first domain starts in about 0.3-2 s (QEMU's capabilities are probed once per daemon, on the first
-domain); see :attr:`LauncherDaemon.started_in` and :attr:`RunningDomain.started_in`.
+Measured on the 2-core development machine (``python -m benchmarks expand``): the daemon answers
+30-90 ms after it is executed; the first domain takes 2.0-2.4 s to start (the daemon probes QEMU's
+capabilities then), each later one about 0.3 s; destroying one takes about 1.6 s (libvirt waits for
+QEMU to exit on SIGTERM). See :attr:`LauncherDaemon.started_in` and :attr:`RunningDomain.started_in`.
 
 Teardown (:func:`stop_domain`, :func:`stop_daemon`) destroys the domains, terminates the daemon by
 PID (SIGKILL after 10 s), kills any QEMU it left by its recorded PID, and removes the directory.
