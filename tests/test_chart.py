@@ -74,9 +74,20 @@ ALL_FEATURES = {
     "networkPolicy": {"enabled": True, "ingressFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]},
     "policy": {"passthrough": {"storageClasses": ["local-nvme"], "allowLun": True},
                "sidecar": {"allowedImages": ["registry.example.com/qcow2-hook:0.1.0"]},
-               "defaultProfile": "small"},
+               "defaultProfile": "small",
+               "hostDisks": {"onlineExpand": False}},
     "sidecar": {"image": {"tag": "0.2.0"}},
     "planKeys": {"existingSecret": "my-plan-keys"},
+    "nodeAgent": {
+        "image": {"repository": "registry.example.com/platform/diskhooks-node", "tag": "0.2.0"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "priorityClassName": "system-node-critical",
+        "nodeSelector": {"kubevirt.io/schedulable": "true"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "vms", "effect": "NoSchedule"}],
+        "metricsPort": 9500,
+        "kubeletPodsDir": "/var/lib/k0s/kubelet/pods",
+        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "192Mi"}},
+    },
 }
 SCENARIOS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -88,6 +99,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "opt-out-namespaces": {"admission": {"namespaceSelector": {"optIn": False}},
                            "webhook": {"inCluster": False},
                            "planKeys": {"readerRole": False, "keepOnUninstall": False}},
+    "no-node-agent": {"nodeAgent": {"enabled": False}},
 }
 
 
@@ -184,6 +196,12 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     found = by_kind(docs, kind)
     assert len(found) == 1, f"expected one {kind}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in by_kind(docs, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"no {kind} {name}: {[d['metadata']['name'] for d in by_kind(docs, kind)]}"
     return found[0]
 
 
@@ -374,8 +392,8 @@ def test_readme_values_table_lists_every_value() -> None:
     defaults = yaml.safe_load(text)
 
     def leaves(node: Any, prefix: str) -> Iterator[str]:
-        if isinstance(node, dict) and node and prefix.rsplit(".", 1)[-1] not in ("profiles",
-                                                                                   "resources"):
+        if isinstance(node, dict) and node and prefix.rsplit(".", 1)[-1] not in ("profiles", "resources",
+                                                                                   "nodeSelector"):
             for k, v in node.items():
                 yield from leaves(v, f"{prefix}.{k}" if prefix else k)
         else:
@@ -715,14 +733,15 @@ def test_service_monitor_with_an_external_issuer_needs_a_tls_config(helm: Helm) 
 
 def test_rbac_is_least_privilege(helm: Helm) -> None:
     docs = helm.scenario("default")
-    sa = one(docs, "ServiceAccount")["metadata"]["name"]
-    (cluster_role,) = by_kind(docs, "ClusterRole")
+    sa = f"{FULLNAME}-webhook"
+    assert {d["metadata"]["name"] for d in by_kind(docs, "ServiceAccount")} == {sa, f"{FULLNAME}-node"}
+    cluster_role = named(docs, "ClusterRole", sa)
     granted = {(g, r, v) for rule in cluster_role["rules"] for g in rule["apiGroups"]
                for r in rule["resources"] for v in rule["verbs"]}
     # exactly what webhook/cluster.py calls: one GET of a claim, one GET of its StorageClass
     assert granted == {("", "persistentvolumeclaims", "get"), ("storage.k8s.io", "storageclasses", "get")}
     assert all("resourceNames" not in rule for rule in cluster_role["rules"])
-    crb = one(docs, "ClusterRoleBinding")
+    crb = named(docs, "ClusterRoleBinding", sa)
     assert crb["roleRef"]["name"] == cluster_role["metadata"]["name"]
     assert crb["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
     # the only namespaced grant: get on the plan-key Secret, by name
@@ -732,11 +751,18 @@ def test_rbac_is_least_privilege(helm: Helm) -> None:
     rb = one(docs, "RoleBinding")
     assert rb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                              "name": role["metadata"]["name"]}
-    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+    # the node agent mounts the key too (it verifies plans): the audit record names it as well
+    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE},
+                              {"kind": "ServiceAccount", "name": f"{FULLNAME}-node", "namespace": NAMESPACE}]
     assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == sa
+    without_agent = one(helm.scenario("no-node-agent"), "RoleBinding")
+    assert without_agent["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
 
     off = helm.scenario("opt-out-namespaces")  # inCluster false, readerRole false
-    assert not [d for d in off if d["kind"] in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
+    rbac_kinds = ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+    # only the node agent's grant is left (it is on by default)
+    assert [(d["kind"], d["metadata"]["name"]) for d in off if d["kind"] in rbac_kinds] == [
+        ("ClusterRole", f"{FULLNAME}-node"), ("ClusterRoleBinding", f"{FULLNAME}-node")]
     pod = one(off, "Deployment")["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     assert "--in-cluster" not in pod["containers"][0]["args"]
@@ -1011,10 +1037,11 @@ def test_plan_key_secret(helm: Helm) -> None:
     assert "previous" not in secret["data"]
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     assert secret["metadata"]["annotations"]["diskhooks.io/plan-key-generation"] == "1"
-    # mounted into the webhook and nowhere else
-    users = [v for d in by_kind(docs, "Deployment") for v in d["spec"]["template"]["spec"]["volumes"]
-             if v.get("secret", {}).get("secretName") == secret["metadata"]["name"]]
-    assert len(users) == 1
+    # mounted into the webhook and the node agent, and nowhere else
+    users = sorted((d["kind"], v["name"]) for d in docs if "template" in d.get("spec", {})
+                   for v in d["spec"]["template"]["spec"].get("volumes", [])
+                   if v.get("secret", {}).get("secretName") == secret["metadata"]["name"])
+    assert users == [("DaemonSet", "plan-keys"), ("Deployment", "plan-keys")]
     off = secret_named(helm.scenario("opt-out-namespaces"), f"{FULLNAME}-plan-keys")
     assert "helm.sh/resource-policy" not in off["metadata"].get("annotations", {})
 
@@ -1025,7 +1052,253 @@ def test_existing_plan_key_secret_is_used_not_made(helm: Helm) -> None:
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     vol = next(v for v in pod["volumes"] if v["name"] == "plan-keys")
     assert vol["secret"]["secretName"] == "my-plan-keys"
+    agent = one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    assert next(v for v in agent["volumes"] if v["name"] == "plan-keys")["secret"]["secretName"] == "my-plan-keys"
     assert one(docs, "Role")["rules"][0]["resourceNames"] == ["my-plan-keys"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the node agent DaemonSet (diskhooks-node)
+# ------------------------------------------------------------------------------------------------
+NODE = f"{FULLNAME}-node"
+# the CLI contract of `diskhooks-node serve` (docs: DESIGN of issue 10, the chart README)
+NODE_CLI_FLAGS = {"--config", "--node-name", "--kubeconfig", "--host-prefix", "--kubelet-pods-dir",
+                  "--metrics-port", "--plan-keys-dir"}
+
+
+def _agent(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(DaemonSet, pod spec, the one container)."""
+    ds = named(docs, "DaemonSet", NODE)
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return ds, pod, container
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    assert args[0] == "serve"
+    out = {}
+    for arg in args[1:]:
+        flag, eq, value = arg.partition("=")
+        assert eq and flag in NODE_CLI_FLAGS, f"{arg} is not a flag of diskhooks-node serve"
+        assert flag not in out, f"{flag} given twice"
+        out[flag] = value
+    return out
+
+
+def test_node_agent_daemonset_is_on_by_default_and_hardened(helm: Helm) -> None:
+    docs = helm.scenario("default")
+    ds, pod, container = _agent(docs)
+    assert ds["metadata"]["namespace"] == NAMESPACE
+    spec = ds["spec"]
+    # one node at a time, and no PodDisruptionBudget selects the agent's pods
+    assert spec["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert labels["app.kubernetes.io/component"] == "node-agent"
+    for pdb in by_kind(docs, "PodDisruptionBudget"):
+        assert not pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # and the webhook's selectors (Deployment, Service, anti-affinity) do not pick the agent's pods
+    assert not one(docs, "Deployment")["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert not one(docs, "Service")["spec"]["selector"].items() <= labels.items()
+    # its own identity, with the token mounted (it watches VMIs and VMs)
+    assert pod["serviceAccountName"] == NODE
+    assert pod["automountServiceAccountToken"] is True
+    assert named(docs, "ServiceAccount", NODE)["automountServiceAccountToken"] is False
+    # root, every capability dropped but DAC_OVERRIDE, nothing else widened
+    assert pod["securityContext"]["runAsUser"] == 0 and pod["securityContext"]["runAsNonRoot"] is False
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["DAC_OVERRIDE"]}
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        assert host not in pod
+    # everywhere a VM could run: every taint tolerated, Linux nodes
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert "priorityClassName" not in pod and "imagePullSecrets" not in pod
+    # the image, the probes on /healthz of the metrics port, resources
+    assert container["image"] == "ghcr.io/diskhooks/diskhooks-node:0.1.0"
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9180, "protocol": "TCP"}]
+    # ready: both watches listed once (nodeagent/httpserver.py); live: no thread died
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["resources"] == {"requests": {"cpu": "20m", "memory": "96Mi"},
+                                      "limits": {"memory": "256Mi"}}
+    # the node name from the downward API
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+
+
+def test_node_agent_runs_serve_with_the_mounted_files(helm: Helm) -> None:
+    docs = helm.scenario("default")
+    _, pod, container = _agent(docs)
+    flags = _flags(container["args"])
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert flags["--config"] == f"{mounts['policy']['mountPath']}/policy.yaml"
+    assert volumes["policy"]["configMap"]["name"] == one(docs, "ConfigMap")["metadata"]["name"]
+    assert flags["--plan-keys-dir"] == mounts["plan-keys"]["mountPath"]
+    assert volumes["plan-keys"]["secret"]["secretName"] == f"{FULLNAME}-plan-keys"
+    # $(NODE_NAME) is expanded by the kubelet from a variable the container defines
+    assert flags["--node-name"] == "$(NODE_NAME)"
+    assert "NODE_NAME" in {e["name"] for e in container["env"]}
+    assert flags["--metrics-port"] == "9180"
+    assert flags["--host-prefix"] == "/host"
+    assert flags["--kubelet-pods-dir"] == "/var/lib/kubelet/pods"
+    assert "--kubeconfig" not in flags  # in-cluster: the ServiceAccount token
+    assert all("subPath" not in m for m in container["volumeMounts"])  # updates must propagate
+    assert mounts["policy"]["readOnly"] is True and mounts["plan-keys"]["readOnly"] is True
+
+
+def _host_mounts(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, str, bool, str]]:
+    """node path -> (hostPath type, path in the container, read-only, mountPropagation)."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    out = {}
+    for m in container["volumeMounts"]:
+        host = volumes[m["name"]].get("hostPath")
+        if host is not None:
+            out[host["path"]] = (host["type"], m["mountPath"], m.get("readOnly", False),
+                                 m.get("mountPropagation", "None"))
+    return out
+
+
+def test_node_agent_mounts_the_node_directories_under_the_host_prefix(helm: Helm) -> None:
+    _, pod, container = _agent(helm.scenario("default"))
+    assert _host_mounts(pod, container) == {
+        # read-write: later releases move images; the VM directories and home markers are here
+        "/var/lib/diskhooks/vms": ("DirectoryOrCreate", "/host/var/lib/diskhooks/vms", False, "HostToContainer"),
+        "/var/lib/diskhooks/images": ("DirectoryOrCreate", "/host/var/lib/diskhooks/images", True,
+                                      "HostToContainer"),
+        # the launchers' libvirt sockets; a socket connects through a read-only mount
+        "/var/lib/kubelet/pods": ("Directory", "/host/var/lib/kubelet/pods", True, "HostToContainer"),
+    }
+    tmp = next(m for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == tmp["name"])
+    # the mounts follow the policy's directories (and the library's mount goes when it is unset)
+    docs = helm.template({"policy": {"hostDisks": {"root": "/srv/vms", "imageLibrary": None}}})
+    _, pod, container = _agent(docs)
+    assert _host_mounts(pod, container) == {
+        "/srv/vms": ("DirectoryOrCreate", "/host/srv/vms", False, "HostToContainer"),
+        "/var/lib/kubelet/pods": ("Directory", "/host/var/lib/kubelet/pods", True, "HostToContainer"),
+    }
+    # every node path the agent is told about is where the container sees it
+    from diskplan.policy import load_policy
+    policy = load_policy(_policy_text(docs))
+    flags = _flags(container["args"])
+    assert f"{flags['--host-prefix']}{policy.host_disks.root}" == "/host/srv/vms"
+
+
+def test_node_agent_optional_features_render(helm: Helm) -> None:
+    _, pod, container = _agent(helm.scenario("all-features"))
+    assert container["image"] == "registry.example.com/platform/diskhooks-node:0.2.0"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["priorityClassName"] == "system-node-critical"
+    # Helm merges maps: the default os selector stays unless set to null
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux", "kubevirt.io/schedulable": "true"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "vms",
+                                   "effect": "NoSchedule"}]
+    assert container["resources"] == {"requests": {"cpu": "50m", "memory": "128Mi"},
+                                      "limits": {"memory": "192Mi"}}
+    flags = _flags(container["args"])
+    assert flags["--metrics-port"] == "9500"
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9500, "protocol": "TCP"}]
+    assert flags["--kubelet-pods-dir"] == "/var/lib/k0s/kubelet/pods"
+    assert _host_mounts(pod, container)["/var/lib/k0s/kubelet/pods"] == (
+        "Directory", "/host/var/lib/k0s/kubelet/pods", True, "HostToContainer")
+    digest = helm.template({"nodeAgent": {"image": {"digest": "sha256:" + "cd" * 32},
+                                          "nodeSelector": {"kubernetes.io/os": None}}})
+    _, pod, container = _agent(digest)
+    assert container["image"] == "ghcr.io/diskhooks/diskhooks-node@sha256:" + "cd" * 32
+    assert "nodeSelector" not in pod
+
+
+# (apiGroup, resource, verb): exactly what nodeagent/ calls, nothing more
+NODE_AGENT_GRANTS = {
+    ("kubevirt.io", "virtualmachineinstances", "get"), ("kubevirt.io", "virtualmachineinstances", "list"),
+    ("kubevirt.io", "virtualmachineinstances", "watch"),
+    ("kubevirt.io", "virtualmachines", "get"), ("kubevirt.io", "virtualmachines", "list"),
+    ("kubevirt.io", "virtualmachines", "watch"), ("kubevirt.io", "virtualmachines", "patch"),
+    ("", "events", "create"), ("", "events", "patch"),
+    ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
+    ("", "nodes", "get"),
+}
+
+
+def test_node_agent_rbac_is_exactly_what_it_calls(helm: Helm) -> None:
+    docs = helm.scenario("default")
+    role = named(docs, "ClusterRole", NODE)
+    granted = [(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]]
+    assert sorted(granted) == sorted(NODE_AGENT_GRANTS)  # no duplicates, nothing missing or extra
+    assert all(set(rule) == {"apiGroups", "resources", "verbs"} for rule in role["rules"])
+    binding = named(docs, "ClusterRoleBinding", NODE)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": NODE}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": NODE, "namespace": NAMESPACE}]
+    assert _agent(docs)[1]["serviceAccountName"] == NODE
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_no_rbac_rule_uses_a_wildcard(helm: Helm, scenario: str) -> None:
+    for doc in helm.scenario(scenario):
+        if doc["kind"] in ("ClusterRole", "Role"):
+            for rule in doc["rules"]:
+                for key in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                    assert not any("*" in item for item in rule.get(key, [])), (doc["metadata"]["name"], rule)
+
+
+def test_policy_names_the_node_agent_service_account(helm: Helm) -> None:
+    from diskplan.policy import load_policy
+
+    docs = helm.scenario("default")
+    text = _policy_text(docs)
+    assert yaml.safe_load(text)["nodeAgent"] == {"serviceAccount": f"{NAMESPACE}/{NODE}"}
+    policy = load_policy(text)
+    sa = named(docs, "ServiceAccount", NODE)["metadata"]
+    # the user name the API server gives the DaemonSet's requests
+    assert policy.node_agent.username == f"system:serviceaccount:{sa['namespace']}:{sa['name']}"
+    assert policy.host_disks.online_expand is True
+    assert load_policy(_policy_text(helm.scenario("all-features"))).host_disks.online_expand is False
+    # another namespace and name prefix: the policy follows both
+    out = helm.run("template", "x", str(CHART), "--namespace", "platform-vms", "--set",
+                   "fullnameOverride=dhk", "--show-only", "templates/policy-configmap.yaml",
+                   "--set", "certManager.enabled=true")
+    assert out.returncode == 0, out.stderr
+    moved = load_policy(yaml.safe_load(out.stdout)["data"]["policy.yaml"])
+    assert moved.node_agent.username == "system:serviceaccount:platform-vms:dhk-node"
+
+
+def test_node_agent_can_be_switched_off(helm: Helm) -> None:
+    from diskplan.policy import load_policy
+
+    docs = helm.scenario("no-node-agent")
+    assert not by_kind(docs, "DaemonSet")
+    assert not [d for d in docs if d["metadata"]["name"] == NODE]  # no SA, ClusterRole or binding
+    assert one(docs, "Deployment")  # the webhook stays
+    policy_doc = yaml.safe_load(_policy_text(docs))
+    assert "nodeAgent" not in policy_doc
+    assert load_policy(_policy_text(docs)).node_agent.username is None  # nobody may set the home node
+
+
+@pytest.mark.parametrize("values, says", [
+    ({"nodeAgent": {"kubeletPodsDir": "/var/lib/../pods"}}, "nodeAgent.kubeletPodsDir"),
+    ({"nodeAgent": {"kubeletPodsDir": "var/lib/kubelet/pods"}}, "kubeletPodsDir"),
+    ({"nodeAgent": {"kubeletPodsDir": "/var/lib/diskhooks/vms/pods"}},
+     "nodeAgent.kubeletPodsDir: /var/lib/diskhooks/vms/pods overlaps policy.hostDisks.root"),
+    ({"nodeAgent": {"kubeletPodsDir": "/var/lib/diskhooks"}},
+     "nodeAgent.kubeletPodsDir: /var/lib/diskhooks overlaps policy.hostDisks.imageLibrary"),
+    ({"nodeAgent": {"metricsPort": 80}}, "metricsPort"),
+    ({"nodeAgent": {"enable": False}}, "enable"),
+    ({"nodeAgent": {"tolerations": [{"operator": "Any"}]}}, "operator"),
+    ({"policy": {"hostDisks": {"onlineExpand": "yes"}}}, "onlineExpand"),
+    ({"policy": {"nodeAgent": {"serviceAccount": "x/y"}}}, "nodeAgent"),  # the chart writes it
+])
+def test_node_agent_values_that_cannot_work_are_refused(helm: Helm, values: dict[str, Any], says: str) -> None:
+    out = helm.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, values=values)
+    assert out.returncode != 0
+    assert says in out.stderr, out.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1035,7 +1308,7 @@ _DISCOVERY = {
     "v1": [("secrets", "Secret", True), ("configmaps", "ConfigMap", True),
            ("services", "Service", True), ("serviceaccounts", "ServiceAccount", True),
            ("namespaces", "Namespace", False), ("pods", "Pod", True)],
-    "apps/v1": [("deployments", "Deployment", True)],
+    "apps/v1": [("deployments", "Deployment", True), ("daemonsets", "DaemonSet", True)],
     "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget", True)],
     "rbac.authorization.k8s.io/v1": [("clusterroles", "ClusterRole", False),
                                      ("clusterrolebindings", "ClusterRoleBinding", False),
@@ -1268,7 +1541,8 @@ def test_notes_tell_the_next_steps(helm: Helm, cluster: tuple[FakeApiServer, dic
                    "Kubernetes 1.31+",
                    "supportContainerResources", "type: sidecar",
                    "kubectl label namespace NAMESPACE diskhooks.io/enabled=true",
-                   f"deployment/{FULLNAME}-webhook"):
+                   f"deployment/{FULLNAME}-webhook", f"daemonset/{FULLNAME}-node",
+                   "pod-security.kubernetes.io/enforce=privileged"):
         assert needed in notes, needed
 
 
@@ -1276,11 +1550,13 @@ def test_notes_tell_the_next_steps(helm: Helm, cluster: tuple[FakeApiServer, dic
 # image names
 # ------------------------------------------------------------------------------------------------
 def test_one_name_per_image_everywhere() -> None:
-    """The chart's two repositories are the only diskhooks image names in the repository (docs,
+    """The chart's three repositories are the only diskhooks image names in the repository (docs,
     examples, tests, benchmarks), so nothing points at an image nobody builds."""
     defaults = yaml.safe_load((CHART / "values.yaml").read_text())
-    names = {defaults["webhook"]["image"]["repository"], defaults["sidecar"]["image"]["repository"]}
-    assert names == {"ghcr.io/diskhooks/diskhooks-webhook", "ghcr.io/diskhooks/diskhooks-sidecar"}
+    names = {defaults["webhook"]["image"]["repository"], defaults["sidecar"]["image"]["repository"],
+             defaults["nodeAgent"]["image"]["repository"]}
+    assert names == {"ghcr.io/diskhooks/diskhooks-webhook", "ghcr.io/diskhooks/diskhooks-sidecar",
+                     "ghcr.io/diskhooks/diskhooks-node"}
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            check=True, capture_output=True, text=True).stdout.split()
     found: dict[str, set[str]] = {}

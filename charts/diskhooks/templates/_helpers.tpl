@@ -70,6 +70,36 @@ app.kubernetes.io/component: webhook
 {{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) | toJson -}}
 {{- end -}}
 
+{{/* ---------------------------------------------------------------- node agent component */}}
+{{- define "diskhooks.node.name" -}}
+{{- printf "%s-node" (include "diskhooks.fullname" .) -}}
+{{- end -}}
+
+{{- define "diskhooks.node.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "diskhooks.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: node-agent
+{{- end -}}
+
+{{- define "diskhooks.node.labels" -}}
+{{ include "diskhooks.labels" . }}
+app.kubernetes.io/component: node-agent
+{{- end -}}
+
+{{- define "diskhooks.node.image" -}}
+{{- $img := .Values.nodeAgent.image -}}
+{{- if $img.digest -}}
+{{- printf "%s@%s" $img.repository $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $img.repository (default .Chart.AppVersion $img.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The node agent's identity in the policy: "<release namespace>/<its ServiceAccount>". */}}
+{{- define "diskhooks.node.serviceAccount" -}}
+{{- printf "%s/%s" .Release.Namespace (include "diskhooks.node.name" .) -}}
+{{- end -}}
+
 {{/* ---------------------------------------------------------------- TLS component */}}
 {{- define "diskhooks.tls.secretName" -}}
 {{- printf "%s-webhook-tls" (include "diskhooks.fullname" .) -}}

@@ -31,6 +31,9 @@ result with the real loader, so the two cannot drift apart unnoticed.
 {{- $allowed := (get ($p.sidecar | default dict) "allowedImages") | default list -}}
 {{- $sidecar := dict "image" (include "diskhooks.sidecar.image" .) "imagePullPolicy" .Values.sidecar.image.pullPolicy "allowedImages" $allowed -}}
 {{- $doc := dict "hostDisks" ($p.hostDisks | default dict) "passthrough" ($p.passthrough | default dict) "sizing" ($p.sizing | default dict) "sidecar" $sidecar -}}
+{{- if .Values.nodeAgent.enabled -}}
+{{- $_ := set $doc "nodeAgent" (dict "serviceAccount" (include "diskhooks.node.serviceAccount" .)) -}}
+{{- end -}}
 {{- toYaml $doc }}
 defaultProfile: {{ if $p.defaultProfile }}{{ $p.defaultProfile | quote }}{{ else }}null{{ end }}
 {{- end -}}
