@@ -28,9 +28,10 @@ Connecting: the daemon runs unprivileged in session mode (uid 107), and root may
 characters, more with a host prefix) does not fit a unix socket address (107 bytes), so the socket is
 opened with ``O_PATH`` and reached as ``/proc/self/fd/<n>``: short, and bound to the inode checked.
 
-Blocking: libvirt's client has no timeout for opening a connection, so a socket whose server accepts
-and never answers blocks :func:`expand_online` (a launcher's real daemon answers in milliseconds:
-``python -m benchmarks expand``). Callers run it away from their watch loop.
+Time: libvirt's client has no timeout (a socket whose server accepts and never answers blocks
+``virConnectOpen`` for good), so :func:`expand_online` gives a call :data:`CALL_TIMEOUT` seconds in a
+worker thread, then reports it failed; a launcher's real daemon answers in milliseconds
+(``python -m benchmarks expand``).
 """
 
 from __future__ import annotations
@@ -279,18 +280,74 @@ def _libvirt_message(exc: Exception) -> str:
     return _short(text or str(exc))
 
 
-def expand_online(plan: Plan, *, socket_path: str, domain_name: str) -> list[GrowResult]:
+#: seconds one call may take (a real launcher answers in milliseconds: ``python -m benchmarks expand``)
+CALL_TIMEOUT = 10.0
+
+
+@dataclass
+class _Call:
+    done: bool = False
+    stuck: bool = False  # outlived its deadline: counted in _stuck until it ends
+
+
+_calls_lock = threading.Lock()
+_stuck: dict[str, int] = {}  # socket path -> calls past their deadline still waiting for the daemon
+
+
+def expand_online(plan: Plan, *, socket_path: str, domain_name: str,
+                  timeout: float = CALL_TIMEOUT) -> list[GrowResult]:
     """Grow the running domain ``domain_name`` (``<namespace>_<vmi name>``) behind the launcher's
     libvirt socket ``socket_path`` so that each planned disk has at least its planned size.
 
     One result per :func:`grow_targets` volume, in plan order. Never raises for a libvirt error, a
-    missing socket or a bad domain XML: those are ``failed`` results with the reason."""
+    missing socket, a bad domain XML or a daemon that does not answer: those are ``failed`` results
+    with the reason. libvirt's client has no timeout, so the call runs in a thread and is given up
+    after ``timeout`` seconds; while such a call still waits, a new call on the same socket fails at
+    once instead of leaving another thread behind (one per launcher Pod at most)."""
     targets = grow_targets(plan)
     if not targets:
         return []
     import libvirt
 
     _silence_libvirt(libvirt)
+
+    def fail_all(reason: str) -> list[GrowResult]:
+        return [GrowResult(v, None, None, "failed", reason) for v in targets]
+
+    with _calls_lock:
+        if _stuck.get(socket_path):
+            return fail_all(f"an earlier call to the launcher's libvirt at {socket_path} has not been "
+                            "answered yet: not connecting again until it ends")
+    call = _Call()
+    box: list[list[GrowResult]] = []
+
+    def work() -> None:
+        try:
+            box.append(_expand_all(libvirt, plan, targets, socket_path, domain_name))
+        finally:
+            with _calls_lock:
+                call.done = True
+                if call.stuck:
+                    _stuck[socket_path] -= 1
+                    if not _stuck[socket_path]:
+                        del _stuck[socket_path]
+
+    worker = threading.Thread(target=work, name=f"expand-online {domain_name[:60]}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    with _calls_lock:
+        if not call.done:
+            call.stuck = True
+            _stuck[socket_path] = _stuck.get(socket_path, 0) + 1
+            return fail_all(f"the launcher's libvirt at {socket_path} did not answer within {timeout:g} s; "
+                            "the call goes on in the background and grows at most to the plan's sizes")
+    if not box:  # a bug, not a libvirt error: threading's excepthook printed the traceback
+        raise RuntimeError(f"expand_online for {domain_name!r} ended without a result")
+    return box[0]
+
+
+def _expand_all(libvirt: Any, plan: Plan, targets: Mapping[str, int], socket_path: str,
+                domain_name: str) -> list[GrowResult]:
     try:
         conn = _connect(libvirt, socket_path)
     except _Failed as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -275,3 +276,31 @@ def test_a_socket_nobody_listens_on_fails_with_libvirts_reason(
     assert "onnection refused" in reasons[0]
     assert os.listdir(runtime(pods)) == ["virtqemud-sock"]
     assert capfd.readouterr().err == ""  # libvirt printed nothing: its errors are results
+
+
+def test_a_daemon_that_never_answers_fails_after_the_timeout_and_is_not_called_again_meanwhile(
+        pods: Path, bound: list[socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirt's client waits for good on a server that accepts and never answers (a launcher's
+    runtime directory is the VM pod's to write: anything may listen there)."""
+    bind_in(runtime(pods), "virtqemud-sock", bound, monkeypatch)
+    server = bound[0]
+    server.listen()
+    path = str(runtime(pods) / "virtqemud-sock")
+    first = failed_reasons(expand_online(TWO, socket_path=path, domain_name="default_db01", timeout=0.5))
+    assert first[0].startswith(f"the launcher's libvirt at {path} did not answer within 0.5 s")
+    server.settimeout(5)
+    conn, _ = server.accept()  # the call connected and still waits for an answer
+    second = failed_reasons(expand_online(TWO, socket_path=path, domain_name="default_db01", timeout=0.5))
+    assert second[0] == (f"an earlier call to the launcher's libvirt at {path} has not been answered yet: "
+                         "not connecting again until it ends")
+    server.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        server.accept()  # the second call did not connect
+    conn.close()  # the server hangs up: the waiting call ends with libvirt's error
+    server.close()
+    for _ in range(100):
+        third = failed_reasons(expand_online(TWO, socket_path=path, domain_name="default_db01", timeout=5))
+        if not third[0].startswith("an earlier call"):
+            break
+        time.sleep(0.05)
+    assert third[0].startswith(f"cannot connect to the launcher's libvirt at {path}: ")
