@@ -13,6 +13,9 @@ one by one instead.
 ``helm template`` cannot ``lookup`` existing objects, so keeping the CA and the plan keys across
 upgrades is tested with ``helm template --dry-run=server`` against a fake Kubernetes API server (a
 small HTTP server answering discovery and GET of Secrets): a real API server cannot run here.
+
+The node agent's capability set is tried against the real kernel and a real launcher-shaped libvirt
+daemon, with ``setpriv`` standing in for the container runtime (no container engine runs here).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -1280,6 +1284,69 @@ def test_node_agent_can_be_switched_off(helm: Helm) -> None:
     policy_doc = yaml.safe_load(_policy_text(docs))
     assert "nodeAgent" not in policy_doc
     assert load_policy(_policy_text(docs)).node_agent.username is None  # nobody may set the home node
+
+
+_CAPS_PROBE = """
+import sys
+import libvirt
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+uri, marker = sys.argv[1:]
+try:
+    conn = libvirt.open(uri)
+    answer = "libvirt:" + ("answered" if conn.getLibVersion() > 0 else "no-version")
+    conn.close()
+except libvirt.libvirtError as exc:
+    answer = "libvirt:denied" if "Permission denied" in str(exc) else "libvirt:" + str(exc)
+try:
+    with open(marker, "rb") as f:
+        f.read()
+    answer += " marker:read"
+except PermissionError:
+    answer += " marker:denied"
+print(answer)
+"""
+
+
+def test_node_agent_capability_is_needed_and_enough(helm4_path: str, helm_home: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """The chart's capability set, tried for real: root with only the capabilities the DaemonSet adds
+    connects to a launcher-shaped libvirt (a real session libvirtd as uid 107, its socket in a 0700
+    directory of 107, tests/libvirt_launcher.py) and reads a 0600 file of 107 in 0700 directories of
+    107 (a VM directory and its home marker); with no capability added, both are refused. The
+    container runtime is played by ``setpriv``: bounding set = the added capabilities (root's
+    effective set after exec), ``--no-new-privs`` (allowPrivilegeEscalation: false), no HOME."""
+    from tests.libvirt_launcher import launcher_daemon
+
+    assert os.geteuid() == 0, "this test needs root (CI runs as root): it plays the agent's uid 0"
+    assert shutil.which("setpriv"), "setpriv (util-linux) is missing"
+    docs = Helm(helm4_path, helm_home, tmp_path).template({}, "--show-only",
+                                                          "templates/nodeagent-daemonset.yaml")
+    caps = _agent(docs)[2]["securityContext"]["capabilities"]
+    assert caps["drop"] == ["ALL"]
+    added = "".join(f",+{cap.lower()}" for cap in caps["add"])
+    vm_dir = tmp_path / "vms" / "ns" / "vm"
+    vm_dir.mkdir(parents=True)
+    marker = vm_dir / "home.node.json"
+    marker.write_text("{}")
+    for path, mode in ((marker, 0o600), (vm_dir, 0o700), (vm_dir.parent, 0o700)):
+        os.chown(path, 107, 107)
+        path.chmod(mode)
+    with launcher_daemon() as daemon:
+        daemon.runtime_dir.chmod(0o700)  # as a launcher leaves it: only uid 107 may search it
+        assert daemon.runtime_dir.stat().st_uid == 107 and daemon.socket_path.stat().st_uid == 107
+
+        def probe(bounding: str) -> str:
+            out = subprocess.run(["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--no-new-privs",
+                                  sys.executable, "-c", _CAPS_PROBE, daemon.uri, str(marker)],
+                                 capture_output=True, text=True, timeout=60, check=False,
+                                 env={"PATH": os.environ["PATH"], "HOME": "/nonexistent"})
+            assert out.returncode == 0, out.stderr
+            return out.stdout.strip()
+
+        assert probe("-all" + added) == "libvirt:answered marker:read"
+        assert probe("-all") == "libvirt:denied marker:denied"
+        # DAC_READ_SEARCH would read the marker but cannot connect: connect() needs write permission
+        assert probe("-all,+dac_read_search") == "libvirt:denied marker:read"
 
 
 @pytest.mark.parametrize("values, says", [
