@@ -1,0 +1,149 @@
+"""``diskhooks-node serve``: the node agent process (one per node, the chart's DaemonSet).
+
+``diskhooks-node serve --config POLICY.yaml --node-name NAME [--kubeconfig FILE] [--host-prefix DIR]
+[--kubelet-pods-dir DIR] [--metrics-port N] [--plan-keys-dir DIR]``
+
+- ``--config``: the platform policy (the chart's ConfigMap); re-read when it changes.
+- ``--node-name``: this node (the DaemonSet passes ``spec.nodeName``).
+- ``--kubeconfig``: credentials; default: the Pod's ServiceAccount (in-cluster).
+- ``--host-prefix``: prefixes every node path (``hostDisks.root``, the kubelet pods directory):
+  the node's root filesystem as this process sees it (tests and demos; default none).
+- ``--kubelet-pods-dir``: default ``/var/lib/kubelet/pods``.
+- ``--metrics-port``: ``/metrics``, ``/healthz`` and ``/readyz`` (default 9180; 0: any free port,
+  named on the ``serving`` log line).
+- ``--plan-keys-dir``: the plan keys (the chart's Secret: ``current``, optional ``previous`` and
+  ``current-not-before``; default ``/etc/diskhooks/plan-keys``); re-read when they change.
+
+Transport only: parses arguments, loads the files (``webhook.reload``'s readers, shared with the
+webhook), builds the client, starts :class:`nodeagent.agent.Agent`, waits for SIGTERM or SIGINT,
+stops it (within a few seconds) and exits 0. Exit 2 on unusable arguments or files, 1 when the
+agent cannot start (the metrics port is taken, no credentials). Logs: one JSON object per line on
+stderr (``hooksidecar.logfmt.JsonLog``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from diskplan.plan import DNS_SUBDOMAIN
+
+PROG = "diskhooks-node"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+DEFAULT_METRICS_PORT = 9180
+DEFAULT_PLAN_KEYS_DIR = "/etc/diskhooks/plan-keys"
+DEFAULT_KUBELET_PODS_DIR = "/var/lib/kubelet/pods"
+STOP_TIMEOUT = 5.0
+
+
+def _node_name(value: str) -> str:
+    if not DNS_SUBDOMAIN.match(value):
+        raise argparse.ArgumentTypeError(f"{value[:80]!r} is not a node name (a DNS subdomain)")
+    return value
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value[:20]!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
+
+
+def _abs_dir(value: str) -> str:
+    if not value.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{value[:80]!r} must be an absolute path")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="diskhooks node agent: records each VM's home "
+                                "node and grows running disks online")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the agent until SIGTERM")
+    serve.add_argument("--config", required=True, type=Path, metavar="POLICY.yaml",
+                       help="the platform policy (re-read when it changes)")
+    serve.add_argument("--node-name", required=True, type=_node_name, metavar="NAME",
+                       help="this node's name (downward API spec.nodeName)")
+    serve.add_argument("--kubeconfig", metavar="FILE",
+                       help="kubeconfig to use (default: the Pod's ServiceAccount)")
+    serve.add_argument("--host-prefix", default="", type=_abs_dir, metavar="DIR",
+                       help="prefix of every node path (default: none)")
+    serve.add_argument("--kubelet-pods-dir", default=DEFAULT_KUBELET_PODS_DIR, type=_abs_dir,
+                       metavar="DIR", help=f"the kubelet's pods directory (default {DEFAULT_KUBELET_PODS_DIR})")
+    serve.add_argument("--metrics-port", default=DEFAULT_METRICS_PORT, type=_port, metavar="N",
+                       help=f"port of /metrics, /healthz, /readyz (default {DEFAULT_METRICS_PORT}; 0: any)")
+    serve.add_argument("--plan-keys-dir", default=Path(DEFAULT_PLAN_KEYS_DIR), type=Path, metavar="DIR",
+                       help=f"the plan keys (default {DEFAULT_PLAN_KEYS_DIR})")
+    return p
+
+
+def serve(args: argparse.Namespace) -> int:
+    from hooksidecar.logfmt import JsonLog
+    from webhook.reload import SourceError, watch_plan_keys, watch_policy
+
+    log = JsonLog(sys.stderr)
+    try:
+        policy = watch_policy(args.config)
+        plan_keys = watch_plan_keys(args.plan_keys_dir)
+    except SourceError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del frame
+        log.emit("signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    from nodeagent.agent import Agent
+    from nodeagent.kube import Kube, load_client
+
+    try:
+        api = load_client(args.kubeconfig)
+    except Exception as exc:  # noqa: BLE001 - the client's reason (no file, no in-cluster credentials)
+        print(f"{PROG}: cannot build a Kubernetes client: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        agent = Agent(node=args.node_name, kube=Kube(api), policy=policy.get, plan_keys=plan_keys.get,
+                      log=log, host_prefix=args.host_prefix, kubelet_pods_dir=args.kubelet_pods_dir,
+                      metrics_port=args.metrics_port)
+    except OSError as exc:
+        print(f"{PROG}: cannot serve /metrics on port {args.metrics_port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    agent.start()
+    root = agent.paths.on_host(policy.get().host_disks.root)
+    log.emit("serving", node=args.node_name, metricsPort=agent.status.port if agent.status else None,
+             root=root, kubeletPodsDir=agent.paths.on_host(args.kubelet_pods_dir),
+             onlineExpand=policy.get().host_disks.online_expand)
+    while not stop.wait(1.0):
+        policy.check()
+        plan_keys.check()
+    ended = agent.stop(STOP_TIMEOUT)
+    log.emit("stopped", node=args.node_name, clean=ended)
+    api.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return EXIT_USAGE  # argparse refuses other commands before this
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

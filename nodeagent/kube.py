@@ -1,0 +1,103 @@
+"""The agent's few calls to the API server, through the official ``kubernetes`` client.
+
+Thin: read a VirtualMachine, merge-patch its metadata (the home node), create an Event, and the
+list functions the watches use. What to patch and what an Event says is decided elsewhere
+(``nodeagent.home``, ``nodeagent.events``). Objects travel as dicts (the API server's JSON).
+
+What the agent's ServiceAccount needs (the chart's ClusterRole): ``get``/``list``/``watch`` on
+``virtualmachines`` and ``virtualmachineinstances`` (kubevirt.io), ``patch`` on ``virtualmachines``,
+``create`` on ``events``.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping
+from typing import Any
+
+from nodeagent.events import event_body
+
+GROUP = "kubevirt.io"
+VERSION = "v1"
+VMS = "virtualmachines"
+VMIS = "virtualmachineinstances"
+API_TIMEOUT = (5.0, 30.0)  # connect, read: a request that hangs is retried, not waited on forever
+POOL_SIZE = 16  # two watches, the workers and the Events fit without waiting for a connection
+
+
+class Conflict(Exception):
+    """The object changed since it was read (HTTP 409): read it again and decide again."""
+
+
+def load_client(kubeconfig: str | None) -> Any:
+    """An ApiClient from ``kubeconfig``, or from the Pod's ServiceAccount when None."""
+    from kubernetes import client, config
+
+    conf = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=conf)
+    else:
+        config.load_incluster_config(client_configuration=conf)
+    conf.connection_pool_maxsize = POOL_SIZE
+    return client.ApiClient(conf)
+
+
+def api_status(exc: BaseException) -> int | None:
+    """The HTTP status of a client exception, else None (a connection error, a timeout)."""
+    from kubernetes.client.exceptions import ApiException
+
+    return exc.status if isinstance(exc, ApiException) else None
+
+
+class Kube:
+    """The API server as the agent uses it."""
+
+    def __init__(self, api_client: Any) -> None:
+        from kubernetes import client
+
+        self.api_client = api_client
+        self.custom: Any = client.CustomObjectsApi(api_client)
+        self.core: Any = client.CoreV1Api(api_client)
+
+    def get_vm(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The VirtualMachine, or None when it does not exist."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            vm: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, VMS, name, _request_timeout=API_TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return vm
+
+    def patch_vm_metadata(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply a JSON merge patch (``application/merge-patch+json``) to the VM; a
+        ``resourceVersion`` in it makes a changed VM a :class:`Conflict`."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            vm: dict[str, Any] = self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, VMS, name, dict(patch),
+                _content_type="application/merge-patch+json", _request_timeout=API_TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 409:
+                raise Conflict(f"{namespace}/{name} changed since it was read") from None
+            raise
+        return vm
+
+    def create_event(self, vm: Mapping[str, Any], *, reason: str, message: str, event_type: str,
+                     node: str) -> None:
+        """Create an Event about ``vm`` (now)."""
+        body = event_body(vm, reason=reason, message=message, event_type=event_type, node=node,
+                          now=datetime.datetime.now(datetime.UTC))
+        namespace = body["metadata"]["namespace"]
+        self.core.create_namespaced_event(namespace, body, _request_timeout=API_TIMEOUT)
+
+    def list_vmis(self, **kwargs: Any) -> Any:
+        """``list_cluster_custom_object`` of VMIs (the watches pass the selector, paging, watch)."""
+        return self.custom.list_cluster_custom_object(GROUP, VERSION, VMIS, **kwargs)
+
+    def list_vms(self, **kwargs: Any) -> Any:
+        return self.custom.list_cluster_custom_object(GROUP, VERSION, VMS, **kwargs)
