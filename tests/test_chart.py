@@ -1156,6 +1156,20 @@ def test_node_agent_runs_serve_with_the_mounted_files(helm: Helm) -> None:
     assert mounts["policy"]["readOnly"] is True and mounts["plan-keys"]["readOnly"] is True
 
 
+def test_node_agent_args_parse_with_the_real_cli(helm: Helm) -> None:
+    """The agent's own parser accepts the DaemonSet's arguments once the kubelet has expanded
+    $(NODE_NAME) from the downward API."""
+    from nodeagent.cli import parser
+
+    _, _, container = _agent(helm.scenario("all-features"))
+    args = parser().parse_args([a.replace("$(NODE_NAME)", "worker-1.example.com") for a in container["args"]])
+    assert args.command == "serve" and args.node_name == "worker-1.example.com"
+    assert str(args.config) == "/etc/diskhooks/policy/policy.yaml"
+    assert str(args.plan_keys_dir) == "/etc/diskhooks/plan-keys"
+    assert (args.metrics_port, args.host_prefix, args.kubelet_pods_dir) == (9500, "/host", "/var/lib/k0s/kubelet/pods")
+    assert args.kubeconfig is None
+
+
 def _host_mounts(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, str, bool, str]]:
     """node path -> (hostPath type, path in the container, read-only, mountPropagation)."""
     volumes = {v["name"]: v for v in pod["volumes"]}
