@@ -78,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host-prefix", default="", type=_abs_dir, metavar="DIR",
                        help="prefix of every node path (default: none)")
     serve.add_argument("--kubelet-pods-dir", default=DEFAULT_KUBELET_PODS_DIR, type=_abs_dir,
-                       metavar="DIR", help=f"the kubelet's pods directory (default {DEFAULT_KUBELET_PODS_DIR})")
+                       metavar="DIR",
+                       help=f"the kubelet's pods directory (default {DEFAULT_KUBELET_PODS_DIR})")
     serve.add_argument("--metrics-port", default=DEFAULT_METRICS_PORT, type=_port, metavar="N",
                        help=f"port of /metrics, /healthz, /readyz (default {DEFAULT_METRICS_PORT}; 0: any)")
     serve.add_argument("--plan-keys-dir", default=Path(DEFAULT_PLAN_KEYS_DIR), type=Path, metavar="DIR",
