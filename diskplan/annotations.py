@@ -118,10 +118,12 @@ class Requests:
 
 
 def user_annotation_keys(annotations: Mapping[str, Any] | None) -> list[str]:
-    """The ``diskhooks.io/`` annotations a user wrote (the webhook's own plan excluded)."""
+    """The ``diskhooks.io/`` annotations a user wrote (the webhook's own plan and the node agent's
+    home node excluded: neither is a request)."""
     if not annotations:
         return []
-    return [k for k in annotations if isinstance(k, str) and k.startswith(K.PREFIX) and k != K.ANN_PLAN]
+    return [k for k in annotations if isinstance(k, str) and k.startswith(K.PREFIX)
+            and k not in (K.ANN_PLAN, K.ANN_NODE)]
 
 
 def parse_requests(annotations: Mapping[str, Any], policy: Policy, *,

@@ -10,8 +10,12 @@ Wire form: the value of the ``diskhooks.io/plan`` annotation is one JSON object 
 
 Version 2 adds ``"detached": [{"name": ..., "sizeBytes": ...}]``: disks removed from the VM whose
 images stay on the node, with the largest size ever planned (a disk re-added under that name may
-not be smaller). A plan with no detached disks is still written as version 1, which both versions'
-readers accept; the sidecar and prepare act only on ``disks``/``persistRoot``/``passthrough``.
+not be smaller). Version 3 adds ``"node": "<node name>"``: the VM's home node, the node that holds
+its images (``diskhooks.io/node``, recorded by the node agent); prepare refuses to run anywhere
+else. Each plan is written with the lowest version that can carry it (1 without detached disks
+and node, 2 with detached disks, 3 with a node), so plans that need no newer member stay readable
+by older readers; the sidecar and prepare act on ``disks``/``persistRoot``/``passthrough`` (and
+prepare on ``node``).
 
 The HMAC covers the canonical JSON (sorted keys, no spaces) of everything but ``auth``; that body
 carries the namespace and VM name, so a plan copied to another VM or namespace fails verification.
@@ -30,14 +34,18 @@ from typing import Any
 from diskplan import keys as K
 from diskplan.errors import Malformed, Refused
 
-PLAN_VERSION = 2  # the newest version read and written; see Plan.version
-PLAN_VERSIONS = (1, 2)
+PLAN_VERSION = 3  # the newest version read and written; see Plan.version
+PLAN_VERSIONS = (1, 2, 3)
 MAX_PLAN_BYTES = 64 * 1024
 MAX_DETACHED = 128  # detached disks one plan remembers (bounds the plan's size)
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # a DNS-1123 subdomain is what Kubernetes allows for namespaces-as-labels and VM names
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# a Kubernetes node name: a DNS-1123 subdomain proper (dot-separated DNS labels, at most 253
+# characters), see is_node_name
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_NODE_NAME = 253
 _CLEAN_ABS_PATH = re.compile(r"^(/[A-Za-z0-9._+-]+)+$")
 _BASE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
@@ -47,6 +55,14 @@ IOS = ("native", "threads", "io_uring")
 DISCARDS = ("unmap", "ignore")
 PASSTHROUGH_MODES = ("disk", "lun")
 BASE_FORMATS = ("qcow2", "raw")
+
+
+def is_node_name(name: object) -> bool:
+    """Whether ``name`` is a valid Kubernetes node name: a DNS-1123 subdomain (lower-case
+    alphanumerics and ``-``, dot-separated labels each starting and ending with an alphanumeric,
+    at most 253 characters)."""
+    return isinstance(name, str) and 0 < len(name) <= MAX_NODE_NAME \
+        and _DNS1123_SUBDOMAIN.match(name) is not None
 
 
 def is_clean_abs_path(path: str) -> bool:
@@ -178,12 +194,22 @@ class Plan:
     persist_root: PersistRoot | None = None
     passthrough: tuple[Passthrough, ...] = ()
     detached: tuple[DetachedDisk, ...] = ()  # version 2: only the webhook reads it
+    node: str | None = None  # version 3: the home node (prepare refuses to run elsewhere)
 
     @property
     def version(self) -> int:
-        """The wire version: 2 when the plan remembers detached disks (the member version 2 adds),
-        else 1, so plans without them stay readable by version-1 readers (an older sidecar)."""
+        """The wire version: 3 when the plan names a home node, 2 when it remembers detached disks
+        (the members those versions add), else 1, so plans without them stay readable by older
+        readers (an older sidecar)."""
+        if self.node is not None:
+            return 3
         return 2 if self.detached else 1
+
+    @property
+    def holds_files(self) -> bool:
+        """Whether the VM has images on a node: planned disks, a persistent root, or detached
+        disks (whose images stay where they were made). Such a VM is pinned to its home node."""
+        return bool(self.disks or self.persist_root is not None or self.detached)
 
     @property
     def needs_launcher(self) -> bool:
@@ -235,6 +261,8 @@ class Plan:
         }
         if self.detached:
             body["detached"] = [{"name": d.name, "sizeBytes": d.size_bytes} for d in self.detached]
+        if self.node is not None:
+            body["node"] = self.node
         return body
 
 
@@ -410,7 +438,11 @@ def plan_from_body(body: Mapping[str, Any], path: str = K.ANN_PLAN) -> Plan:
                         f"(this diskhooks reads versions {', '.join(map(str, PLAN_VERSIONS))})")
     members = {"version", "namespace", "vm", "hostDir", "imageLibrary", "sidecarImage", "disks",
                "persistRoot", "passthrough"}
-    r = _Reader(body, path, members | {"detached"} if version >= 2 else members)
+    if version >= 2:
+        members |= {"detached"}
+    if version >= 3:
+        members |= {"node"}
+    r = _Reader(body, path, members)
     disks = []
     seen: set[str] = set()
     for i, raw in enumerate(r.items("disks")):
@@ -453,13 +485,16 @@ def plan_from_body(body: Mapping[str, Any], path: str = K.ANN_PLAN) -> Plan:
         gone = DetachedDisk(name=x.text("name", pattern=DNS_LABEL), size_bytes=x.integer("sizeBytes", minimum=1))
         seen_check(seen, gone.name, f"{x.path}.name")
         detached.append(gone)
+    node = r.text("node", optional=True)
+    if node is not None and not is_node_name(node):
+        raise Malformed(f"{path}.node", f"{node[:80]!r} is not a node name (a DNS-1123 subdomain)")
     return Plan(
         namespace=r.text("namespace", pattern=DNS_SUBDOMAIN), vm=r.text("vm", pattern=DNS_SUBDOMAIN),
         host_dir=r.text("hostDir", path_like=True),
         image_library=r.text("imageLibrary", optional=True, path_like=True),
         sidecar_image=r.text("sidecarImage"),
         disks=tuple(disks), persist_root=persist, passthrough=tuple(passthrough),
-        detached=tuple(detached),
+        detached=tuple(detached), node=node,
     )
 
 

@@ -778,7 +778,7 @@ def test_a_version_2_plan_with_detached_disks_gives_the_same_domain() -> None:
      "is not a valid name"),
     ("slash in a base file", lambda b: b["disks"][0]["backing"].update(file="a/b.qcow2"),
      "is not a valid name"),
-    ("unknown plan version", lambda b: b.update(version=3), "version 3 is not supported"),
+    ("unknown plan version", lambda b: b.update(version=4), "version 4 is not supported"),
     ("detached in a version 1 plan", lambda b: b.update(detached=[]), "unknown key"),
     ("unknown key", lambda b: b.update(extra=1), "unknown key"),
 ])

@@ -589,7 +589,7 @@ def test_library_base_in_another_format_than_planned_is_refused(node: Node) -> N
     (lambda b: b["disks"][0].update(backing={"image": "x", "file": "../x.qcow2", "format": "qcow2"}),
      "backing.file"),
     (lambda b: b["disks"][0].update(sizeBytes=-1), "sizeBytes"),
-    (lambda b: b.update(version=3), "version"),
+    (lambda b: b.update(version=4), "version"),
     (lambda b: b.update(detached=[{"name": "old", "sizeBytes": 1}]), "detached"),  # version 1: unknown
 ])
 def test_malformed_plan_exits_2(node: Node, mutate: Callable[[dict[str, Any]], None],

@@ -93,6 +93,7 @@ class AdmissionRequest:
     obj: Mapping[str, Any] | None
     old_obj: Mapping[str, Any] | None
     dry_run: bool
+    username: str = ""  # userInfo.username: who asks (only the node agent may set the home node)
 
 
 @dataclass(frozen=True)
@@ -184,9 +185,16 @@ def parse_request(review: Any) -> AdmissionRequest:
     if not isinstance(name, str):
         raise Malformed("request.name", "must be a string")
     dry_run = req.get("dryRun", False)
+    # The API server always sends userInfo; a hand-made review without it is nobody in particular
+    user_info = req.get("userInfo")
+    if user_info is not None and not isinstance(user_info, Mapping):
+        raise Malformed("request.userInfo", "must be an object")
+    username = (user_info or {}).get("username", "")
+    if not isinstance(username, str):
+        raise Malformed("request.userInfo.username", "must be a string")
     return AdmissionRequest(uid=uid, group=gvk.get("group", ""), version=gvk.get("version", ""),
                             kind=gvk["kind"], operation=operation, namespace=namespace, name=name,
-                            obj=obj, old_obj=old_obj, dry_run=dry_run is True)
+                            obj=obj, old_obj=old_obj, dry_run=dry_run is True, username=username)
 
 
 def admit(review: Any, *, route: Route, policy: Policy, plan_keys: PlanKeys,
@@ -265,7 +273,8 @@ def _dispatch(req: AdmissionRequest, core: Core, *, namespace: str, policy: Poli
     assert req.obj is not None  # parse_request guarantees an object for CREATE/UPDATE
     if core == "vm":
         return mutate_vm(req.obj, operation=req.operation, old_obj=req.old_obj,
-                         namespace=namespace, policy=policy, plan_keys=plan_keys, cluster=cluster)
+                         namespace=namespace, policy=policy, plan_keys=plan_keys, cluster=cluster,
+                         username=req.username)
     if core == "vmi":
         return mutate_vmi(req.obj, operation=req.operation, namespace=namespace, policy=policy,
                           plan_keys=plan_keys, cluster=cluster)

@@ -28,6 +28,7 @@ from webhook.vm.disks import (
     persist_root_of,
     rebuild,
 )
+from webhook.vm.home import bare_vmi_warnings, decide_home, finish_home, with_node
 from webhook.vm.metadata import (
     check_names,
     check_no_template_requests,
@@ -77,11 +78,29 @@ from webhook.vm.updates import (
 # entry points
 # ------------------------------------------------------------------------------------------------
 def mutate_vm(obj: Mapping[str, Any], *, operation: str, old_obj: Mapping[str, Any] | None,
-              namespace: str, policy: Policy, plan_keys: PlanKeys, cluster: Cluster) -> Mutation:
-    """Mutate a VirtualMachine on CREATE or UPDATE (other operations: unchanged)."""
+              namespace: str, policy: Policy, plan_keys: PlanKeys, cluster: Cluster,
+              username: str = "") -> Mutation:
+    """Mutate a VirtualMachine on CREATE or UPDATE (other operations: unchanged). ``username`` is
+    the requester (the AdmissionReview's ``userInfo.username``): only the node agent's may set the
+    home node (:mod:`webhook.vm.home`)."""
     meta, spec = shape_of(obj, VM_KIND)
     if operation not in ("CREATE", "UPDATE") or meta.get("deletionTimestamp"):
         return Mutation(dict(obj))  # never stand in the way of a deletion (finalizers)
+    home = decide_home(obj, old_obj if operation == "UPDATE" else None, operation=operation,
+                       username=username, policy=policy)
+    if home.restored and home.node is not None:  # the update omitted the home node: put it back
+        obj = with_node(obj, home.node)
+        meta, spec = shape_of(obj, VM_KIND)
+    m = _mutate_vm_spec(obj, meta, spec, operation=operation, old_obj=old_obj, namespace=namespace,
+                        policy=policy, plan_keys=plan_keys, cluster=cluster)
+    return finish_home(m, home, old_obj=old_obj if operation == "UPDATE" else None, namespace=namespace,
+                       plan_keys=plan_keys)
+
+
+def _mutate_vm_spec(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[str, Any], *,
+                    operation: str, old_obj: Mapping[str, Any] | None, namespace: str, policy: Policy,
+                    plan_keys: PlanKeys, cluster: Cluster) -> Mutation:
+    """Everything but the home node: annotations -> spec, plan, sidecar, sizing."""
     user_keys = user_annotation_keys(meta.get("annotations"))
     if operation == "UPDATE" and isinstance(old_obj, Mapping) and unchanged(obj, old_obj, user_keys):
         # status/finalizer updates by KubeVirt, start/stop: nothing diskhooks decides has changed,
@@ -153,10 +172,19 @@ def _mutate_vm(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[st
 def mutate_vmi(obj: Mapping[str, Any], *, operation: str, namespace: str, policy: Policy,
                plan_keys: PlanKeys, cluster: Cluster) -> Mutation:
     """Mutate (a bare VMI with annotations, or one the policy's defaultProfile sizes) or verify
-    (a VMI made from a VM template) on CREATE."""
+    (a VMI made from a VM template) on CREATE. A bare VMI has no home node (nothing records one):
+    ``diskhooks.io/node`` on it only gets a warning."""
     meta, spec = shape_of(obj, VMI_KIND)
     if operation != "CREATE":
         return Mutation(dict(obj))
+    m = _mutate_vmi(obj, meta, spec, namespace=namespace, policy=policy, plan_keys=plan_keys,
+                    cluster=cluster)
+    notes = () if owned_by_vm(meta) else bare_vmi_warnings(meta)
+    return Mutation(m.obj, m.warnings + notes) if notes else m
+
+
+def _mutate_vmi(obj: Mapping[str, Any], meta: Mapping[str, Any], spec: Mapping[str, Any], *,
+                namespace: str, policy: Policy, plan_keys: PlanKeys, cluster: Cluster) -> Mutation:
     annotations = meta.get("annotations")
     user_keys = user_annotation_keys(annotations)
     labels = meta.get("labels")
