@@ -64,6 +64,11 @@ def _abs_dir(value: str) -> str:
     return value
 
 
+def _prefix(value: str) -> str:
+    """``--host-prefix``: an absolute directory, or "" (the default: no prefix)."""
+    return value if value == "" else _abs_dir(value)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="diskhooks node agent: records each VM's home "
                                 "node and grows running disks online")
@@ -75,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
                        help="this node's name (downward API spec.nodeName)")
     serve.add_argument("--kubeconfig", metavar="FILE",
                        help="kubeconfig to use (default: the Pod's ServiceAccount)")
-    serve.add_argument("--host-prefix", default="", type=_abs_dir, metavar="DIR",
+    serve.add_argument("--host-prefix", default="", type=_prefix, metavar="DIR",
                        help="prefix of every node path (default: none)")
     serve.add_argument("--kubelet-pods-dir", default=DEFAULT_KUBELET_PODS_DIR, type=_abs_dir,
                        metavar="DIR",
@@ -99,16 +104,6 @@ def serve(args: argparse.Namespace) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        del frame
-        log.emit("signal", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
     from nodeagent.agent import Agent
     from nodeagent.kube import Kube, load_client
 
@@ -124,18 +119,32 @@ def serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"{PROG}: cannot serve /metrics on port {args.metrics_port}: {exc.strerror or exc}",
               file=sys.stderr)
+        api.close()
         return EXIT_FAILED
-    agent.start()
-    root = agent.paths.on_host(policy.get().host_disks.root)
-    log.emit("serving", node=args.node_name, metricsPort=agent.status.port if agent.status else None,
-             root=root, kubeletPodsDir=agent.paths.on_host(args.kubelet_pods_dir),
-             onlineExpand=policy.get().host_disks.online_expand)
-    while not stop.wait(1.0):
-        policy.check()
-        plan_keys.check()
-    ended = agent.stop(STOP_TIMEOUT)
-    log.emit("stopped", node=args.node_name, clean=ended)
-    api.close()
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        del frame
+        log.emit("signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        agent.start()
+        log.emit("serving", node=args.node_name, metricsPort=agent.status.port if agent.status else None,
+                 root=agent.paths.on_host(policy.get().host_disks.root),
+                 kubeletPodsDir=agent.paths.on_host(args.kubelet_pods_dir),
+                 onlineExpand=policy.get().host_disks.online_expand)
+        while not stop.wait(1.0):
+            policy.check()
+            plan_keys.check()
+    finally:
+        ended = agent.stop(STOP_TIMEOUT)
+        log.emit("stopped", node=args.node_name, clean=ended)
+        api.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -125,7 +125,8 @@ def test_a_grown_plan_grows_the_running_disk_once_and_never_shrinks_it(
     assert launcher.sizes() == (GiB, GiB)
 
     cluster.set_template_plan(VM, signed_plan(ns, VM, data=2 * GiB))
-    event = wait_for("a DiskExpanded event", lambda: cluster.events(VM, K.EVENT_DISK_EXPANDED), agent=agent)[0]
+    event = wait_for("a DiskExpanded event", lambda: cluster.events(VM, K.EVENT_DISK_EXPANDED),
+                     agent=agent)[0]
     assert event.type == "Normal"
     assert f"from {GiB} to {2 * GiB} bytes" in event.message
     assert launcher.sizes() == (2 * GiB, 2 * GiB)  # QEMU's view and the file's agree

@@ -31,8 +31,8 @@ CREATED = "2026-03-01T10:00:00Z"
 
 
 def plan(namespace: str = NS, vm: str = NAME, *, disks: bool = True, keys: PlanKeys = KEYS) -> str:
-    p = Plan(namespace=namespace, vm=vm, host_dir=f"/var/lib/diskhooks/vms/{namespace}/{vm}", image_library=None,
-             sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
+    p = Plan(namespace=namespace, vm=vm, host_dir=f"/var/lib/diskhooks/vms/{namespace}/{vm}",
+             image_library=None, sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
              disks=(PlannedDisk("data", 1 << 30, "virtio", "none", "native", "unmap"),) if disks else (),
              passthrough=() if disks else (Passthrough("fast", "nvme-claim", "disk"),))
     return sign_plan(p, keys)

@@ -72,7 +72,8 @@ def test_lists_then_follows_changes_and_drops_what_leaves_the_selector(
         _content_type="application/merge-patch+json")
     wait_for("DELETED for the relabelled VMI", lambda: (DELETED, "second") in seen)
     assert w.get(ns, "second") is None
-    cluster.custom.delete_namespaced_custom_object("kubevirt.io", "v1", ns, "virtualmachineinstances", "first")
+    cluster.custom.delete_namespaced_custom_object("kubevirt.io", "v1", ns, "virtualmachineinstances",
+                                                   "first")
     wait_for("DELETED for the deleted VMI", lambda: (DELETED, "first") in seen)
     assert len(w) == 0
 
