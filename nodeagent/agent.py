@@ -199,5 +199,5 @@ class Agent:
         except OSError as exc:
             self.log.emit("scan.failed", level="warning", error=f"{type(exc).__name__}: {exc}")
             return 0
-        self.log.emit("scan.done", root=root, markers=count)
+        self.log.emit("scan.done", level="info", root=root, markers=count)
         return count

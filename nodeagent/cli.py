@@ -126,13 +126,14 @@ def serve(args: argparse.Namespace) -> int:
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         del frame
-        log.emit("signal", signal=signal.Signals(signum).name)
+        log.emit("signal", level="info", signal=signal.Signals(signum).name)
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         agent.start()
-        log.emit("serving", node=args.node_name, metricsPort=agent.status.port if agent.status else None,
+        log.emit("serving", level="info", node=args.node_name,
+                 metricsPort=agent.status.port if agent.status else None,
                  root=agent.paths.on_host(policy.get().host_disks.root),
                  kubeletPodsDir=agent.paths.on_host(args.kubelet_pods_dir),
                  onlineExpand=policy.get().host_disks.online_expand)
@@ -141,7 +142,7 @@ def serve(args: argparse.Namespace) -> int:
             plan_keys.check()
     finally:
         ended = agent.stop(STOP_TIMEOUT)
-        log.emit("stopped", node=args.node_name, clean=ended)
+        log.emit("stopped", level="info", node=args.node_name, clean=ended)
         api.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

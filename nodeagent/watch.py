@@ -124,7 +124,7 @@ class ResourceWatch:
                 if status == 410:  # Gone: our version is older than the server keeps; list again
                     version = None
                     self._restarted("gone")
-                    self._log.emit("watch.relist", resource=self.resource, reason="410 Gone")
+                    self._log.emit("watch.relist", level="info", resource=self.resource, reason="410 Gone")
                     continue
                 self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
                 self._restarted("error")
@@ -166,7 +166,7 @@ class ResourceWatch:
             self._on_change(SYNC, obj)
         self.last_error = None
         self.synced.set()
-        self._log.emit("watch.synced", resource=self.resource, objects=len(fresh),
+        self._log.emit("watch.synced", level="info", resource=self.resource, objects=len(fresh),
                        resourceVersion=version, selector=self.label_selector)
         return version
 
