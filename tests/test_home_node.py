@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from typing import Any
 
 import jsonpatch
@@ -455,3 +456,17 @@ def test_admission_refuses_a_malformed_userinfo() -> None:
     assert err.value.field == "request.userInfo"
     review["request"]["userInfo"] = {"username": ALICE}
     assert parse_request(review).username == ALICE
+
+
+# ------------------------------------------------------------------------------------------------
+# the launcher Pod: prepare learns its node from the downward API
+# ------------------------------------------------------------------------------------------------
+def test_prepare_gets_the_node_name_from_the_downward_api() -> None:
+    from tests.test_pod_mutation import container, managed_pod, mutate, sample_plan
+
+    for plan in (sample_plan(POLICY), replace(sample_plan(POLICY), node="node-a")):
+        pod = mutate(managed_pod(plan), POLICY)
+        env = {e["name"]: e for e in container(pod, K.PREPARE_CONTAINER)["env"]}
+        assert env[K.ENV_NODE_NAME] == {"name": K.ENV_NODE_NAME, "valueFrom": {"fieldRef": {
+            "apiVersion": "v1", "fieldPath": "spec.nodeName"}}}
+        assert mutate(pod, POLICY) == pod  # reinvocation changes nothing

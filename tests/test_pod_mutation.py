@@ -351,6 +351,9 @@ def _env(c: dict[str, Any], pod: dict[str, Any]) -> dict[str, str]:
             env[e["name"]] = e["value"]
         else:
             path = e["valueFrom"]["fieldRef"]["fieldPath"]
+            if path == "spec.nodeName":  # set by the scheduler before the kubelet runs the Pod
+                env[e["name"]] = pod["spec"]["nodeName"]
+                continue
             assert path.startswith("metadata.labels['") and path.endswith("']"), path
             env[e["name"]] = pod["metadata"]["labels"][path[len("metadata.labels['"):-2]]
     return env
@@ -396,6 +399,7 @@ def test_rendered_init_container_prepares_and_sidecar_accepts(policy: Policy, tm
     plan = replace(sample_plan(policy, backing=True), disks=(data_disk(
         backing=Backing("almalinux-9", "almalinux-9.qcow2", "qcow2")),))
     pod = mutate(managed_pod(plan), policy)
+    pod["spec"]["nodeName"] = "node-a"  # the scheduler's binding, which the downward API reads
     node = tmp_path / "node"
     library = node / LIBRARY.lstrip("/")
     library.mkdir(parents=True)
@@ -412,11 +416,12 @@ def test_rendered_init_container_prepares_and_sidecar_accepts(policy: Policy, tm
                                            "--path-prefix", str(view)])
     assert proc.returncode == 0, proc.stderr
     results = {json.loads(ln)["volume"]: json.loads(ln)["result"] for ln in proc.stdout.splitlines()}
-    assert results == {"datadisk": "created", "rootdisk": "created"}
+    assert results == {"datadisk": "created", "rootdisk": "created", K.HOME_MARKER: "written"}
     host_dir = node / HOST_DIR.lstrip("/")
     assert sorted(p.name for p in host_dir.iterdir()) == [
-        "datadisk.base.json", "datadisk.qcow2", "persist-root.rootdisk.base.json",
+        "datadisk.base.json", "datadisk.qcow2", K.HOME_MARKER, "persist-root.rootdisk.base.json",
         "persist-root.rootdisk.qcow2"]
+    assert json.loads((host_dir / K.HOME_MARKER).read_text())["node"] == "node-a"
 
     sidecar = container(pod, "hook-sidecar-0")
     sview = tmp_path / "sidecar-view"

@@ -12,7 +12,9 @@ init container. Then, for a plan with images to prepare:
 
 - pod volumes ``diskhooks-vm-dir`` (hostPath ``plan.host_dir``, DirectoryOrCreate) and, when a disk
   has a backing base, ``diskhooks-image-library`` (hostPath ``plan.image_library``, Directory);
-- init container ``diskhooks-prepare`` (the plan's sidecar image, ``prepare --plan-from-env``), with
+- init container ``diskhooks-prepare`` (the plan's sidecar image, ``prepare --plan-from-env``; env
+  ``DISKHOOKS_PLAN``, ``DISKHOOKS_VMI_UID`` from the Pod's ``kubevirt.io/created-by`` label and
+  ``DISKHOOKS_NODE_NAME`` from ``spec.nodeName``, the downward API), with
   each planned hostDisk volume read-write at its launcher path, the VM directory read-write, the
   image library read-only and, for a persistent root, KubeVirt's image volume of the containerDisk
   read-only;
@@ -222,6 +224,9 @@ def _prepare_container(plan: Plan, text: str, policy: Policy,
             {"name": K.ENV_PLAN, "value": text},
             {"name": K.ENV_VMI_UID, "valueFrom": {"fieldRef": {
                 "apiVersion": "v1", "fieldPath": f"metadata.labels['{K.LABEL_CREATED_BY}']"}}},
+            # the node the Pod runs on: prepare refuses to run anywhere but the plan's home node
+            {"name": K.ENV_NODE_NAME, "valueFrom": {"fieldRef": {
+                "apiVersion": "v1", "fieldPath": "spec.nodeName"}}},
         ],
         "resources": {"requests": dict(PREPARE_RESOURCES), "limits": dict(PREPARE_RESOURCES)},
         "securityContext": {

@@ -1,9 +1,10 @@
 """The prepare step: make the qcow2 images a plan needs before KubeVirt would make raw ones.
 
 Runs as the ``diskhooks-prepare`` init container of a virt-launcher pod
-(``diskhooks-sidecar prepare --plan-from-env | --plan FILE [--path-prefix DIR]``), with the pod's
-hostDisk volumes mounted read-write at their launcher paths, the VM directory read-write, the image
-library read-only and, for a persistent root, KubeVirt's image volume of the containerDisk read-only.
+(``diskhooks-sidecar prepare --plan-from-env | --plan FILE [--path-prefix DIR] [--node-name NAME]``),
+with the pod's hostDisk volumes mounted read-write at their launcher paths, the VM directory
+read-write, the image library read-only and, for a persistent root, KubeVirt's image volume of the
+containerDisk read-only.
 
 Three layers, in this order, each in its own module:
 
@@ -13,7 +14,9 @@ Three layers, in this order, each in its own module:
    plan + observations -> a list of actions (:mod:`~hooksidecar.prepare.actions`), one or more per
    volume: create, grow, unchanged, or refuse. Nothing is done when any volume is refused. The rules
    live in :mod:`~hooksidecar.prepare.disks` (hostDisk images, library bases, base records),
-   :mod:`~hooksidecar.prepare.persist_root` (the persistent root) and
+   :mod:`~hooksidecar.prepare.persist_root` (the persistent root),
+   :mod:`~hooksidecar.prepare.home` (the home node: never on another node than the plan's, and the
+   ``home.node.json`` marker, written before any image) and
    :mod:`~hooksidecar.prepare.problems` (why an existing file cannot be used).
 3. :func:`~hooksidecar.prepare.apply.apply` (:mod:`~hooksidecar.prepare.apply`, I/O, writes):
    carries the actions out, through :mod:`~hooksidecar.prepare.files` (create beside and publish

@@ -2,7 +2,8 @@
 returns and :func:`hooksidecar.prepare.apply.apply` carries out. Plain values, no I/O.
 
 One or more actions per volume: create, grow, keep unchanged, write or keep a base record, or
-refuse. Nothing is done when any volume is refused.
+refuse; and for the VM directory, write or keep the home marker. Nothing is done when any volume
+is refused.
 """
 
 from __future__ import annotations
@@ -71,9 +72,32 @@ class KeepBaseRecord:
 
 
 @dataclass(frozen=True)
+class WriteHomeMarker:
+    """Write the home marker (``home.node.json``) in the VM directory, before any image is made.
+    ``data`` is the file's bytes (:func:`diskplan.homemarker.marker_json`); ``warning`` says what it
+    replaces, when it replaces something."""
+
+    volume: str
+    path: str
+    data: bytes
+    node: str
+    warning: str | None = None
+
+
+@dataclass(frozen=True)
+class KeepHomeMarker:
+    """The home marker already names this node: left as it is (not rewritten at every start)."""
+
+    volume: str
+    path: str
+    node: str
+
+
+@dataclass(frozen=True)
 class Refuse:
     volume: str
     reason: str
 
 
-Action = CreateImage | GrowImage | Unchanged | WriteMarker | WriteBaseRecord | KeepBaseRecord | Refuse
+Action = (CreateImage | GrowImage | Unchanged | WriteMarker | WriteBaseRecord | KeepBaseRecord
+          | WriteHomeMarker | KeepHomeMarker | Refuse)

@@ -2,7 +2,8 @@
 
 Creates beside the target and publishes atomically (see :mod:`hooksidecar.prepare.files`), grows with
 ``qemu-img resize``, writes the persistent root's base record and the base record of every
-library-backed disk (always before the overlay it describes). Every image it leaves, created, grown
+library-backed disk (always before the overlay it describes), and the home marker (before any
+image: the actions put it first). Every image it leaves, created, grown
 or unchanged (and the base record), is qemu's: 107:107 with mode 0660 when running as root (mode
 0660 only otherwise), set through an fd opened with ``O_NOFOLLOW``; when that cannot be done the
 volume fails with the reason, since qemu could not open the file and the VM would fail later with a
@@ -20,9 +21,11 @@ from hooksidecar.prepare.actions import (
     CreateImage,
     GrowImage,
     KeepBaseRecord,
+    KeepHomeMarker,
     Refuse,
     Unchanged,
     WriteBaseRecord,
+    WriteHomeMarker,
     WriteMarker,
 )
 from hooksidecar.prepare.files import (
@@ -32,6 +35,7 @@ from hooksidecar.prepare.files import (
     hand_to_qemu,
     remove_stale_tmp,
     write_json,
+    write_record,
 )
 
 
@@ -96,6 +100,15 @@ def apply(actions: Sequence[Action], *, prefix: str = "", owner: tuple[int, int]
                                baseSha256=action.record["sha256"], baseHashed=action.hashed)
                 if action.warning is not None:
                     _warn(summary, action.warning)
+            elif isinstance(action, WriteHomeMarker):
+                # prepare's own record, read only by the node agent (root): qemu gets nothing here
+                write_record(prefix + action.path, action.data, owner=None)
+                summary.update(result="written", path=action.path, node=action.node)
+                if action.warning is not None:
+                    _warn(summary, action.warning)
+            elif isinstance(action, KeepHomeMarker):
+                remove_stale_tmp(prefix + action.path)
+                summary.update(result="unchanged", path=action.path, node=action.node)
             elif isinstance(action, KeepBaseRecord):
                 remove_stale_tmp(prefix + action.path)
                 _note_ownership(summary, action.path, hand_to_qemu(prefix + action.path, owner, action.path))

@@ -1,8 +1,10 @@
 """The command line of the prepare step: argv and environment -> plan -> inspect, decide, apply.
 
-``diskhooks-sidecar prepare --plan-from-env | --plan FILE [--path-prefix DIR]`` (and
-``python -m hooksidecar.prepare``). The plan comes from ``$DISKHOOKS_PLAN`` or a file, the VMI uid
-(needed for a persistent root) from ``$DISKHOOKS_VMI_UID``. ``--path-prefix DIR`` (tests, the local
+``diskhooks-sidecar prepare --plan-from-env | --plan FILE [--path-prefix DIR] [--node-name NAME]``
+(and ``python -m hooksidecar.prepare``). The plan comes from ``$DISKHOOKS_PLAN`` or a file, the VMI
+uid (needed for a persistent root and the home marker) from ``$DISKHOOKS_VMI_UID``, the node it runs
+on from ``$DISKHOOKS_NODE_NAME`` (``--node-name`` stands in for it: local runs, the demo). A plan
+that names a home node is refused, before anything is looked at, on any other node. ``--path-prefix DIR`` (tests, the local
 demo) prefixes every path this process opens; the backing file names written into qcow2 headers stay
 the launcher paths. Exit status: 0 done (one JSON line per volume on stdout), 1 refused or failed
 (one reason per line on stderr), 2 unreadable plan or bad arguments/environment.
@@ -11,6 +13,7 @@ the launcher paths. Exit status: 0 done (one JSON line per volume on stdout), 1 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -19,10 +22,11 @@ from collections.abc import Mapping, Sequence
 
 from diskplan import keys as K
 from diskplan.errors import Malformed
-from diskplan.plan import MAX_PLAN_BYTES, parse_plan
+from diskplan.plan import MAX_PLAN_BYTES, is_node_name, parse_plan
 from hooksidecar.prepare.actions import Refuse
 from hooksidecar.prepare.apply import ApplyError, apply
 from hooksidecar.prepare.decide import plan_actions
+from hooksidecar.prepare.home import needs_marker, wrong_node
 from hooksidecar.prepare.observe import inspect
 
 PROG = "diskhooks-prepare"
@@ -41,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--plan", metavar="FILE", help="read the plan from FILE")
     p.add_argument("--path-prefix", metavar="DIR", default="",
                    help="prefix every path opened (tests, local demo); headers keep launcher paths")
+    p.add_argument("--node-name", metavar="NAME", default=None,
+                   help=f"the node this runs on (stands in for ${K.ENV_NODE_NAME}: local runs, demo)")
     return p
 
 
@@ -54,13 +60,24 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         text = _read_plan_text(args, env)
         plan = parse_plan(text)
         prefix = _prefix(args.path_prefix)
-        vmi_uid = _vmi_uid(env, required=plan.persist_root is not None)
+        node = _node_name(args, env)
+    except Malformed as exc:
+        _err(str(exc))
+        return EXIT_MALFORMED
+    wrong = wrong_node(plan, node)
+    if wrong is not None:  # before looking at anything: the images are not on this node
+        _err(wrong)
+        return EXIT_REFUSED
+    try:
+        vmi_uid = _vmi_uid(env, required=plan.persist_root is not None
+                           or (node is not None and needs_marker(plan)))
     except Malformed as exc:
         _err(str(exc))
         return EXIT_MALFORMED
 
     observed = inspect(plan, prefix=prefix)
-    actions = plan_actions(plan, observed, vmi_uid=vmi_uid)
+    actions = plan_actions(plan, observed, vmi_uid=vmi_uid, node=node,
+                           now=datetime.datetime.now(datetime.UTC))
     refusals = [a for a in actions if isinstance(a, Refuse)]
     if refusals:
         for r in refusals:
@@ -105,13 +122,26 @@ def _prefix(value: str) -> str:
     return path.rstrip("/")
 
 
+def _node_name(args: argparse.Namespace, env: Mapping[str, str]) -> str | None:
+    """The node this runs on: ``--node-name``, else ``$DISKHOOKS_NODE_NAME``; None when neither."""
+    source, value = ("--node-name", args.node_name) if args.node_name is not None \
+        else (K.ENV_NODE_NAME, env.get(K.ENV_NODE_NAME, ""))
+    if not value:
+        if args.node_name is not None:
+            raise Malformed(source, "must not be empty")
+        return None
+    if not is_node_name(value):
+        raise Malformed(source, f"{value[:80]!r} is not a node name (a DNS-1123 subdomain)")
+    return str(value)
+
+
 def _vmi_uid(env: Mapping[str, str], *, required: bool) -> str | None:
     uid = env.get(K.ENV_VMI_UID, "")
     if not uid:
         if required:
-            raise Malformed(K.ENV_VMI_UID, "is not set: a persistent root records the VMI it was "
-                            "prepared for (the Pod mutation sets it from the pod label "
-                            f"{K.LABEL_CREATED_BY})")
+            raise Malformed(K.ENV_VMI_UID, "is not set: a persistent root and the home marker record "
+                            "the VMI they were prepared for (the Pod mutation sets it from the pod "
+                            f"label {K.LABEL_CREATED_BY})")
         return None
     if not _VMI_UID.match(uid):
         raise Malformed(K.ENV_VMI_UID, f"{uid[:80]!r} is not a VMI uid")

@@ -43,7 +43,13 @@ def create_beside(final: str, make: Callable[[str], None], *, owner: tuple[int, 
 
 
 def write_json(final: str, record: Mapping[str, Any], *, owner: tuple[int, int] | None) -> None:
-    data = (json.dumps(record, sort_keys=True, indent=1) + "\n").encode()
+    write_record(final, (json.dumps(record, sort_keys=True, indent=1) + "\n").encode(), owner=owner)
+
+
+def write_record(final: str, data: bytes, *, owner: tuple[int, int] | None) -> None:
+    """Write a small record (``data``) as ``final``: a new temporary file beside it (``O_EXCL``,
+    ``O_NOFOLLOW``, mode 0660, ``owner`` when given), flushed, renamed over ``final`` atomically,
+    then the directory flushed. On failure the temporary file is removed and ``final`` kept."""
     remove_stale_tmp(final)
     tmp = _tmp_name(final)
     try:

@@ -1,4 +1,4 @@
-"""What is on disk for a plan (I/O, read-only): the observations :func:`inspect` returns.
+"""What is on disk for a plan (I/O, read-only but for the base catalog): what :func:`inspect` returns.
 
 :func:`inspect` looks at every file a plan involves: each disk's image, its library base and base
 record (``<disk>.base.json``), and for a persistent root the containerDisk seen through KubeVirt's
@@ -7,14 +7,15 @@ qcow2 magic *before* any ``qemu-img`` call, opens files with ``O_NOFOLLOW``, nev
 read from a file, and runs ``qemu-img info`` (with an explicit format, under limits, see
 :mod:`hooksidecar.qemuimg`) only on qcow2 images whose header shows no external data file. It hashes
 a library base only when its identity (device, inode, size, mtime, ctime) differs from the one its
-record holds, streaming through one fixed buffer. It never writes; what the observations mean is
-decided in :mod:`hooksidecar.prepare.decide`.
+record holds and the node's base catalog has no entry for it as it is now, streaming through one
+fixed buffer; such a hash is added to the catalog (:mod:`hooksidecar.prepare.catalog`), the only
+file inspection writes. It writes nothing else; what the observations mean is decided in
+:mod:`hooksidecar.prepare.decide`.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import stat
@@ -22,12 +23,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from diskplan import baserecord, qcow2
+from diskplan import baserecord, homemarker, qcow2
 from diskplan import keys as K
+from diskplan.errors import Malformed
 from diskplan.plan import PersistRoot, Plan, PlannedDisk
 from hooksidecar import qemuimg
-
-HASH_CHUNK = 1 << 20
+from hooksidecar.prepare import catalog
+from hooksidecar.prepare.basehash import hash_fd
 
 # ================================================================================================
 # what inspection found
@@ -72,6 +74,7 @@ class BaseContent:
     sha256: str | None = None
     hashed: bool = False
     problem: str | None = None  # why the file could not be read or hashed
+    catalog: str | None = None  # the node's base catalog: hit, waited, written, hashed (None: record)
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,22 @@ class PersistObservation:
 
 
 @dataclass(frozen=True)
+class HomeObservation:
+    """The home marker (``home.node.json``) in the VM directory. ``kind``: ``unmounted`` (the VM
+    directory is not mounted), ``missing``, ``invalid`` (``detail`` says why; ``replaceable`` is
+    False for a link or a special file, which prepare never writes over) or ``ok`` (``marker``)."""
+
+    kind: Literal["unmounted", "missing", "invalid", "ok"]
+    marker: homemarker.HomeMarker | None = None
+    detail: str = ""
+    replaceable: bool = True
+
+
+@dataclass(frozen=True)
 class Observed:
     disks: Mapping[str, DiskObservation]
     persist_root: PersistObservation | None = None
+    home: HomeObservation = HomeObservation("unmounted")
 
 
 # ================================================================================================
@@ -117,6 +133,8 @@ def inspect(plan: Plan, *, prefix: str = "", binary: str = "qemu-img") -> Observ
     """Look at every file ``plan`` involves, under ``prefix``. Never writes, never follows links."""
     disks: dict[str, DiskObservation] = {}
     library_mounted = _is_dir(prefix + K.LAUNCHER_IMAGE_LIBRARY)
+    catalog_dir = prefix + K.LAUNCHER_BASE_CATALOG  # mounted by the Pod mutation (read-write)
+    catalog_dir_or_none = catalog_dir if _is_dir(catalog_dir) else None
     for disk in plan.disks:
         mounted = _is_dir(prefix + disk.launcher_dir)
         image = inspect_image(prefix + disk.launcher_path, binary=binary) if mounted \
@@ -127,12 +145,17 @@ def inspect(plan: Plan, *, prefix: str = "", binary: str = "qemu-img") -> Observ
             if mounted:
                 record = read_base_record(prefix + disk.base_record_path)
                 if _worth_hashing(base, disk.backing.format, image):
-                    content = inspect_base_content(prefix + disk.backing.launcher_path, record)
+                    content = inspect_base_content(prefix + disk.backing.launcher_path, record,
+                                                   file=disk.backing.file,
+                                                   catalog_dir=catalog_dir_or_none)
         disks[disk.name] = DiskObservation(mounted, image, library_mounted, base, record, content)
     persist = None
     if plan.persist_root is not None:
         persist = _inspect_persist(plan.persist_root, prefix, binary)
-    return Observed(disks=disks, persist_root=persist)
+    home = HomeObservation("unmounted")
+    if (plan.disks or plan.persist_root is not None) and _is_dir(prefix + K.LAUNCHER_VM_DIR):
+        home = read_home_marker(f"{prefix}{K.LAUNCHER_VM_DIR}/{K.HOME_MARKER}")
+    return Observed(disks=disks, persist_root=persist, home=home)
 
 
 def _worth_hashing(base: FileState, fmt: str, image: FileState) -> bool:
@@ -144,11 +167,13 @@ def _worth_hashing(base: FileState, fmt: str, image: FileState) -> bool:
                                   and not base.encrypted and not base.unknown_features)
 
 
-def inspect_base_content(path: str, record: MarkerState) -> BaseContent:
+def inspect_base_content(path: str, record: MarkerState, *, file: str | None = None,
+                         catalog_dir: str | None = None) -> BaseContent:
     """The library base's identity and content hash. When its identity is the one ``record``
-    holds, the recorded SHA-256 is taken as it is (nothing is read); otherwise every byte is
-    hashed, streaming through one fixed buffer (bounded memory whatever the size), and the file
-    must keep its identity while it is read."""
+    holds, the recorded SHA-256 is taken as it is (nothing is read); otherwise the node's base
+    catalog (``catalog_dir``, when mounted) gives it when an entry describes the file exactly as it
+    is now, else every byte is hashed (streaming through one fixed buffer, the file keeping its
+    identity while it is read; see :func:`hooksidecar.prepare.catalog.content_of`)."""
     try:
         fd = _open_regular(path)
     except _NotUsable as exc:
@@ -157,32 +182,14 @@ def inspect_base_content(path: str, record: MarkerState) -> BaseContent:
         before = baserecord.identity_of(os.fstat(fd))
         if record.kind == "ok" and record.record.get("identity") == before:
             return BaseContent(before, str(record.record["sha256"]), hashed=False)
-        digest = hash_fd(fd)
-        after = baserecord.identity_of(os.fstat(fd))
+        found = catalog.content_of(fd, file=file or os.path.basename(path), catalog_dir=catalog_dir)
     except OSError as exc:
         return BaseContent(problem=f"cannot be read: {exc.strerror or exc}")
     finally:
         os.close(fd)
-    if after != before:
-        return BaseContent(problem="changed while prepare was reading it ("
-                           f"{baserecord.identity_changes(before, after)}); is it being replaced? "
-                           "Restart the VM once the image library is settled")
-    return BaseContent(before, digest, hashed=True)
-
-
-def hash_fd(fd: int, *, head: bytes = b"") -> str:
-    """SHA-256 of ``head`` followed by everything from ``fd``'s offset to its end, read through
-    one ``HASH_CHUNK`` buffer (memory stays bounded for a base of any size)."""
-    digest = hashlib.sha256(head)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    except OSError:
-        pass
-    buf = bytearray(HASH_CHUNK)
-    view = memoryview(buf)
-    while n := os.readv(fd, [buf]):
-        digest.update(view[:n])
-    return digest.hexdigest()
+    if found.problem is not None:
+        return BaseContent(problem=found.problem)
+    return BaseContent(found.identity, found.sha256, hashed=found.hashed, catalog=found.outcome)
 
 
 def make_base_record(disk: PlannedDisk, base_path: str) -> dict[str, Any]:
@@ -291,6 +298,29 @@ def inspect_container_disk(image_dir: str, *, binary: str = "qemu-img") -> BaseO
     except qemuimg.QemuImgError as exc:
         return BaseObservation(True, f"{name}: {exc.reason}")
     return BaseObservation(True, None, name, fmt, info.virtual_size, sha256)
+
+
+def read_home_marker(path: str) -> HomeObservation:
+    """The home marker at ``path``: a small regular file (never through a link), read strictly."""
+    try:
+        fd = _open_regular(path)
+    except _NotUsable as exc:
+        if exc.kind == "missing":
+            return HomeObservation("missing")
+        if exc.kind == "unreadable":
+            return HomeObservation("invalid", detail=f"cannot be read: {exc.detail}")
+        return HomeObservation("invalid", detail="is a symbolic link" if exc.kind == "symlink"
+                               else "is a directory or special file", replaceable=False)
+    try:
+        data = os.read(fd, homemarker.MAX_MARKER_BYTES + 1)
+    except OSError as exc:
+        return HomeObservation("invalid", detail=f"cannot be read: {exc.strerror}")
+    finally:
+        os.close(fd)
+    try:
+        return HomeObservation("ok", homemarker.parse_marker(data))
+    except Malformed as exc:
+        return HomeObservation("invalid", detail=f"is not a home marker ({exc})")
 
 
 def read_marker(path: str) -> MarkerState:
