@@ -56,11 +56,36 @@ LAUNCHER_IMAGE_VOLUMES = "/var/run/kubevirt-image-volume"
 DH_MOUNT_ROOT = "/var/run/kubevirt-private/diskhooks"
 LAUNCHER_VM_DIR = DH_MOUNT_ROOT + "/vm"  # <hostDisks.root>/<ns>/<vm>/ (persist-root overlays)
 LAUNCHER_IMAGE_LIBRARY = DH_MOUNT_ROOT + "/images"  # <hostDisks.imageLibrary>/, read-only
+LAUNCHER_BASE_CATALOG = DH_MOUNT_ROOT + "/catalog"  # <hostDisks.root>/.diskhooks/catalog/, prepare only
 POD_VOLUME_VM_DIR = "diskhooks-vm-dir"
 POD_VOLUME_IMAGE_LIBRARY = "diskhooks-image-library"
+POD_VOLUME_BASE_CATALOG = "diskhooks-base-catalog"
 PREPARE_CONTAINER = "diskhooks-prepare"
 ENV_PLAN = "DISKHOOKS_PLAN"
 ENV_VMI_UID = "DISKHOOKS_VMI_UID"
+
+# --- the node's base catalog (diskplan/basecatalog.py): the SHA-256 of each library base, hashed
+# once per node by the node agent or the first prepare that needs it. Below hostDisks.root: a
+# namespace is a DNS label, so the leading dot never meets a namespace directory.
+CATALOG_SUBDIR = ".diskhooks/catalog"
+
+
+def catalog_dir(root: str) -> str:
+    """Node directory of the base catalog for ``hostDisks.root`` ``root``."""
+    return f"{root.rstrip('/')}/{CATALOG_SUBDIR}"
+
+
+def catalog_entry_name(base_file: str) -> str:
+    """The catalog entry of the library file ``base_file`` (a plan's base file name: no slash, no
+    leading dot). The suffixes keep entries, lock files and prepare-style temporary names
+    (``.<name>.tmp-<hex>``, leading dot) apart."""
+    return f"{base_file}.entry.json"
+
+
+def catalog_lock_name(base_file: str) -> str:
+    """The lock file (``flock``) of one library file's entry: whoever hashes that file holds it."""
+    return f"{base_file}.lock"
+
 
 # qemu's uid/gid inside virt-launcher (non-root mode)
 QEMU_UID = 107
