@@ -162,14 +162,25 @@ def test_without_a_node_nothing_changes(node: Node) -> None:
     assert list(out) == ["data"] and not marker_file(node).exists()
 
 
-def test_a_marker_naming_this_node_is_left_as_it_is(node: Node) -> None:
-    data = write_marker(node, "node-a")
+def test_a_marker_naming_this_node_is_left_once_the_vm_has_a_home(node: Node) -> None:
+    data = write_marker(node, "node-a")  # written for an older VMI
     before = marker_file(node).stat().st_mtime_ns
-    out = lines(run(node, plan_with(), env_node="node-a"))
+    out = lines(run(node, plan_with("node-a"), env_node="node-a"))
     assert out[K.HOME_MARKER]["result"] == "unchanged"
     assert marker_file(node).read_bytes() == data and marker_file(node).stat().st_mtime_ns == before
-    again = lines(run(node, plan_with("node-a"), env_node="node-a"))  # now homed: still left alone
+
+
+def test_before_a_home_each_start_refreshes_the_marker_once(node: Node) -> None:
+    """No home yet: a marker of another VMI (an older start, or a deleted VM of the same name) is
+    rewritten, so the agent never mistakes it for an orphan; the same VMI's restart leaves it."""
+    write_marker(node, "node-a")
+    out = lines(run(node, plan_with(), env_node="node-a"))
+    assert out[K.HOME_MARKER]["result"] == "written" and "warning" not in out[K.HOME_MARKER]
+    fresh = marker_file(node).read_bytes()
+    assert parse_marker(fresh).vmi_uid == VMI_UID and parse_marker(fresh).written_at > NOW
+    again = lines(run(node, plan_with(), env_node="node-a"))  # the init container restarted
     assert again[K.HOME_MARKER]["result"] == "unchanged" and again["data"]["result"] == "unchanged"
+    assert marker_file(node).read_bytes() == fresh
 
 
 def test_images_made_before_markers_get_one(node: Node) -> None:
