@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo"
 POLICY = ROOT / "examples" / "policy.yaml"
 VMI_UID = "0d6c4c2e-8f0a-4b51-9a51-6e2f8b7c9d01"
+DEMO_NODE = "demo-node"  # the node the scheduler would bind the launcher Pod to (the temp dir plays it)
 
 BOLD, DIM, GREEN, RED, CYAN, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[36m", "\033[0m"
 if not sys.stdout.isatty():
@@ -191,13 +192,17 @@ def qemu_img_info(path: Path) -> dict[str, Any]:
 
 
 def container_env(container: dict[str, Any], pod: dict[str, Any]) -> dict[str, str]:
-    """A container's environment as kubelet would give it (values, and fieldRefs to Pod labels)."""
+    """A container's environment as kubelet would give it (values, and fieldRefs to Pod labels and
+    to spec.nodeName, the scheduler's binding)."""
     env = {}
     for e in container.get("env", []):
         if "value" in e:
             env[e["name"]] = str(e["value"])
             continue
-        path = e["valueFrom"]["fieldRef"]["fieldPath"]  # metadata.labels['<key>']
+        path = e["valueFrom"]["fieldRef"]["fieldPath"]  # metadata.labels['<key>'] or spec.nodeName
+        if path == "spec.nodeName":
+            env[e["name"]] = str(pod.get("spec", {}).get("nodeName") or DEMO_NODE)
+            continue
         env[e["name"]] = str(pod["metadata"]["labels"][path[len("metadata.labels['"):-2]])
     return env
 
