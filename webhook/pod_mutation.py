@@ -11,7 +11,10 @@ hand-made Pod with a forged, edited or borrowed-from-elsewhere plan is refused, 
 init container. Then, for a plan with images to prepare:
 
 - pod volumes ``diskhooks-vm-dir`` (hostPath ``plan.host_dir``, DirectoryOrCreate) and, when a disk
-  has a backing base, ``diskhooks-image-library`` (hostPath ``plan.image_library``, Directory);
+  has a backing base, ``diskhooks-image-library`` (hostPath ``plan.image_library``, Directory) and
+  ``diskhooks-base-catalog`` (hostPath ``<hostDisks.root>/.diskhooks/catalog``, DirectoryOrCreate:
+  the node's base catalog, docs/BASE-CATALOG.md), mounted read-write in prepare and nowhere else, so
+  only root on the node (prepare, the node agent) can write an entry, never a VM's owner;
 - init container ``diskhooks-prepare`` (the plan's sidecar image, ``prepare --plan-from-env``; env
   ``DISKHOOKS_PLAN``, ``DISKHOOKS_VMI_UID`` from the Pod's ``kubevirt.io/created-by`` label and
   ``DISKHOOKS_NODE_NAME`` from ``spec.nodeName``, the downward API), with
@@ -119,9 +122,15 @@ def mutate_pod(pod: Mapping[str, Any], *, namespace: str, policy: Policy,
         _ensure_named(volumes, _host_path_volume(K.POD_VOLUME_IMAGE_LIBRARY, str(plan.image_library),
                                                  "Directory"))
 
+    catalog = _catalog_dir(plan) if has_backing else None
+    if catalog is not None:
+        _ensure_named(volumes, _host_path_volume(K.POD_VOLUME_BASE_CATALOG, catalog, "DirectoryOrCreate"))
+
     data = _data_mounts(plan, has_backing)
     init = _list_field(spec, "initContainers", "spec.initContainers")
-    _ensure_named(init, _prepare_container(plan, text, policy, data))
+    prepare_only = [] if catalog is None else \
+        [_mount(K.POD_VOLUME_BASE_CATALOG, K.LAUNCHER_BASE_CATALOG, read_only=False)]
+    _ensure_named(init, _prepare_container(plan, text, policy, data + prepare_only))
     for sidecar in sidecars:
         _ensure_mounts(sidecar, [{**m, "readOnly": True} for m in data], f"{sidecar.get('name')}")
     compute_mounts = []
@@ -194,6 +203,15 @@ def _check_image_volume_mount(plan: Plan, compute: dict[str, Any]) -> None:
                           f"KubeVirt mounts the containerDisk at {m.get('mountPath')!r}, but the plan "
                           f"expects {expected!r} (volume index {pr.volume_index}); the plan does not "
                           "match this VMI")
+
+
+def _catalog_dir(plan: Plan) -> str | None:
+    """The node's base catalog below the ``hostDisks.root`` the plan's VM directory lies in
+    (``<root>/<namespace>/<vm>``); None if it does not have that shape (then prepare hashes)."""
+    tail = f"/{plan.namespace}/{plan.vm}"
+    if not plan.host_dir.endswith(tail) or len(plan.host_dir) == len(tail):
+        return None
+    return K.catalog_dir(plan.host_dir[: -len(tail)])
 
 
 def _image_volume_dir(index: int) -> str:
