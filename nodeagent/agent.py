@@ -20,7 +20,7 @@ from diskplan import keys as K
 from hooksidecar.logfmt import JsonLog
 from nodeagent import home as H
 from nodeagent.httpserver import StatusServer
-from nodeagent.kube import Kube
+from nodeagent.kube import Kube, describe_error
 from nodeagent.metrics import AgentMetrics
 from nodeagent.objects import slim_vm, slim_vmi
 from nodeagent.reconcile import MARKER, VM, VMI, Expander, Key, Paths, Reconciler, Retry, load_expander
@@ -162,7 +162,7 @@ class Agent:
 
     def _failed(self, key: Key, exc: Exception) -> None:
         attempts = self.queue.failures(key) + 1
-        error = str(exc)[:500] if isinstance(exc, Retry) else f"{type(exc).__name__}: {str(exc)[:500]}"
+        error = str(exc)[:500] if isinstance(exc, Retry) else describe_error(exc)
         if self.stopping.is_set():
             return
         if attempts >= MAX_ATTEMPTS:

@@ -6,12 +6,15 @@ list functions the watches use. What to patch and what an Event says is decided 
 
 What the agent's ServiceAccount needs (the chart's ClusterRole): ``get``/``list``/``watch`` on
 ``virtualmachines`` and ``virtualmachineinstances`` (kubevirt.io), ``patch`` on ``virtualmachines``,
-``create`` on ``events``.
+``create`` on ``events`` (events.k8s.io).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import secrets
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,11 +45,20 @@ def load_client(kubeconfig: str | None) -> Any:
     return client.ApiClient(conf)
 
 
-def api_status(exc: BaseException) -> int | None:
-    """The HTTP status of a client exception, else None (a connection error, a timeout)."""
+def describe_error(exc: BaseException) -> str:
+    """One line for the log: the API server's own message for an API error (its Status object's
+    ``message``), else the exception's type and text."""
     from kubernetes.client.exceptions import ApiException
 
-    return exc.status if isinstance(exc, ApiException) else None
+    if isinstance(exc, ApiException):
+        message = ""
+        try:
+            status = json.loads(exc.body or "")
+            message = status.get("message", "") if isinstance(status, dict) else ""
+        except (ValueError, TypeError):
+            pass
+        return f"HTTP {exc.status} {exc.reason or ''}: {message or str(exc.body)[:300]}"[:600]
+    return f"{type(exc).__name__}: {str(exc)[:500]}"
 
 
 class Kube:
@@ -57,7 +69,7 @@ class Kube:
 
         self.api_client = api_client
         self.custom: Any = client.CustomObjectsApi(api_client)
-        self.core: Any = client.CoreV1Api(api_client)
+        self.events: Any = client.EventsV1Api(api_client)  # not CoreV1Api: ~20 MiB less (events.py)
 
     def get_vm(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The VirtualMachine, or None when it does not exist."""
@@ -90,10 +102,11 @@ class Kube:
     def create_event(self, vm: Mapping[str, Any], *, reason: str, message: str, event_type: str,
                      node: str) -> None:
         """Create an Event about ``vm`` (now)."""
-        body = event_body(vm, reason=reason, message=message, event_type=event_type, node=node,
-                          now=datetime.datetime.now(datetime.UTC))
+        now = datetime.datetime.now(datetime.UTC)
+        body = event_body(vm, reason=reason, message=message, event_type=event_type, node=node, now=now,
+                          suffix=f"{time.time_ns():x}{secrets.token_hex(2)}")
         namespace = body["metadata"]["namespace"]
-        self.core.create_namespaced_event(namespace, body, _request_timeout=API_TIMEOUT)
+        self.events.create_namespaced_event(namespace, body, _request_timeout=API_TIMEOUT)
 
     def list_vmis(self, **kwargs: Any) -> Any:
         """``list_cluster_custom_object`` of VMIs (the watches pass the selector, paging, watch)."""

@@ -33,7 +33,7 @@ from diskplan import keys as K
 from diskplan.plan import Plan, PlanKeys
 from nodeagent import home as H
 from nodeagent.events import EVENT_HOME_NODE_CONFLICT, NORMAL, WARNING
-from nodeagent.kube import Conflict, Kube
+from nodeagent.kube import Conflict, Kube, describe_error
 from nodeagent.objects import active_pods_on
 from nodeagent.scan import MarkerError, MarkerPlace, host_path, read_marker
 
@@ -293,4 +293,4 @@ class Reconciler:
         except Exception as exc:  # noqa: BLE001 - an Event is a report; its loss is logged, not retried
             meta = vm.get("metadata") or {}
             self.log.emit("event.failed", level="warning", reason=reason, namespace=meta.get("namespace"),
-                          vm=meta.get("name"), error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                          vm=meta.get("name"), error=describe_error(exc))

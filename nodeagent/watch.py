@@ -21,6 +21,7 @@ from typing import Any
 
 from hooksidecar.logfmt import JsonLog
 from nodeagent.home import object_key
+from nodeagent.kube import describe_error
 
 SYNC = "SYNC"
 ADDED = "ADDED"
@@ -126,7 +127,7 @@ class ResourceWatch:
                     self._restarted("gone")
                     self._log.emit("watch.relist", level="info", resource=self.resource, reason="410 Gone")
                     continue
-                self.last_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+                self.last_error = describe_error(exc)
                 self._restarted("error")
                 self._log.emit("watch.error", level="warning", resource=self.resource,
                                error=self.last_error, retryIn=backoff)

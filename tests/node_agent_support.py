@@ -53,7 +53,7 @@ AGENT_RULES = [
      "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines"],
      "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
 ]
 AGENT_SCRIPT = Path(sys.executable).with_name("diskhooks-node")  # the console script pyproject installs
 WAIT = 30.0

@@ -34,22 +34,25 @@ VM = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
 # --- Events ---------------------------------------------------------------------------------------
 def test_event_body_names_the_vm_and_the_agent() -> None:
     body = event_body(VM, reason=K.EVENT_HOME_NODE_RECORDED, message="home node recorded: node-a",
-                      event_type="Normal", node="node-a", now=NOW)
-    assert body["metadata"] == {"generateName": "pg01.", "namespace": "vms"}
-    assert body["involvedObject"] == {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-                                      "namespace": "vms", "name": "pg01", "uid": "u-1",
-                                      "resourceVersion": "7"}
-    assert (body["reason"], body["type"], body["count"]) == ("HomeNodeRecorded", "Normal", 1)
-    assert body["source"] == {"component": "diskhooks-node", "host": "node-a"}
-    assert body["firstTimestamp"] == body["lastTimestamp"] == "2026-03-01T10:00:00Z"
+                      event_type="Normal", node="node-a", now=NOW, suffix="18c2d3e4f5a6b7c8")
+    assert (body["apiVersion"], body["kind"]) == ("events.k8s.io/v1", "Event")
+    assert body["metadata"] == {"name": "pg01.18c2d3e4f5a6b7c8", "namespace": "vms"}
+    assert body["regarding"] == {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                                 "namespace": "vms", "name": "pg01", "uid": "u-1", "resourceVersion": "7"}
+    assert (body["reason"], body["type"], body["note"]) == ("HomeNodeRecorded", "Normal",
+                                                            "home node recorded: node-a")
+    assert (body["reportingController"], body["reportingInstance"], body["action"]) == (
+        "diskhooks.io/node-agent", "node-a", "RecordHomeNode")
+    assert body["eventTime"] == "2026-03-01T10:00:00.123456Z"  # MicroTime: exactly six digits
 
 
 def test_event_body_bounds_what_comes_from_outside() -> None:
     node = "n" * 253
-    body = event_body(VM, reason="DiskExpandFailed", message="m" * 5000, event_type="Warning", node=node,
-                      now=NOW)
-    assert len(body["message"]) == 1024 and body["message"].endswith("...")
+    body = event_body(VM, reason="DiskExpandFailed", message="\u00e9" * 5000, event_type="Warning", node=node,
+                      now=NOW.replace(microsecond=0), suffix="1")
+    assert len(body["note"].encode()) <= 1024 and body["note"].endswith("...")
     assert body["reportingInstance"] == node[:128]
+    assert body["eventTime"] == "2026-03-01T10:00:00.000000Z"
 
 
 # --- slim copies ----------------------------------------------------------------------------------
