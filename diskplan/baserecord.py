@@ -30,6 +30,8 @@ from diskplan.plan import BASE_FORMATS, Backing, PlannedDisk
 MAX_RECORD_BYTES = 64 * 1024  # both base records (this one and the persistent root's): prepare and the sidecar
 IDENTITY_FIELDS = ("dev", "ino", "size", "mtimeNs", "ctimeNs")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_REF_DIGEST = re.compile(r"@(sha256:[0-9a-f]{64})$")
 
 
 def identity_of(st: os.stat_result) -> dict[str, int]:
@@ -65,17 +67,44 @@ def record_problem(doc: Any) -> str | None:
 
 def persist_record_problem(doc: Any) -> str | None:
     """Why ``doc`` (parsed JSON) is not a persistent root's base record
-    (``persist-root.<volume>.base.json``) as prepare writes it (None when it is one)."""
+    (``persist-root.<volume>.base.json``) as prepare writes it (None when it is one). It holds the
+    SHA-256 of the containerDisk's file (``sha256``), the image's digest when the VM names the image
+    by digest (``imageDigest``, ``sha256:<64 hex>``), or both."""
     if not isinstance(doc, dict):
         return "is not a JSON object"
-    ok = (isinstance(doc.get("image"), str) and isinstance(doc.get("sha256"), str)
-          and bool(_SHA256.match(doc["sha256"])) and doc.get("format") in BASE_FORMATS
+    sha, digest = doc.get("sha256"), doc.get("imageDigest")
+    ok = (isinstance(doc.get("image"), str) and (sha is not None or digest is not None)
+          and (sha is None or (isinstance(sha, str) and bool(_SHA256.match(sha))))
+          and (digest is None or (isinstance(digest, str) and bool(_DIGEST.match(digest))))
+          and doc.get("format") in BASE_FORMATS
           and isinstance(doc.get("virtualSize"), int) and isinstance(doc.get("vmiUID"), str)
           and isinstance(doc.get("overlay"), str))
     if not ok:
         return ("does not have the fields diskhooks writes (image, sha256, format, virtualSize, "
-                "vmiUID, overlay)")
+                "vmiUID, overlay; imageDigest for an image named by digest, beside or instead of "
+                "sha256)")
     return None
+
+
+def image_digest(reference: str) -> str | None:
+    """``sha256:<hex>`` of an image reference pinned by digest (``...@sha256:<64 hex>``), else None.
+    Content behind a digest never changes: the runtime checks what it pulls against it."""
+    match = _REF_DIGEST.search(reference)
+    return match.group(1) if match else None
+
+
+def persist_needs_hash(image: str, record: Mapping[str, Any] | None) -> bool:
+    """Whether prepare must hash the containerDisk's file for a persistent root on ``image`` whose
+    valid base record is ``record`` (None: missing or unusable). A reference by digest is recorded
+    by its digest: no hash at the first start, none while the record holds the same digest, and one
+    only to compare with a hash recorded earlier (the VM moved from a tag to a digest). A tag always
+    needs the hash; so does nothing that is refused anyway (a record with no hash to compare)."""
+    digest = image_digest(image)
+    if record is None:
+        return digest is None
+    if digest is not None and record.get("imageDigest") == digest:
+        return False
+    return record.get("sha256") is not None
 
 
 def names_other_base(record: Mapping[str, Any], backing: Backing) -> bool:

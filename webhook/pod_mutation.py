@@ -39,6 +39,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from diskplan import keys as K
+from diskplan.baserecord import image_digest
 from diskplan.errors import Refused
 from diskplan.plan import Plan, PlanKeys, verify_plan
 from webhook.mutation import Mutation
@@ -191,6 +192,14 @@ def _check_pod_volumes(plan: Plan, volumes: list[Any]) -> None:
                           "mode (the ImageVolume feature gate): the containerDisk must be a pod 'image' "
                           f"volume, so the prepare step can read its base; found "
                           f"{'no such volume' if vol is None else _describe(vol)}")
+        digest = image_digest(pr.image)
+        reference = vol["image"].get("reference")
+        if digest is not None and (not isinstance(reference, str) or image_digest(reference) != digest):
+            # prepare records the overlay's base by this digest without hashing it (the runtime
+            # checks what it pulls against the digest): the volume must be that very content
+            raise Refused(f"spec.volumes[{pr.volume}].image.reference",
+                          f"{str(reference)[:200]!r} is not the plan's containerDisk {pr.image!r} "
+                          f"(digest {digest}); the plan does not match this VMI")
 
 
 def _check_image_volume_mount(plan: Plan, compute: dict[str, Any]) -> None:

@@ -92,7 +92,10 @@ def apply(actions: Sequence[Action], *, prefix: str = "", owner: tuple[int, int]
                     _warn(summary, larger_than_planned(action))
             elif isinstance(action, WriteMarker):
                 write_json(prefix + action.path, action.record, owner=owner)
-                summary.update(baseSha256=action.record["sha256"], baseFormat=action.record["format"])
+                summary.update(baseFormat=action.record["format"])
+                for key, shown in (("sha256", "baseSha256"), ("imageDigest", "baseImageDigest")):
+                    if key in action.record:  # a persistent root's record holds one or both
+                        summary[shown] = action.record[key]
             elif isinstance(action, WriteBaseRecord):
                 write_json(prefix + action.path, action.record, owner=owner)
                 summary.update(baseRecord={"new": "written", "identity": "identity-updated",

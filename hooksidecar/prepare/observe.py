@@ -251,14 +251,19 @@ def _inspect_persist(pr: PersistRoot, prefix: str, binary: str) -> PersistObserv
     if not _is_dir(prefix + K.LAUNCHER_VM_DIR):  # refused anyway: do not hash the base for nothing
         return PersistObservation(False, BaseObservation(mounted=False), FileState("missing"),
                                   MarkerState("missing"))
+    marker = read_marker(prefix + pr.marker_path)
+    needs_hash = baserecord.persist_needs_hash(pr.image, marker.record if marker.kind == "ok" else None)
     base = inspect_container_disk(prefix + f"{K.LAUNCHER_IMAGE_VOLUMES}/disk_{pr.volume_index}",
-                                  binary=binary)
+                                  binary=binary, hash_content=needs_hash)
     overlay = inspect_image(prefix + pr.launcher_path, binary=binary)
-    return PersistObservation(True, base, overlay, read_marker(prefix + pr.marker_path))
+    return PersistObservation(True, base, overlay, marker)
 
 
-def inspect_container_disk(image_dir: str, *, binary: str = "qemu-img") -> BaseObservation:
-    """The single file in ``<image_dir>/disk/``: format by magic, virtual size, sha256 of all of it."""
+def inspect_container_disk(image_dir: str, *, binary: str = "qemu-img",
+                           hash_content: bool = True) -> BaseObservation:
+    """The single file in ``<image_dir>/disk/``: format by magic, virtual size and, with
+    ``hash_content``, the sha256 of all of it (without: ``sha256`` None, only the header is read;
+    see :func:`diskplan.baserecord.persist_needs_hash`)."""
     if not _is_dir(image_dir):
         return BaseObservation(mounted=False)
     disk_dir = image_dir + "/disk"
@@ -276,7 +281,7 @@ def inspect_container_disk(image_dir: str, *, binary: str = "qemu-img") -> BaseO
     try:
         size = os.fstat(fd).st_size
         head = os.read(fd, qcow2.HEADER_READ_BYTES)
-        sha256 = hash_fd(fd, head=head)
+        sha256 = hash_fd(fd, head=head) if hash_content else None
     except OSError as exc:
         return BaseObservation(True, f"{name} cannot be read: {exc.strerror}")
     finally:

@@ -3,26 +3,48 @@
 
 First start: the base record is written, then the overlay created on the containerDisk seen through
 KubeVirt's image volume. Later starts: the overlay is used only on the base it was made on (same
-SHA-256, same format, same backing file); a changed base is refused with what to do about it.
+content, same format, same backing file); a changed base is refused with what to do about it.
+
+"Same content" is proved by the image's digest when the VM names the containerDisk by digest
+(``...@sha256:<hex>``): the runtime pulled exactly that content, so the record holds the digest and
+nothing is hashed (docs/BASE-CATALOG.md). For a tag, by the SHA-256 of the disk file, hashed at
+every start. A record holding only a digest cannot be compared with another image: refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from diskplan import baserecord, qcow2
 from diskplan import keys as K
-from diskplan import qcow2
 from diskplan.plan import PersistRoot, Plan
 from hooksidecar.prepare.actions import Action, CreateImage, Refuse, Unchanged, WriteMarker
 from hooksidecar.prepare.observe import PersistObservation
 from hooksidecar.prepare.problems import backing_problem, image_problem
 
 
-def marker_record(*, image: str, sha256: str, fmt: str, virtual_size: int, vmi_uid: str,
-                  overlay: str) -> dict[str, Any]:
-    """The persistent root's base record (``persist-root.<volume>.base.json``)."""
-    return {"image": image, "sha256": sha256, "format": fmt, "virtualSize": virtual_size,
-            "vmiUID": vmi_uid, "overlay": overlay}
+def marker_record(*, image: str, sha256: str | None, fmt: str, virtual_size: int, vmi_uid: str,
+                  overlay: str, image_digest: str | None = None) -> dict[str, Any]:
+    """The persistent root's base record (``persist-root.<volume>.base.json``): the disk file's
+    SHA-256, the image's digest, or both (None members are left out)."""
+    out: dict[str, Any] = {"image": image, "format": fmt, "virtualSize": virtual_size,
+                           "vmiUID": vmi_uid, "overlay": overlay}
+    if sha256 is not None:
+        out["sha256"] = sha256
+    if image_digest is not None:
+        out["imageDigest"] = image_digest
+    return out
+
+
+def _compare(rec: Mapping[str, Any], sha256: str | None, digest: str | None) -> tuple[bool | None, str | None]:
+    """(same content?, the disk file's SHA-256 known now): by digest when both name one and they
+    agree, else by the recorded and current hashes; None when the record holds nothing comparable."""
+    if digest is not None and rec.get("imageDigest") == digest:
+        return True, sha256 if sha256 is not None else rec.get("sha256")
+    if rec.get("sha256") is not None and sha256 is not None:
+        return rec.get("sha256") == sha256, sha256
+    return None, sha256
 
 
 def persist_root_actions(pr: PersistRoot, obs: PersistObservation, plan: Plan,
@@ -40,11 +62,13 @@ def persist_root_actions(pr: PersistRoot, obs: PersistObservation, plan: Plan,
                        f"volume named {vol!r}) and the diskhooks Pod mutation's read-only mount of it")]
     if base.problem is not None:
         return [Refuse(vol, f"the containerDisk {pr.image} at {image_dir}/disk: {base.problem}")]
-    assert base.sha256 is not None and base.format is not None and base.virtual_size is not None
+    assert base.format is not None and base.virtual_size is not None
+    digest = baserecord.image_digest(pr.image)
     node_overlay = f"{plan.host_dir}/{pr.file}"
     node_marker = f"{plan.host_dir}/{pr.marker}"
     fresh = marker_record(image=pr.image, sha256=base.sha256, fmt=base.format,
-                          virtual_size=base.virtual_size, vmi_uid=vmi_uid, overlay=pr.file)
+                          virtual_size=base.virtual_size, vmi_uid=vmi_uid, overlay=pr.file,
+                          image_digest=digest)
     marker = obs.marker
     if marker.kind == "invalid" and obs.overlay.kind != "missing":
         return [Refuse(vol, f"the base record {pr.marker_path} (node file {node_marker}) {marker.detail}; "
@@ -69,7 +93,15 @@ def persist_root_actions(pr: PersistRoot, obs: PersistObservation, plan: Plan,
                        "tell which base image its writes were made on. To discard them, delete "
                        f"{node_overlay} on the node")]
     rec = marker.record
-    if rec.get("sha256") != base.sha256:
+    same, sha256 = _compare(rec, base.sha256, digest)
+    if same is None:
+        return [Refuse(vol, f"the base image changed: the overlay {node_overlay} was made on "
+                       f"{rec.get('image')!r}, recorded by its digest {rec.get('imageDigest')}, and the "
+                       f"VM now uses {pr.image!r}; a digest says nothing about another image's disk "
+                       "file, so diskhooks cannot tell whether the overlay's writes fit it and does not "
+                       f"use it. To keep them, pin the VM's containerDisk back to {rec.get('image')!r}; "
+                       f"to discard them, delete {node_overlay} on the node (and {node_marker})")]
+    if not same:
         old = rec.get("image")
         changed = ("the image reference changed from " + repr(old) + f" to {pr.image!r}"
                    if old != pr.image else f"the content behind {pr.image!r} changed")
@@ -86,6 +118,9 @@ def persist_root_actions(pr: PersistRoot, obs: PersistObservation, plan: Plan,
     if problem is not None:
         return [Refuse(vol, problem)]
     assert overlay.virtual_size is not None
+    fresh = marker_record(image=pr.image, sha256=sha256, fmt=base.format,
+                          virtual_size=base.virtual_size, vmi_uid=vmi_uid, overlay=pr.file,
+                          image_digest=digest)
     if dict(rec) == fresh:  # same start again (the init container was restarted)
         return [Unchanged(vol, pr.launcher_path, overlay.virtual_size, also=(pr.marker_path,))]
     # same content (perhaps now pinned by digest): record this start and the current reference
