@@ -11,7 +11,7 @@ the library are removed. What makes an entry safe to trust: docs/BASE-CATALOG.md
 
 :class:`CatalogRefresher` runs it in a thread (at a lowered CPU priority), every ``interval`` seconds
 and soon after a settling file becomes quiet; ``diskhooks-node catalog`` runs it once
-(:func:`run_once_cli`). Nothing here talks to Kubernetes.
+(:func:`catalog_command`). Nothing here talks to Kubernetes.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from hooksidecar.prepare import catalog as files
 from hooksidecar.prepare.basehash import HashingStopped
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from diskplan.policy import Policy
     from hooksidecar.logfmt import JsonLog
 
@@ -254,6 +256,27 @@ class CatalogRefresher:
             if summary is not None and summary.retry_in_s is not None:
                 wait = min(wait, summary.retry_in_s + 0.05)
             self.stopping.wait(wait)
+
+
+def catalog_command(config: Path, *, host_prefix: str = "") -> int:
+    """``diskhooks-node catalog``: load the policy, run one pass, print its summary (JSON)."""
+    import json
+    import sys
+
+    from webhook.reload import SourceError, watch_policy
+
+    try:
+        policy = watch_policy(config).get()
+    except SourceError as exc:
+        print(f"diskhooks-node: {exc}", file=sys.stderr)
+        return 2
+    try:
+        code, summary = run_once_cli(policy, host_prefix=host_prefix)
+    except OSError as exc:
+        print(f"diskhooks-node: the image library or the catalog cannot be used: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, sort_keys=True))
+    return code
 
 
 def run_once_cli(policy: Policy, *, host_prefix: str = "") -> tuple[int, dict[str, Any]]:

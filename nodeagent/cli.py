@@ -14,6 +14,10 @@
 - ``--plan-keys-dir``: the plan keys (the chart's Secret: ``current``, optional ``previous`` and
   ``current-not-before``; default ``/etc/diskhooks/plan-keys``); re-read when they change.
 
+``diskhooks-node catalog --config POLICY.yaml [--host-prefix DIR]``: one pass of the base catalog
+over the policy's image library (:mod:`nodeagent.catalog`), its summary as one JSON object on
+stdout; exit 1 when a file could not be hashed or recorded.
+
 Transport only: parses arguments, loads the files (``webhook.reload``'s readers, shared with the
 webhook), builds the client, starts :class:`nodeagent.agent.Agent`, waits for SIGTERM or SIGINT,
 stops it (within a few seconds) and exits 0. Exit 2 on unusable arguments or files, 1 when the
@@ -89,6 +93,12 @@ def parser() -> argparse.ArgumentParser:
                        help=f"port of /metrics, /healthz, /readyz (default {DEFAULT_METRICS_PORT}; 0: any)")
     serve.add_argument("--plan-keys-dir", default=Path(DEFAULT_PLAN_KEYS_DIR), type=Path, metavar="DIR",
                        help=f"the plan keys (default {DEFAULT_PLAN_KEYS_DIR})")
+    catalog = sub.add_parser("catalog", help="hash the image library's new or changed bases into "
+                             "the node's base catalog, once")
+    catalog.add_argument("--config", required=True, type=Path, metavar="POLICY.yaml",
+                         help="the platform policy (hostDisks.root, hostDisks.imageLibrary)")
+    catalog.add_argument("--host-prefix", default="", type=_prefix, metavar="DIR",
+                         help="prefix of every node path (default: none)")
     return p
 
 
@@ -153,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "catalog":
+        from nodeagent.catalog import catalog_command
+        return catalog_command(args.config, host_prefix=args.host_prefix)
     return EXIT_USAGE  # argparse refuses other commands before this
 
 

@@ -631,3 +631,25 @@ def test_rendered_prepare_fills_the_node_catalog(tmp_path: Path) -> None:
     e = json.loads((node / "var/lib/diskhooks/vms/.diskhooks/catalog/almalinux-9.qcow2.entry.json")
                    .read_text())
     assert (e["sha256"], e["hashedBy"], e["ino"]) == (sha256_of(base), "prepare", base.stat().st_ino)
+
+
+def test_diskhooks_node_catalog_command(tmp_path: Path) -> None:
+    from tests.conftest import EXAMPLE_POLICY
+
+    library = tmp_path / "var/lib/diskhooks/images"  # the example policy's imageLibrary
+    library.mkdir(parents=True)
+    base = random_file(library / "almalinux-9.qcow2", MiB)
+    settle(base)
+    argv = [sys.executable, "-m", "nodeagent", "catalog", "--config", str(EXAMPLE_POLICY),
+            "--host-prefix", str(tmp_path)]
+    env = {"PATH": os.environ["PATH"], "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["hashed"], summary["catalog"]) == \
+        (["almalinux-9.qcow2"], f"{tmp_path}/var/lib/diskhooks/vms/.diskhooks/catalog")
+    again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert json.loads(again.stdout)["current"] == ["almalinux-9.qcow2"]
+    missing = subprocess.run([*argv[:5], str(tmp_path / "nope.yaml")], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 2 and "nope.yaml" in missing.stderr
