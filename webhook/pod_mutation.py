@@ -55,8 +55,9 @@ DOMAIN_FIELD = f"metadata.annotations[{K.ANN_DOMAIN}]"
 #: requests == limits, so a Guaranteed launcher pod (dedicated CPUs) stays Guaranteed; the pod's
 #: scheduling request is unchanged (compute asks for far more). Measured on the build machine:
 #: prepare peaks at ~32 MiB RSS (Python, or a qemu-img child under its own 1 GiB address-space
-#: rlimit); the CPU-heavy part is hashing a persistent root's base, ~1 GB/s per core, so a 10 GiB
-#: containerDisk takes ~20 s at this limit.
+#: rlimit); the CPU-heavy part is hashing a base: a persistent root's containerDisk named by tag
+#: (by digest it is not hashed), ~1 GB/s per core, so a 10 GiB containerDisk takes ~20 s at this
+#: limit; a library base only when the node's base catalog has no entry for it (docs/BASE-CATALOG.md).
 PREPARE_RESOURCES = {"cpu": "500m", "memory": "128Mi"}
 #: The init container runs as root because it creates files in root-owned hostPath directories and
 #: hands them to qemu (107). Of root's capabilities it keeps only:
