@@ -3,7 +3,13 @@
 Two sources, one rule (docs: ARCHITECTURE.md, "Node agent"):
 
 - a **VMI** scheduled on this node (label ``kubevirt.io/nodeName``), controlled by a VirtualMachine,
-  whose ``diskhooks.io/plan`` verifies and puts images on the node (disks or a persistent root);
+  whose ``diskhooks.io/plan`` verifies and puts images on the node (disks or a persistent root),
+  **and** whose launcher ran prepare here: this node's home marker in ``<hostDisks.root>/<ns>/<vm>/``
+  names this node, that VM and that VMI's UID. The VMI alone proves nothing: whoever may create
+  VMIs writes its label, status, owner reference and annotations (a copied plan of their own VM
+  verifies), and could so pin their VM to a node that holds none of its images. Only prepare,
+  running in the launcher of a VMI on this node, writes the marker (with the VMI's UID, which the
+  API server assigns), before it makes the first image;
 - a **home marker** (``home.node.json``, written by prepare) in ``<hostDisks.root>/<ns>/<vm>/`` on
   this node, naming this node and the directory's VM, not older than the VM (a marker written
   before the VM was created belongs to a deleted VM of the same name: an orphan, never claimed),
@@ -169,9 +175,13 @@ def _decide_home(vm: Mapping[str, Any], *, node: str, namespace: str, name: str,
 
 
 def decide_from_vmi(vmi: Mapping[str, Any], vm: Mapping[str, Any] | None, *, node: str,
-                    keys: PlanKeys) -> Decision:
+                    keys: PlanKeys, marker: HomeMarker | str) -> Decision:
     """The home decision for a VMI this agent saw (``vm``: its VirtualMachine as read from the API
-    server now, or None when there is none)."""
+    server now, or None when there is none; ``marker``: this node's home marker in the VM's
+    directory as read now, or why there is none).
+
+    A ``record`` (and a ``conflict``, whose Warning says the VMI runs here) needs the marker to
+    vouch for the VMI (:func:`marker_vouches`); otherwise it is a ``skip`` saying why."""
     namespace, name = object_key(vmi)
     if not namespace or not name:
         return Decision(SKIP, "malformed", "the VMI has no namespace or name")
@@ -196,9 +206,37 @@ def decide_from_vmi(vmi: Mapping[str, Any], vm: Mapping[str, Any] | None, *, nod
                          where=f"VMI {namespace}/{name} {K.ANN_PLAN}")
     if isinstance(plan, Decision):
         return plan
-    uid = _text(_meta(vmi).get("uid")) or "?"
-    return _decide_home(vm, node=node, namespace=namespace, name=vm_name, plan=plan,
-                        source=f"its VMI (uid {uid}) runs here")
+    uid = _text(_meta(vmi).get("uid"))
+    decision = _decide_home(vm, node=node, namespace=namespace, name=vm_name, plan=plan,
+                            source=f"its VMI (uid {uid or '?'}) runs here")
+    if decision.action == ALREADY:
+        return decision
+    refusal = marker_vouches(marker, node=node, namespace=namespace, vm=vm_name, vmi_uid=uid)
+    if refusal is None:
+        return decision
+    code, why = refusal
+    return Decision(SKIP, code, f"its VMI (uid {uid or '?'}) is labelled for this node, but {why}; "
+                    "nothing recorded (the VMI's labels and status are written by whoever creates it: "
+                    "only prepare's marker proves that its images are here)", namespace, vm_name,
+                    decision.home, decision.vm_uid, decision.resource_version, plan)
+
+
+def marker_vouches(marker: HomeMarker | str, *, node: str, namespace: str, vm: str,
+                   vmi_uid: str) -> tuple[str, str] | None:
+    """None when ``marker`` (this node's ``home.node.json`` in the directory of ``namespace/vm``)
+    says that prepare ran here for the VMI ``vmi_uid``; else ``(code, why)``. A ``str`` marker is
+    the reason there is none (missing, unreadable)."""
+    if isinstance(marker, str):
+        return "no-marker", (f"this node has no usable home marker for VM {namespace}/{vm} ({marker}); "
+                             "prepare writes one before the first image")
+    if (marker.namespace, marker.vm) != (namespace, vm):
+        return "marker-misplaced", f"the home marker names VM {marker.namespace}/{marker.vm}"
+    if marker.node != node:
+        return "marker-other-node", f"the home marker was written on node {marker.node}"
+    if not vmi_uid or marker.vmi_uid != vmi_uid:
+        return "marker-other-vmi", (f"the home marker was written for VMI {marker.vmi_uid}, not this "
+                                    "one (prepare has not run for it here)")
+    return None
 
 
 def decide_from_marker(marker: HomeMarker, vm: Mapping[str, Any] | None, *, node: str,

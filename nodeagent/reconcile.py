@@ -9,9 +9,12 @@ It is idempotent: running it twice, or after a crash, changes nothing more. A st
 later (the VM changed since it was read, the API server did not answer, a disk did not grow)
 raises :class:`Retry`; the worker queues the key again with a backoff.
 
-- ``vmi``: home from the VMI (:func:`nodeagent.home.decide_from_vmi`); ``record`` merge-patches the
-  VM's annotation and label with the ``resourceVersion`` read (a changed VM is a conflict: read
-  again), then Event ``HomeNodeRecorded``. ``conflict`` gives one Warning Event per VMI.
+- ``vmi``: home from the VMI and this node's home marker of its VM, read from disk now
+  (:func:`nodeagent.home.decide_from_vmi`: the marker must name this node and that VMI's UID);
+  ``record`` merge-patches the VM's annotation and label with the ``resourceVersion`` read (a
+  changed VM is a conflict: read again), then Event ``HomeNodeRecorded``. ``conflict`` gives one
+  Warning Event per VMI. Without the marker nothing is done and not retried: the VMI's next change
+  (it goes Running after prepare) or the next resync looks again, and the marker scan finds it too.
 - ``marker``: the same from a marker (:func:`nodeagent.home.decide_from_marker`), no conflict Event
   (images left on a former home are normal after a move).
 - ``vm``: counts the VM's planned images, and, with ``hostDisks.onlineExpand``, when the VM's
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from diskplan import keys as K
+from diskplan.homemarker import HomeMarker
 from diskplan.plan import Plan, PlanKeys
 from nodeagent import home as H
 from nodeagent.events import EVENT_HOME_NODE_CONFLICT, NORMAL, WARNING
@@ -146,9 +150,18 @@ class Reconciler:
             return
         owner = H.owner_vm(vmi)
         vm = self.kube.get_vm(namespace, owner[0]) if owner else None
-        decision = H.decide_from_vmi(vmi, vm, node=self.node, keys=self.plan_keys())
+        marker = self._marker(namespace, owner[0]) if owner and vm is not None else "not looked for"
+        decision = H.decide_from_vmi(vmi, vm, node=self.node, keys=self.plan_keys(), marker=marker)
         vmi_uid = str((vmi.get("metadata") or {}).get("uid") or "")
         self._act(decision, source=VMI, key=(VMI, namespace, name), vmi_uid=vmi_uid)
+
+    def _marker(self, namespace: str, vm_name: str) -> HomeMarker | str:
+        """This node's home marker of ``namespace/vm_name``, or why there is none."""
+        root = self.paths.on_host(self.policy().host_disks.root)
+        try:
+            return read_marker(root, MarkerPlace(namespace, vm_name))
+        except MarkerError as exc:
+            return str(exc)
 
     def _reconcile_marker(self, namespace: str, vm_name: str) -> None:
         root = self.paths.on_host(self.policy().host_disks.root)

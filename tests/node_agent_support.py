@@ -3,7 +3,8 @@
 - :func:`agent_kubeconfig` (session): the agent's ServiceAccount ``diskhooks-system/diskhooks-node``
   bound to a ClusterRole with exactly :data:`AGENT_RULES`, as a kubeconfig holding a real token
   (TokenRequest, as the kubelet gets one for a Pod).
-- :func:`agent_setup`: a policy file, a plan-key directory and a node root (``--host-prefix``).
+- :func:`agent_setup`: a policy file, a plan-key directory and a node root (``--host-prefix``);
+  :meth:`AgentSetup.prepare_ran` leaves there the home marker prepare writes for a VMI.
 - :func:`cluster`: admin-side calls in the test's namespace; :func:`agent_node`: a node name of the
   test alone (agents watch the whole cluster by node label, and namespaces of earlier tests stay).
 - :func:`start_agent`: ``diskhooks-node serve`` (the installed console script) as a subprocess, its
@@ -16,6 +17,7 @@ virt-handler writes it).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -34,6 +36,7 @@ from typing import Any
 import pytest
 
 from diskplan import keys as K
+from diskplan.homemarker import HomeMarker, marker_json
 from diskplan.plan import Plan, PlanKeys, PlannedDisk, sign_plan
 from tests.envtest import ControlPlane
 
@@ -139,6 +142,13 @@ class Cluster:
             _content_type="application/merge-patch+json")
         return vm
 
+    def patch_vmi(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """A change to the VMI (the VMI CRD has no status subresource: status is patched as it is)."""
+        vmi: dict[str, Any] = self.custom.patch_namespaced_custom_object(
+            "kubevirt.io", "v1", self.namespace, "virtualmachineinstances", name, patch,
+            _content_type="application/merge-patch+json")
+        return vmi
+
     def set_template_plan(self, name: str, plan: str) -> dict[str, Any]:
         """What the webhook's VM UPDATE leaves: a new plan on the template."""
         return self.patch_vm(name, {"spec": {"template": {"metadata": {"annotations": {K.ANN_PLAN: plan}}}}})
@@ -243,6 +253,25 @@ class AgentSetup:
     def node_root(self) -> Path:
         """``hostDisks.root`` as the agent sees it (below ``--host-prefix``)."""
         return self.host_prefix / ROOT_DIR.lstrip("/")
+
+    def prepare_ran(self, vmi: dict[str, Any], node: str, *,
+                    written: datetime.datetime | None = None) -> Path:
+        """What prepare leaves when ``vmi``'s launcher runs on ``node``: ``home.node.json`` in its
+        VM's directory (named by its owner reference), with the VMI's UID and this node (the
+        content of :func:`diskplan.homemarker.marker_json`, the writer prepare uses)."""
+        meta = vmi["metadata"]
+        vm = next(r["name"] for r in meta["ownerReferences"] if r.get("controller"))
+        return self.write_marker(HomeMarker(meta["namespace"], vm, meta["uid"], node,
+                                            written or datetime.datetime.now(datetime.UTC)))
+
+    def write_marker(self, marker: HomeMarker) -> Path:
+        d = self.node_root() / marker.namespace / marker.vm
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / K.HOME_MARKER
+        tmp = d / f".{K.HOME_MARKER}.tmp"
+        tmp.write_bytes(marker_json(marker))
+        tmp.rename(path)  # prepare publishes it atomically: the agent never reads half a marker
+        return path
 
 
 @pytest.fixture(scope="session")

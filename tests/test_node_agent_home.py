@@ -54,12 +54,21 @@ def vmi(*, node: str = NODE, plan_text: str | None = None, owner: dict[str, Any]
         owned: bool = True) -> dict[str, Any]:
     ref = owner or {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": NAME, "uid": VM_UID,
                     "controller": True}
-    meta: dict[str, Any] = {"name": NAME, "namespace": NS, "uid": "vmi-uid-1",
+    meta: dict[str, Any] = {"name": NAME, "namespace": NS, "uid": VMI_UID,
                             "labels": {"kubevirt.io/nodeName": node},
                             "annotations": {K.ANN_PLAN: plan_text if plan_text is not None else plan()}}
     if owned:
         meta["ownerReferences"] = [ref]
     return {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance", "metadata": meta}
+
+
+VMI_UID = "vmi-uid-1"
+
+
+def prepared(*, vmi_uid: str = VMI_UID, node: str = NODE, name: str = NAME) -> HomeMarker:
+    """The marker prepare leaves in the VM's directory when the VMI's launcher ran on ``node``."""
+    return HomeMarker(namespace=NS, vm=name, vmi_uid=vmi_uid, node=node,
+                      written_at=datetime.datetime(2026, 3, 1, 10, 5, tzinfo=datetime.UTC))
 
 
 def unsigned() -> str:
@@ -87,21 +96,52 @@ def unsigned() -> str:
 ])
 def test_decide_from_vmi(the_vmi: dict[str, Any], the_vm: dict[str, Any] | None, action: str, code: str,
                          words: str) -> None:
+    """With prepare's marker for this VMI on this node: the VMI's own facts decide."""
     before = copy.deepcopy((the_vmi, the_vm))
-    d = decide_from_vmi(the_vmi, the_vm, node=NODE, keys=KEYS)
+    d = decide_from_vmi(the_vmi, the_vm, node=NODE, keys=KEYS, marker=prepared())
     assert (d.action, d.code) == (action, code), d.reason
     assert words in d.reason
     assert (the_vmi, the_vm) == before  # inputs untouched
 
 
+@pytest.mark.parametrize(("the_marker", "code", "words"), [
+    ("/root/vms/pg01/home.node.json: gone", "no-marker", "no usable home marker for VM vms/pg01 (/root"),
+    (prepared(vmi_uid="an-earlier-vmi"), "marker-other-vmi", "written for VMI an-earlier-vmi"),
+    (prepared(node="node-b"), "marker-other-node", "written on node node-b"),
+    (prepared(name="other"), "marker-misplaced", "names VM vms/other"),
+])
+@pytest.mark.parametrize("home", [None, "node-b"])
+def test_a_vmi_without_prepares_marker_records_nothing(the_marker: HomeMarker | str, code: str, words: str,
+                                                       home: str | None) -> None:
+    """The forged VMI: everything on it says it runs here with its VM's valid plan (its labels,
+    owner reference and annotations are whatever its creator wrote), but prepare never ran for it
+    on this node. No home is recorded, and no conflict is claimed for a VM homed elsewhere."""
+    d = decide_from_vmi(vmi(), vm(home=home), node=NODE, keys=KEYS, marker=the_marker)
+    assert (d.action, d.code) == (SKIP, code), d.reason
+    assert words in d.reason and "only prepare's marker proves" in d.reason
+    assert (d.namespace, d.vm, d.home) == (NS, NAME, home)
+
+
+def test_a_vm_already_at_home_here_needs_no_marker() -> None:
+    d = decide_from_vmi(vmi(), vm(home=NODE), node=NODE, keys=KEYS, marker="gone")
+    assert (d.action, d.code) == (ALREADY, "already")
+
+
+def test_a_vmi_without_a_uid_is_never_vouched_for() -> None:
+    the_vmi = vmi()
+    del the_vmi["metadata"]["uid"]
+    d = decide_from_vmi(the_vmi, vm(), node=NODE, keys=KEYS, marker=prepared())
+    assert (d.action, d.code) == (SKIP, "marker-other-vmi")
+
+
 def test_a_vmi_without_its_plan_annotation_is_skipped() -> None:
     the_vmi = vmi()
     del the_vmi["metadata"]["annotations"][K.ANN_PLAN]
-    assert decide_from_vmi(the_vmi, vm(), node=NODE, keys=KEYS).code == "no-plan"
+    assert decide_from_vmi(the_vmi, vm(), node=NODE, keys=KEYS, marker=prepared()).code == "no-plan"
 
 
 def test_a_record_carries_what_the_patch_and_event_need() -> None:
-    d = decide_from_vmi(vmi(), vm(), node=NODE, keys=KEYS)
+    d = decide_from_vmi(vmi(), vm(), node=NODE, keys=KEYS, marker=prepared())
     assert (d.namespace, d.vm, d.vm_uid, d.resource_version, d.home) == (NS, NAME, VM_UID, "42", None)
     assert d.plan is not None and d.plan.disks[0].name == "data"
 

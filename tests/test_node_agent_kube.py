@@ -4,9 +4,11 @@
 it, with a ServiceAccount token bound to the least ClusterRole it needs, a policy file, a plan-key
 directory and ``--host-prefix`` pointing at a temporary node root (``tests/node_agent_support.py``).
 
-Faked, because they cannot run here: KubeVirt's controllers. The tests create the VMI a
-VirtualMachine's start would make and the home marker prepare would leave. No webhook is
-registered: what it adds to these objects is not the agent's concern here.
+Faked, because they cannot run here: KubeVirt's controllers and the launcher. The tests create
+the VMI a VirtualMachine's start would make and the home marker prepare would leave in the VM's
+directory on the node (``AgentSetup.prepare_ran``: the VMI's UID and the node, with prepare's own
+writer), since the agent records a home from a VMI only when that marker vouches for it. No webhook
+is registered: what it adds to these objects is not the agent's concern here.
 """
 
 from __future__ import annotations
@@ -15,18 +17,28 @@ import datetime
 import json
 
 from diskplan import keys as K
-from diskplan.homemarker import HomeMarker, marker_json
-from tests.node_agent_support import OTHER_KEY, AgentSetup, Cluster, StartAgent, signed_plan, wait_for
+from diskplan.homemarker import HomeMarker
+from tests.node_agent_support import (
+    OTHER_KEY,
+    AgentSetup,
+    Cluster,
+    StartAgent,
+    signed_plan,
+    vmi_manifest,
+    wait_for,
+)
 
 
 def test_home_recorded_from_a_running_vmi_and_not_from_an_untrusted_plan(
-        cluster: Cluster, start_agent: StartAgent, agent_node: str) -> None:
-    """A VMI on this node with a signed plan gives its VM a home and an Event; forged, unsigned and
-    missing plans give nothing. One VMI exists before the agent starts (seen by the list), one is
-    created after (seen by the watch)."""
+        cluster: Cluster, agent_setup: AgentSetup, start_agent: StartAgent, agent_node: str) -> None:
+    """A VMI on this node with a signed plan, for which prepare ran here, gives its VM a home and an
+    Event; forged, unsigned and missing plans give nothing. One VMI exists before the agent starts
+    (seen by the list, or its marker by the start scan: either records), one is created after: the
+    watch sees it before prepare's marker exists (nothing done), then again when it goes on running
+    (recorded from the VMI)."""
     ns = cluster.namespace
     before = cluster.create_vm("before", signed_plan(ns, "before"))
-    cluster.create_vmi(before, agent_node, signed_plan(ns, "before"))
+    agent_setup.prepare_ran(cluster.create_vmi(before, agent_node, signed_plan(ns, "before")), agent_node)
     forged = cluster.create_vm("forged", signed_plan(ns, "forged"))
     cluster.create_vmi(forged, agent_node, signed_plan(ns, "forged", key=OTHER_KEY))
     unsigned = cluster.create_vm("unsigned", None)
@@ -45,9 +57,17 @@ def test_home_recorded_from_a_running_vmi_and_not_from_an_untrusted_plan(
     assert cluster.vm("before")["metadata"]["labels"][K.LABEL_NODE] == agent_node
 
     after = cluster.create_vm("after", signed_plan(ns, "after"))
-    cluster.create_vmi(after, agent_node, signed_plan(ns, "after"))
+    vmi = cluster.create_vmi(after, agent_node, signed_plan(ns, "after"))
+    wait_for("the VMI seen without a marker", lambda: agent.metric(
+        "diskhooks_node_home_decisions_total", source="vmi", outcome="no-marker") >= 1, agent=agent)
+    assert cluster.home("after") is None
+    agent_setup.prepare_ran(vmi, agent_node)  # the launcher's init container ran
+    cluster.patch_vmi("after", {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
     wait_for("the home of VM 'after' (from the watch)", lambda: cluster.home("after") == agent_node,
              agent=agent)
+    event = wait_for("a HomeNodeRecorded event for 'after'",
+                     lambda: cluster.events("after", K.EVENT_HOME_NODE_RECORDED), agent=agent)[0]
+    assert f"its VMI (uid {vmi['metadata']['uid']}) runs here" in event.message
 
     wait_for("three refused plans", lambda: agent.metric(
         "diskhooks_node_home_decisions_total", source="vmi", outcome="plan-refused") >= 3, agent=agent)
@@ -58,7 +78,58 @@ def test_home_recorded_from_a_running_vmi_and_not_from_an_untrusted_plan(
     assert "does not verify" in refused["forged"]
     assert "not signed" in refused["unsigned"]
     assert "made for VM 'before'" in refused["copied"]
-    assert agent.metric("diskhooks_node_homes_recorded_total", source="vmi") == 2
+    assert agent.metric("diskhooks_node_homes_recorded_total", source="vmi") + agent.metric(
+        "diskhooks_node_homes_recorded_total", source="marker") == 2
+    assert agent.metric("diskhooks_node_homes_recorded_total", source="vmi") >= 1
+
+
+def test_a_forged_vmi_with_its_vms_valid_plan_pins_nothing(
+        cluster: Cluster, agent_setup: AgentSetup, start_agent: StartAgent, agent_node: str) -> None:
+    """The attack: a user who may create VMIs makes one labelled for this node, owned (by reference)
+    by their own stopped VM and carrying that VM's valid signed plan, to pin the VM to a node that
+    holds none of its images. Everything on the VMI checks out, but prepare never ran for it here:
+    no marker at all, a marker a deleted VM of the same name left (another VMI, older than the VM),
+    or a marker of another node's directory. Nothing is recorded, no Event, and the metric says why."""
+    ns = cluster.namespace
+    names = ("nomarker", "reborn", "copieddir")
+    vms = {name: cluster.create_vm(name, signed_plan(ns, name), running=False) for name in names}
+    old = datetime.datetime.fromisoformat(vms["reborn"]["metadata"]["creationTimestamp"]) \
+        - datetime.timedelta(days=3)
+    agent_setup.write_marker(HomeMarker(ns, "reborn", "0b1d2e3f-0000-4000-8000-00000000dead", agent_node, old))
+    agent_setup.write_marker(HomeMarker(ns, "copieddir", "0b1d2e3f-0000-4000-8000-00000000beef", "node-b",
+                                        datetime.datetime.now(datetime.UTC)))
+
+    agent = start_agent()
+    wait_for("/readyz", lambda: agent.get("/readyz")[0] == 200, agent=agent)
+    for name in names:  # forged after the agent listed: the watch delivers them
+        vm = vms[name]
+        plan = vm["spec"]["template"]["metadata"]["annotations"][K.ANN_PLAN]  # copied, valid
+        forged = vmi_manifest(vm, agent_node, plan)
+        forged["metadata"]["name"] = f"{name}-forged"
+        forged["status"]["activePods"] = {"8c0ffee0-0000-4000-8000-000000000001": agent_node}
+        cluster.custom.create_namespaced_custom_object("kubevirt.io", "v1", ns, "virtualmachineinstances",
+                                                       forged)
+
+    def decided(outcome: str) -> float:
+        return agent.metric("diskhooks_node_home_decisions_total", source="vmi", outcome=outcome)
+
+    wait_for("three forged VMIs refused", lambda: decided("no-marker") >= 1 and decided(
+        "marker-other-vmi") >= 1 and decided("marker-other-node") >= 1, agent=agent)
+    skipped = {r["vm"]: r for r in agent.records("home.skipped") if r.get("source") == "vmi"}
+    assert skipped["nomarker"]["code"] == "no-marker"
+    assert skipped["reborn"]["code"] == "marker-other-vmi"
+    assert "written for VMI 0b1d2e3f-0000-4000-8000-00000000dead" in skipped["reborn"]["reason"]
+    assert skipped["copieddir"]["code"] == "marker-other-node"
+    for rec in skipped.values():
+        assert "only prepare's marker proves that its images are here" in rec["reason"]
+    # the start scan looked at the two markers itself: an orphan and another node's
+    wait_for("the scan's verdicts", lambda: agent.metric(
+        "diskhooks_node_home_decisions_total", source="marker", outcome="orphan") >= 1, agent=agent)
+    for name in names:
+        assert cluster.home(name) is None, name
+        assert cluster.events(name) == [], name
+    assert agent.metric("diskhooks_node_homes_recorded_total", source="vmi") == 0
+    assert agent.metric("diskhooks_node_homes_recorded_total", source="marker") == 0
 
 
 def test_marker_of_a_stopped_vm_records_its_home_and_an_older_marker_is_an_orphan(
@@ -74,10 +145,7 @@ def test_marker_of_a_stopped_vm_records_its_home_and_an_older_marker_is_an_orpha
                for name, vm in (("stopped", stopped), ("reused", reused), ("moved", moved))}
 
     def marker(vm: str, written: datetime.datetime, on: str = agent_node) -> None:
-        d = agent_setup.node_root() / ns / vm
-        d.mkdir(parents=True)
-        (d / K.HOME_MARKER).write_bytes(marker_json(HomeMarker(ns, vm, "3f1e7a52-0000-4000-8000-000000000001",
-                                                               on, written)))
+        agent_setup.write_marker(HomeMarker(ns, vm, "3f1e7a52-0000-4000-8000-000000000001", on, written))
 
     marker("stopped", created["stopped"] + datetime.timedelta(seconds=1))
     marker("reused", created["reused"] - datetime.timedelta(hours=1))
@@ -102,12 +170,13 @@ def test_marker_of_a_stopped_vm_records_its_home_and_an_older_marker_is_an_orpha
 
 
 def test_a_vmi_on_another_nodes_vm_is_a_warning_and_changes_nothing(
-        cluster: Cluster, start_agent: StartAgent, agent_node: str) -> None:
-    """A VMI runs here but its VM's home is another node: one Warning Event, the home is kept."""
+        cluster: Cluster, agent_setup: AgentSetup, start_agent: StartAgent, agent_node: str) -> None:
+    """A VMI runs here (prepare ran for it: a plan from before the VM had a home) but its VM's home
+    is another node: one Warning Event, the home is kept."""
     ns = cluster.namespace
     vm = cluster.create_vm("elsewhere", signed_plan(ns, "elsewhere"))
     vm = cluster.patch_vm("elsewhere", {"metadata": {"annotations": {K.ANN_NODE: "node-b"}}})
-    cluster.create_vmi(vm, agent_node, signed_plan(ns, "elsewhere"))
+    agent_setup.prepare_ran(cluster.create_vmi(vm, agent_node, signed_plan(ns, "elsewhere")), agent_node)
     agent = start_agent()
     warning = wait_for("a HomeNodeConflict event", lambda: cluster.events("elsewhere", "HomeNodeConflict"),
                        agent=agent)[0]
@@ -117,12 +186,12 @@ def test_a_vmi_on_another_nodes_vm_is_a_warning_and_changes_nothing(
 
 
 def test_serves_metrics_and_health_and_stops_on_sigterm(
-        cluster: Cluster, start_agent: StartAgent, agent_node: str) -> None:
+        cluster: Cluster, agent_setup: AgentSetup, start_agent: StartAgent, agent_node: str) -> None:
     """``/healthz`` and ``/readyz`` answer 200 once both watches listed, ``/metrics`` has the node's
     figures, and SIGTERM ends the process with status 0 (bounded wait: it must not hang)."""
     ns = cluster.namespace
     vm = cluster.create_vm("counted", signed_plan(ns, "counted"))
-    cluster.create_vmi(vm, agent_node, signed_plan(ns, "counted"))
+    agent_setup.prepare_ran(cluster.create_vmi(vm, agent_node, signed_plan(ns, "counted")), agent_node)
     agent = start_agent()
     wait_for("the home of VM 'counted'", lambda: cluster.home("counted") == agent_node, agent=agent)
     wait_for("/readyz", lambda: agent.get("/readyz")[0] == 200, agent=agent)
