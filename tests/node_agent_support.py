@@ -274,8 +274,9 @@ class AgentSetup:
         return path
 
 
-@pytest.fixture(scope="session")
-def agent_kubeconfig(envtest: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def make_agent_kubeconfig(envtest: ControlPlane, path: Path, *, role: str = "diskhooks-node-test") -> Path:
+    """The agent's ServiceAccount bound to a ClusterRole ``role`` with exactly :data:`AGENT_RULES`,
+    and a kubeconfig at ``path`` holding a real token of it."""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
@@ -286,26 +287,72 @@ def agent_kubeconfig(envtest: ControlPlane, tmp_path_factory: pytest.TempPathFac
     except ApiException as exc:
         if exc.status != 409:
             raise
-    rbac.create_cluster_role({"metadata": {"name": "diskhooks-node-test"}, "rules": AGENT_RULES})
+    rbac.create_cluster_role({"metadata": {"name": role}, "rules": AGENT_RULES})
     rbac.create_cluster_role_binding({
-        "metadata": {"name": "diskhooks-node-test"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
-                    "name": "diskhooks-node-test"},
+        "metadata": {"name": role},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
         "subjects": [{"kind": "ServiceAccount", "namespace": AGENT_NAMESPACE, "name": AGENT_SA}]})
-    return envtest.service_account_kubeconfig(AGENT_NAMESPACE, AGENT_SA,
-                                              tmp_path_factory.mktemp("agent") / "kubeconfig")
+    return envtest.service_account_kubeconfig(AGENT_NAMESPACE, AGENT_SA, path)
+
+
+def make_agent_setup(kubeconfig: Path, directory: Path) -> AgentSetup:
+    """A policy file (:data:`POLICY`), a plan-key directory (:data:`PLAN_KEY`) and a node root below
+    ``directory`` (made when missing)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    policy = directory / "policy.yaml"
+    policy.write_text(POLICY)
+    keys = directory / "plan-keys"
+    keys.mkdir()
+    (keys / "current").write_bytes(PLAN_KEY)
+    prefix = directory / "host"
+    (prefix / ROOT_DIR.lstrip("/")).mkdir(parents=True)
+    return AgentSetup(kubeconfig=kubeconfig, policy=policy, keys_dir=keys, host_prefix=prefix)
+
+
+def spawn_agent(setup: AgentSetup, node: str, *, host_prefix: Path | None = None,
+                kubelet_pods_dir: str | None = None) -> AgentProcess:
+    """``diskhooks-node serve`` (the installed console script) as a subprocess, its stderr lines
+    collected by a thread; no ``KUBE*`` variable of this process reaches it."""
+    assert AGENT_SCRIPT.exists(), f"{AGENT_SCRIPT} is missing: run scripts/setup.sh"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
+    argv = [str(AGENT_SCRIPT), "serve", "--config", str(setup.policy), "--node-name", node,
+            "--kubeconfig", str(setup.kubeconfig), "--host-prefix", str(host_prefix or setup.host_prefix),
+            "--metrics-port", "0", "--plan-keys-dir", str(setup.keys_dir)]
+    if kubelet_pods_dir is not None:
+        argv += ["--kubelet-pods-dir", kubelet_pods_dir]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    assert proc.stderr is not None
+    stream = proc.stderr
+
+    def pump() -> None:
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return AgentProcess(proc, lines, node)
+
+
+def end_agent(agent: AgentProcess) -> None:
+    """SIGTERM, then SIGKILL after 10 s (by PID)."""
+    if agent.proc.poll() is None:
+        agent.proc.send_signal(signal.SIGTERM)
+        try:
+            agent.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            agent.proc.kill()
+            agent.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def agent_kubeconfig(envtest: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_agent_kubeconfig(envtest, tmp_path_factory.mktemp("agent") / "kubeconfig")
 
 
 @pytest.fixture
 def agent_setup(agent_kubeconfig: Path, tmp_path: Path) -> AgentSetup:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    keys = tmp_path / "plan-keys"
-    keys.mkdir()
-    (keys / "current").write_bytes(PLAN_KEY)
-    prefix = tmp_path / "host"
-    (prefix / ROOT_DIR.lstrip("/")).mkdir(parents=True)
-    return AgentSetup(kubeconfig=agent_kubeconfig, policy=policy, keys_dir=keys, host_prefix=prefix)
+    return make_agent_setup(agent_kubeconfig, tmp_path)
 
 
 @pytest.fixture
@@ -324,35 +371,11 @@ def start_agent(agent_setup: AgentSetup, agent_node: str) -> Iterator[Callable[.
     started: list[AgentProcess] = []
 
     def start(*, host_prefix: Path | None = None, kubelet_pods_dir: str | None = None) -> AgentProcess:
-        assert AGENT_SCRIPT.exists(), f"{AGENT_SCRIPT} is missing: run scripts/setup.sh"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
-        argv = [str(AGENT_SCRIPT), "serve", "--config", str(agent_setup.policy), "--node-name", agent_node,
-                "--kubeconfig", str(agent_setup.kubeconfig),
-                "--host-prefix", str(host_prefix or agent_setup.host_prefix),
-                "--metrics-port", "0", "--plan-keys-dir", str(agent_setup.keys_dir)]
-        if kubelet_pods_dir is not None:
-            argv += ["--kubelet-pods-dir", kubelet_pods_dir]
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
-        lines: list[str] = []
-        assert proc.stderr is not None
-        stream = proc.stderr
-
-        def pump() -> None:
-            for line in stream:
-                lines.append(line.rstrip("\n"))
-
-        threading.Thread(target=pump, daemon=True).start()
-        agent = AgentProcess(proc, lines, agent_node)
+        agent = spawn_agent(agent_setup, agent_node, host_prefix=host_prefix,
+                            kubelet_pods_dir=kubelet_pods_dir)
         started.append(agent)
         return agent
 
     yield start
     for agent in started:
-        if agent.proc.poll() is None:
-            agent.proc.send_signal(signal.SIGTERM)
-            try:
-                agent.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                agent.proc.kill()
-                agent.proc.wait(5)
+        end_agent(agent)
