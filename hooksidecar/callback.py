@@ -27,6 +27,7 @@ Imports stay light (lxml, json, the diskplan core): the sidecar runs under a 64M
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -53,24 +54,27 @@ PLAN_FROM_VMI = _PlanSource.VMI
 def on_define_domain(domain_xml: bytes, vmi_json: bytes, *, path_prefix: str = "",
                      check_images: bool = True,
                      admitted_plan: str | None | _PlanSource = PLAN_FROM_VMI,
-                     on_facts: Callable[[images.ImageFacts], None] | None = None) -> bytes:
+                     on_facts: Callable[[images.ImageFacts], None] | None = None,
+                     on_vmi: Callable[[dict[str, Any]], None] | None = None) -> bytes:
     """The domain XML to hand back to virt-launcher for this VMI.
 
     ``path_prefix`` is prepended to every launcher path before a file is looked at (tests point it
     at a temporary directory; in the pod it is empty). ``admitted_plan`` is the plan verified at
     Pod admission (``None``: none was), or :data:`PLAN_FROM_VMI` for a dry run; see the module doc.
     ``on_facts`` (optional) is given what the image checks learnt once they passed (e.g. images
-    kept larger than planned), for the caller's log; it never changes the answer.
+    kept larger than planned), and ``on_vmi`` (optional) the parsed VMI as soon as it was read (so
+    the caller's log can name it without parsing it again); neither changes the answer.
     """
     vmi = parse_vmi(vmi_json)
+    if on_vmi is not None:
+        on_vmi(vmi)
     if admitted_plan is PLAN_FROM_VMI:
         plan_text = plan_annotation(vmi)
+        plan = None if plan_text is None else parse_plan(plan_text)
     else:
         plan_text = plan_to_apply(plan_annotation(vmi), admitted_plan)
-    if plan_text is None:
-        return domain_xml
-    plan = parse_plan(plan_text)
-    if not has_work(plan):
+        plan = None if plan_text is None else admitted(plan_text)
+    if plan is None or not has_work(plan):
         return domain_xml
     check_vmi(plan, vmi)
     uid = vmi_uid(vmi) if check_images and plan.persist_root else ""
@@ -86,6 +90,15 @@ def on_define_domain(domain_xml: bytes, vmi_json: bytes, *, path_prefix: str = "
     # much memory as the parse; the sidecar runs under a 64M limit)
     domain.apply_plan(root, plan, persist_root_base_format=base_format)
     return xmlsafe.serialise_domain(root, like=domain_xml)
+
+
+@functools.lru_cache(maxsize=1)
+def admitted(plan_text: str) -> Plan:
+    """The admitted plan, parsed once per process: serving, it is the same text at every call
+    (``DISKHOOKS_PLAN`` does not change during the sidecar's life), :func:`parse_plan` is pure and a
+    :class:`Plan` immutable. Only the verified plan goes through here (see :func:`plan_to_apply`),
+    never a VMI's own annotation; a text that does not parse raises every time."""
+    return parse_plan(plan_text)
 
 
 def has_work(plan: Plan) -> bool:

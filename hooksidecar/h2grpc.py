@@ -17,11 +17,16 @@ What this module may do: sockets, threads, h2. What it may not: know anything ab
 Handlers are ``request bytes -> response bytes`` functions that raise :class:`RpcStatus` for an
 error status; any other exception becomes INTERNAL.
 
-Threads: one accept thread, and one thread per connection (at most ``max_connections``; further
-clients wait in the listen backlog). A connection thread runs its handlers inline, one at a time,
-in the order the requests complete: virt-launcher dials a new connection per call and calls one hook
-at a time, so there is no call to overlap with. A connection with no stream open for
-``idle_seconds`` gets GOAWAY and is closed. Stopping (:meth:`H2GrpcServer.stop`) closes the
+Threads: ``max_connections`` workers, started with the server (see :class:`_Worker`); at most
+``max_connections`` connections are open at once, further clients wait in the listen backlog. One
+worker at a time, the leader, waits for new clients; it serves the client it takes itself, with a
+connection object prepared while it was idle (the server preface goes out at once), and keeps
+watching the connections it already holds. A worker runs its handlers inline, one at a time, in the
+order the requests complete: virt-launcher dials a new connection per call and calls one hook at a
+time, so calls one after the other are all served by one warm thread (no thread is started per
+call, and one thread's stack and malloc arena are in use); a client that comes while the leader is
+in the middle of a call is taken by another worker. A connection with no stream open for
+``IDLE_SECONDS`` gets GOAWAY and is closed. Stopping (:meth:`H2GrpcServer.stop`) closes the
 listening socket, lets every connection finish the calls it has started (within the grace period),
 sends GOAWAY and closes; streams that arrive after the stop began are refused (RST_STREAM
 REFUSED_STREAM) so the client may retry elsewhere.
@@ -33,13 +38,15 @@ client must speak HTTP/2 with prior knowledge, as every gRPC client does), serve
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
+import select
 import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +65,7 @@ MAX_HEADER_LIST_BYTES = 16 * 1024
 WINDOW_BYTES = 1024 * 1024  # our receive window, per stream and for the connection
 IDLE_SECONDS = 30.0  # virt-launcher closes its connection after the call; a held one frees its slot
 SEND_TIMEOUT_SECONDS = 30.0  # a client that stops reading our answer for this long is dropped
+ACCEPT_BACKOFF_SECONDS = 0.05  # after accept() failed for want of resources (EMFILE...)
 PREFIX_BYTES = 5
 
 
@@ -185,12 +193,25 @@ class _Outgoing:
 
 
 class _Connection:
-    """One client connection, served by the calling thread until it closes."""
+    """One client connection: the ``h2`` state and the calls on it. The worker that holds it
+    (:class:`_Worker`) waits for its socket and calls :meth:`receive` (handlers run inline, there)
+    and, at every turn, :meth:`pump`.
 
-    def __init__(self, sock: socket.socket, server: H2GrpcServer) -> None:
-        self.sock = sock
+    Made before a client arrives: building an ``h2`` connection and its opening SETTINGS costs about
+    as much as answering the request and is the same for every client, so a worker prepares the
+    next one while it is idle, and a client that connects gets the server preface at once.
+    """
+
+    sock: socket.socket
+
+    def __init__(self, server: H2GrpcServer) -> None:
         self.server = server
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        # outbound validation and normalisation are off: every header block sent here is one of
+        # ours (constant names and values, a status number, a percent-encoded printable ASCII
+        # message). Inbound headers, the client's, are validated as by default.
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                           validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
@@ -198,67 +219,95 @@ class _Connection:
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         })
+        self.h2.initiate_connection()  # queued: sent as soon as a client is there
+        self.h2.increment_flow_control_window(WINDOW_BYTES - 65535)
         self.streams: dict[int, _Stream] = {}
         self.buffered = 0  # request bytes held across self.streams
         self.outgoing: dict[int, _Outgoing] = {}
         self.stopping = False
         self.closed = False
+        self.handled = False  # a handler ran in this receive()
+        self.last_busy = self.last_heard = 0.0
 
-    # -- the loop ----------------------------------------------------------------------------------
-    def serve(self) -> None:
-        self.sock.settimeout(SEND_TIMEOUT_SECONDS)  # bounds sendall; recv only runs when readable
-        selector = selectors.DefaultSelector()
+    def attach(self, sock: socket.socket) -> None:
+        """Take the accepted client ``sock`` and send it the server preface."""
+        self.sock = sock
+        self.last_busy = self.last_heard = time.monotonic()
+        if sock.gettimeout() is not None:
+            sock.setblocking(True)  # recv only runs when readable; see _send for sends
+        self._send()
+
+    @property
+    def busy(self) -> bool:
+        """A call is open: a request being received or an answer waiting for flow-control room."""
+        return bool(self.streams or self.outgoing)
+
+    def pump(self) -> None:
+        """Send what is ready; close an idle connection that is stopping or idle for too long, and
+        one whose client stalled in the middle of a call."""
+        if self.outgoing:
+            self._flush_outgoing()
+        self._send()
+        now = time.monotonic()
+        if self.busy:
+            self.last_busy = now
+            if now - self.last_heard >= IDLE_SECONDS:  # a request or a WINDOW_UPDATE that does not come
+                self.server.report("connection-error", error=f"client stalled for {IDLE_SECONDS:.0f} s "
+                                   "in the middle of a call; connection closed")
+                self.goaway()
+        elif self.stopping or now - self.last_busy >= IDLE_SECONDS:
+            self.goaway()
+
+    def deadline(self) -> float:
+        """When :meth:`pump` may have something to close (``time.monotonic()``); it also runs after
+        every :meth:`receive`, and once the stop began."""
+        return (self.last_heard if self.busy else self.last_busy) + IDLE_SECONDS
+
+    def receive(self) -> None:
+        """Read what the client sent (the socket is readable), run the calls it completes, send
+        their answers, then call the server's ``answered``."""
+        self.last_heard = time.monotonic()
+        self.handled = False
         try:
-            self.h2.initiate_connection()
-            self.h2.increment_flow_control_window(WINDOW_BYTES - 65535)
-            selector.register(self.sock, selectors.EVENT_READ)
-            selector.register(self.server.stop_fd, selectors.EVENT_READ)
-            last_busy = time.monotonic()
-            while not self.closed:
-                self._flush_outgoing()
-                self._send()
-                if self.streams or self.outgoing:
-                    last_busy = time.monotonic()
-                elif self.stopping or time.monotonic() - last_busy >= IDLE_SECONDS:
-                    self._goaway()
-                    break
-                busy = bool(self.streams or self.outgoing)
-                ready = selector.select(timeout=IDLE_SECONDS if busy
-                                        else max(0.0, IDLE_SECONDS - (time.monotonic() - last_busy)))
-                if busy and not ready:  # a request or a WINDOW_UPDATE that does not come
-                    self.server.report("connection-error", error=f"client stalled for {IDLE_SECONDS:.0f} s "
-                                       "in the middle of a call; connection closed")
-                    self._goaway()
-                    break
-                for key, _ in ready:
-                    if key.fileobj is self.sock:
-                        self._receive()
-                    elif not self.stopping:
-                        self.stopping = True
-                        selector.unregister(self.server.stop_fd)  # level-triggered: stop polling it
-        except (ConnectionResetError, BrokenPipeError):
-            pass  # the client went away (gRPC clients close without a GOAWAY): nothing to answer
-        except (OSError, h2.exceptions.ProtocolError) as exc:
-            self.server.report("connection-error", error=f"{type(exc).__name__}: {exc}")
+            self._receive()
+            if not self.closed:
+                self.pump()
         finally:
-            selector.close()
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            if self.handled and self.server.answered is not None:
+                self.server.answered()
 
     def _send(self) -> None:
+        """Send what h2 has queued: at once when the socket buffer has room (an answer of a few KiB
+        always does), else within ``SEND_TIMEOUT_SECONDS``, the server's bell rung meanwhile."""
         data = self.h2.data_to_send()
-        if data:
-            self.sock.sendall(data)
+        if not data:
+            return
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            with self.server.bell():
+                self.sock.settimeout(SEND_TIMEOUT_SECONDS)  # the whole rest, not each send
+                try:
+                    self.sock.sendall(memoryview(data)[sent:])
+                finally:
+                    self.sock.setblocking(True)
 
-    def _goaway(self) -> None:
+    def goaway(self) -> None:
         try:
             self.h2.close_connection()
             self._send()
         except (OSError, h2.exceptions.ProtocolError):
             pass
         self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     def _receive(self) -> None:
         data = self.sock.recv(65536)
@@ -347,7 +396,9 @@ class _Connection:
         try:
             request = unframe_request(stream.body, limit=self.server.max_message_bytes)
             del stream
-            response = handler(request)
+            self.handled = True
+            with self.server.bell():
+                response = handler(request)
             if len(response) > self.server.max_message_bytes:
                 raise RpcStatus(StatusCode.RESOURCE_EXHAUSTED, f"response larger than max ({len(response)} "
                                 f"vs. {self.server.max_message_bytes})")
@@ -409,6 +460,157 @@ class _Connection:
 
 
 # ================================================================================================
+# the workers
+# ================================================================================================
+class _Worker:
+    """One of the server's threads: it serves the connections it holds, one event at a time (its
+    handlers run inline), and has one of three roles besides.
+
+    - The **leader** waits for new clients on the listening socket, next to its connections. It
+      takes a new client itself, with a connection prepared while it was idle, and keeps the ones it
+      holds: a client that got its answer and has not closed yet costs a socket to watch, not a
+      thread. So calls made one after the other are served by one warm thread, whatever the
+      clients' pace (and only its stack and malloc arena are in use).
+    - The **standby** holds nothing and waits on its bell, an epoll set holding the stop pipe and,
+      while the leader runs a handler or waits to send (:meth:`H2GrpcServer.bell`), the listening
+      socket too: a client that comes then wakes it, and it takes the lead over (a parked worker
+      becomes the standby). Otherwise it never wakes.
+    - The others holding nothing are **parked**, woken most recent first.
+
+    At the limit of open connections nobody leads; the worker that closes the next one does.
+    """
+
+    def __init__(self, server: H2GrpcServer) -> None:
+        self.server = server
+        self.wake = threading.Event()  # a parked worker's
+        self.bell = select.epoll()  # the standby's
+        self.bell.register(server.stop_fd, select.EPOLLIN)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(server.stop_fd, selectors.EVENT_READ)
+        self.conns: dict[socket.socket, _Connection] = {}
+        self.spare: _Connection | None = None
+        self.leading = False
+        self.stopping = False
+        self.ident: int | None = None  # the thread running it
+
+    def run(self) -> None:
+        self.ident = threading.get_ident()
+        try:
+            while True:
+                try:
+                    if not self._step():
+                        return
+                except Exception as exc:  # noqa: BLE001 - a bug must not cost the server a worker
+                    self.server.report("connection-error", error=f"internal error: {type(exc).__name__}: {exc}")
+                    self.server.stopping.wait(ACCEPT_BACKOFF_SECONDS)
+        finally:
+            for conn in list(self.conns.values()):
+                self._drop(conn)
+            if self.leading:
+                self._unlead()
+                self.server.give_up_lead(self)
+            self.server.forget(self)
+            self.selector.close()
+            self.bell.close()
+
+    def _step(self) -> bool:
+        """One turn of the loop; False once the worker is done (stopping, nothing held)."""
+        server = self.server
+        now = time.monotonic()
+        for conn in list(self.conns.values()):
+            if conn.stopping or conn.deadline() <= now:
+                self._io(conn, conn.pump)
+        if self.spare is None and not self.stopping:
+            self.spare = _Connection(server)  # prepared while idle
+        if self.leading and not server.leads(self):  # the standby took over during a handler
+            self._unlead()
+        if not self.conns and not self.leading:
+            if self.stopping or not server.await_lead(self):
+                self.stopping = True
+                return False
+            self._lead()
+            return True
+        deadline = min((conn.deadline() for conn in self.conns.values()), default=None)
+        ready = {key.fileobj for key, _ in self.selector.select(
+            None if deadline is None else max(0.0, deadline - time.monotonic()))}
+        if server.stop_fd in ready:
+            self._on_stop()
+        for sock, conn in list(self.conns.items()):
+            if sock in ready:
+                self._io(conn, conn.receive)
+        if self.leading and server.listener in ready and server.leads(self):
+            self._on_client()
+        return True
+
+    def _on_stop(self) -> None:
+        self.stopping = True
+        self.selector.unregister(self.server.stop_fd)  # level-triggered: stop polling it
+        if self.leading:  # the listener is the leader's to close
+            self._unlead()
+            self.server.close_listener()
+        for conn in self.conns.values():
+            conn.stopping = True
+
+    def _on_client(self) -> None:
+        server = self.server
+        if not server.open_slot(self):  # at the limit: the worker that closes a connection leads
+            self._unlead()
+            return
+        conn = self.spare or _Connection(server)
+        try:
+            sock, _ = server.listener.accept()
+        except OSError as exc:
+            self.spare = conn
+            server.close_slot(None, self)
+            if not isinstance(exc, (BlockingIOError, InterruptedError, ConnectionAbortedError)):
+                # e.g. out of file descriptors: the listener stays readable
+                server.report("connection-error", error=f"accept failed: {exc}")
+                server.stopping.wait(ACCEPT_BACKOFF_SECONDS)
+            return  # else the client gave up before we took it
+        self.spare = None
+        conn.sock = sock
+        self.conns[sock] = conn
+        self.selector.register(sock, selectors.EVENT_READ)
+        server.track(sock)
+        self._io(conn, lambda: conn.attach(sock))
+
+    def _lead(self) -> None:
+        self.leading = True
+        self.selector.register(self.server.listener, selectors.EVENT_READ)
+
+    def _unlead(self) -> None:
+        self.leading = False
+        self.selector.unregister(self.server.listener)
+
+    def _drop(self, conn: _Connection) -> None:
+        """Close ``conn`` and give its slot back (taking the lead if nobody has it)."""
+        del self.conns[conn.sock]
+        self.selector.unregister(conn.sock)
+        conn.close()
+        if self.server.close_slot(conn.sock, self) and not self.leading:
+            self._lead()
+
+    def _io(self, conn: _Connection, action: Callable[[], None]) -> None:
+        """Run ``action`` on ``conn``; a connection that fails or is done is dropped."""
+        try:
+            action()
+        except (ConnectionResetError, BrokenPipeError):
+            conn.closed = True  # the client went away (gRPC clients close without a GOAWAY)
+        except TimeoutError:
+            self.server.report("connection-error", error=f"client read nothing for {SEND_TIMEOUT_SECONDS:.0f} "
+                               "s of its answer; connection closed")
+            conn.closed = True
+        except (OSError, h2.exceptions.ProtocolError) as exc:
+            self.server.report("connection-error", error=f"{type(exc).__name__}: {exc}")
+            conn.closed = True
+        except Exception as exc:  # noqa: BLE001 - a bug costs this connection, nothing more
+            self.server.report("connection-error", error=f"internal error: {type(exc).__name__}: {exc}")
+            conn.closed = True
+        if conn.closed and conn.sock in self.conns:
+            self._drop(conn)
+
+
+# ================================================================================================
 # the server
 # ================================================================================================
 class H2GrpcServer:
@@ -421,24 +623,37 @@ class H2GrpcServer:
 
     def __init__(self, socket_path: str, methods: Mapping[str, Handler], *,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, max_connections: int = MAX_CONNECTIONS,
-                 log: Log | None = None, oversize_note: str = "") -> None:
+                 log: Log | None = None, oversize_note: str = "",
+                 answered: Callable[[], None] | None = None) -> None:
         self.socket_path = socket_path
         self.methods = dict(methods)
         self.max_message_bytes = max_message_bytes
         self.oversize_note = oversize_note  # appended to RESOURCE_EXHAUSTED for a too large request
+        self.answered = answered  # called once the answers a handler gave are handed to the socket
+        self.stopping = threading.Event()
         self._log = log
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
         self._stop_r, self._stop_w = os.pipe()
         self._listener: socket.socket | None = None
-        self._accepter: threading.Thread | None = None
-        self._connections: dict[threading.Thread, socket.socket] = {}
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # guards what follows and the listener's closing
+        self._open: set[socket.socket] = set()  # every connection open
+        self._slots = 0  # connections open or being accepted, at most max_connections
+        self._leader: _Worker | None = None
+        self._leader_busy = False  # in a handler or waiting to send: the standby's bell is on
+        self._standby: _Worker | None = None
+        self._parked: list[_Worker] = []  # the most recently parked last
+        self._workers: list[_Worker] = []
 
     @property
     def stop_fd(self) -> int:
         """Readable once :meth:`stop` began (never drained, so every waiter sees it)."""
         return self._stop_r
+
+    @property
+    def listener(self) -> socket.socket:
+        assert self._listener is not None
+        return self._listener
 
     def report(self, event: str, **fields: Any) -> None:
         if self._log is not None:
@@ -449,73 +664,147 @@ class H2GrpcServer:
         try:
             listener.bind(self.socket_path)
             listener.listen(16)
+            listener.setblocking(False)  # a client that connects and resets before accept() is gone
         except OSError:
             listener.close()
             os.close(self._stop_r)
             os.close(self._stop_w)
-            self._stopping.set()  # a later stop() has nothing to do
+            self.stopping.set()  # a later stop() has nothing to do
             raise
         self._listener = listener
-        self._accepter = threading.Thread(target=self._accept_loop, name="h2grpc-accept", daemon=True)
-        self._accepter.start()
+        self._workers = [_Worker(self) for _ in range(self._max_connections)]
+        self._threads = [threading.Thread(target=worker.run, name=f"h2grpc-{n}", daemon=True)
+                         for n, worker in enumerate(self._workers)]
+        for thread in self._threads:
+            thread.start()
 
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        assert listener is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(listener, selectors.EVENT_READ)
-            selector.register(self._stop_r, selectors.EVENT_READ)
-            while not self._stopping.is_set():
-                if not self._slots.acquire(timeout=0.5):
-                    continue  # every slot busy: clients wait in the backlog
-                ready = [key.fileobj for key, _ in selector.select()]
-                if self._stop_r in ready or self._stopping.is_set():
-                    self._slots.release()
-                    return
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    self._slots.release()
-                    continue
-                thread = threading.Thread(target=self._serve_connection, args=(conn,), name="h2grpc-conn",
-                                          daemon=True)
-                with self._lock:
-                    self._connections[thread] = conn
-                thread.start()
+    # -- what the workers share (see _Worker) --------------------------------------------------------
+    def leads(self, worker: _Worker) -> bool:
+        return self._leader is worker
 
-    def _serve_connection(self, conn: socket.socket) -> None:
-        try:
-            _Connection(conn, self).serve()
-        finally:
+    def await_lead(self, worker: _Worker) -> bool:
+        """For a worker holding nothing: return True once it leads, False once stopping; meanwhile
+        it is the standby or parked."""
+        while True:
             with self._lock:
-                self._connections.pop(threading.current_thread(), None)
-            self._slots.release()
+                if self.stopping.is_set():
+                    return False
+                if self._leader is None:
+                    self._leader = worker
+                    return True
+                standby = self._standby in (None, worker)
+                if standby:
+                    self._standby = worker
+                else:
+                    worker.wake.clear()
+                    self._parked.append(worker)
+            if not standby:
+                worker.wake.wait()
+                continue
+            ready = {fd for fd, _ in worker.bell.poll()}
+            with self._lock:
+                if self.stopping.is_set() or self._stop_r in ready:
+                    return False
+                if self._leader_busy and self._standby is worker and self._listener is not None \
+                        and self._listener.fileno() in ready:
+                    self._leader, self._standby = worker, None  # the former leader notices (leads())
+                    self._leader_busy = False
+                    if self._parked:
+                        self._parked.pop().wake.set()  # the next standby
+                    return True
+                # else the leader was done before we got here: back to waiting
+
+    def give_up_lead(self, worker: _Worker) -> None:
+        with self._lock:
+            if self._leader is worker:
+                self._leader = None
+
+    def forget(self, worker: _Worker) -> None:
+        with self._lock:
+            if self._standby is worker:
+                self._standby = None
+
+    @contextlib.contextmanager
+    def bell(self) -> Iterator[None]:
+        """Around what keeps a worker from its loop (a handler, a send that must wait): when the
+        caller is the leader, a client that comes meanwhile wakes the standby, which takes over."""
+        with self._lock:
+            leader, standby, listener = self._leader, self._standby, self._listener
+            ring = (leader is not None and leader.ident == threading.get_ident() and standby is not None
+                    and listener is not None and not self.stopping.is_set())
+            if ring:
+                assert standby is not None and listener is not None
+                self._leader_busy = True
+                listener_fd = listener.fileno()
+                standby.bell.register(listener_fd, select.EPOLLIN)
+        try:
+            yield
+        finally:
+            if ring:
+                assert standby is not None
+                with self._lock:
+                    if self._leader is leader:
+                        self._leader_busy = False
+                    try:
+                        standby.bell.unregister(listener_fd)
+                    except (OSError, ValueError):
+                        pass  # the listener or the bell was closed meanwhile (stopping)
+
+    def open_slot(self, worker: _Worker) -> bool:
+        """Count a connection about to be accepted; False at the limit, and the lead is given up."""
+        with self._lock:
+            if self._slots >= self._max_connections:
+                if self._leader is worker:
+                    self._leader = None
+                return False
+            self._slots += 1
+            return True
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.add(sock)
+
+    def close_slot(self, sock: socket.socket | None, worker: _Worker) -> bool:
+        """A connection closed (or an accept failed); True when ``worker`` is to lead now."""
+        with self._lock:
+            if sock is not None:
+                self._open.discard(sock)
+            self._slots -= 1
+            if self._leader is not None or self.stopping.is_set():
+                return False
+            self._leader = worker
+            return True
+
+    def close_listener(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                self._listener.close()
 
     def stop(self, grace: float) -> None:
         """Stop accepting; started calls get ``grace`` seconds; then every connection is closed."""
-        if self._stopping.is_set():
+        if self.stopping.is_set():
             return
-        self._stopping.set()
-        os.write(self._stop_w, b"\x00")
+        self.stopping.set()
+        os.write(self._stop_w, b"\x00")  # wakes the leader and every worker holding a connection
         deadline = time.monotonic() + grace
-        if self._accepter is not None:
-            self._accepter.join()
-        if self._listener is not None:
-            self._listener.close()
-        with self._lock:
-            threads = list(self._connections)
-        for thread in threads:
+        with self._lock:  # from now on nobody takes the lead
+            for worker in self._parked:
+                worker.wake.set()
+            self._parked.clear()
+            leader = self._leader is not None
+        if not leader:  # else the leader closes it once it sees the stop
+            self.close_listener()
+        for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
-            late = list(self._connections.items())
-        for thread, conn in late:  # past the grace period: cut them
+            late = list(self._open)
+        for sock in late:  # past the grace period: cut them
             try:
-                conn.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        for thread in self._threads:
             thread.join(0.5)
         os.close(self._stop_w)
-        with self._lock:
-            stuck = bool(self._connections)
-        if not stuck:  # else a thread stuck in a handler past the grace may still poll it: leave it
-            os.close(self._stop_r)
+        if not any(thread.is_alive() for thread in self._threads):
+            os.close(self._stop_r)  # else a worker stuck in a handler past the grace may still poll it

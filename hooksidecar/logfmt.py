@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 _DISK_TAG = re.compile(rb"<disk\b|</disk>")
 _ALIAS = re.compile(rb'<alias\s+name="([^"]{1,256})"')
-_SPACE = re.compile(rb"\s+")
 _MAX_LISTED = 32
 
 
@@ -66,10 +65,19 @@ class JsonLog:
 def vmi_identity(vmi_json: bytes) -> str:
     """``namespace/name`` of the VMI, or ``"?"`` when the JSON does not say (never raises)."""
     try:
-        meta = json.loads(vmi_json).get("metadata") or {}
-        ns, name = meta.get("namespace"), meta.get("name")
-    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+        doc = json.loads(vmi_json)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return "?"
+    return identity_of(doc)
+
+
+def identity_of(vmi: Any) -> str:
+    """:func:`vmi_identity` of a VMI already parsed (the sidecar's core hands it over, so a call's
+    line names the VMI without a second parse); never raises."""
+    meta = vmi.get("metadata") if isinstance(vmi, dict) else None
+    if not isinstance(meta, dict):
+        return "?"
+    ns, name = meta.get("namespace"), meta.get("name")
     if not isinstance(ns, str) or not isinstance(name, str):
         return "?"
     return f"{ns[:253]}/{name[:253]}"
@@ -78,13 +86,21 @@ def vmi_identity(vmi_json: bytes) -> str:
 def changed_disks(before: bytes, after: bytes) -> list[str]:
     """Aliases (``ua-<volume>``) of the disks whose XML differs between ``before`` and ``after``.
 
-    Byte-level and approximate (a disk that appears or vanishes is listed too); at most 32 names.
+    Byte-level and approximate (a disk that appears or vanishes is listed too; white space does not
+    count); at most 32 names.
     """
     if before == after:
         return []
     old, new = _disks(before), _disks(after)
-    changed = [alias for alias in sorted(set(old) | set(new)) if old.get(alias) != new.get(alias)]
+    changed = [alias for alias in sorted(set(old) | set(new)) if not _same(old.get(alias), new.get(alias))]
     return changed[:_MAX_LISTED]
+
+
+def _same(old: bytes | None, new: bytes | None) -> bool:
+    """Whether two disk segments read the same, white space aside (runs of it count as one)."""
+    if old is None or new is None:
+        return old is new
+    return old == new or old.split() == new.split()
 
 
 def _disks(xml: bytes) -> dict[str, bytes]:
@@ -102,5 +118,5 @@ def _disks(xml: bytes) -> dict[str, bytes]:
         start = None
         alias = _ALIAS.search(text)
         key = alias.group(1).decode("ascii", "replace") if alias else f"#{len(out)}"
-        out[key] = _SPACE.sub(b" ", text)
+        out[key] = text
     return out

@@ -23,9 +23,10 @@ machine, the protobuf runtime and the generated modules add about 2.8 MiB of pea
 ``hooksidecar/protos/`` (``hooksidecar/_pb/``), which the tests use as virt-launcher.
 
 Lifecycle. :class:`HookServer` refuses to take over a live socket or a non-socket file, replaces a
-stale socket, serves (h2: a thread per connection, at most four; grpcio: a two-thread pool; either
-way one ``OnDefineDomain`` runs at a time, so peak memory is one call's, and a request larger than
-the core's input bounds is refused before it is buffered whole), and
+stale socket, serves (h2: four worker threads started once, at most four connections, calls one
+after the other all in one warm thread; grpcio: a two-thread pool; either way one ``OnDefineDomain``
+runs at a time, so peak memory is one call's, and a request larger than the core's input bounds is
+refused before it is buffered whole; a call's log line is written once its answer is on its way), and
 stops gracefully (answer in-flight calls, then close) on SIGTERM/SIGINT or a ``Shutdown`` call; the
 socket is removed on exit. Signals and the ``Shutdown``
 servicer wake the main thread through a pipe (``signal.set_wakeup_fd``), so no lock is ever taken in a
@@ -34,6 +35,7 @@ signal handler and a signal delivered to one of the transport's own threads stil
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import signal
@@ -65,7 +67,7 @@ OVERSIZE_NOTE = (f"the diskhooks sidecar accepts a domain XML of at most {MAX_DO
 DEFAULT_GRACE_SECONDS = 5.0
 THREADS = 2  # grpcio: virt-launcher calls one hook at a time; a second thread serves Info/Shutdown meanwhile
 MAX_CONCURRENT_RPCS = 8
-MAX_CONNECTIONS = 4  # h2: one thread per connection; virt-launcher dials one connection per call
+MAX_CONNECTIONS = 4  # h2: open at once, and worker threads; virt-launcher dials one connection per call
 TRANSPORTS = ("h2", "grpcio")
 DEFAULT_TRANSPORT = "h2"
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
@@ -227,6 +229,9 @@ class Servicers:
     #: one OnDefineDomain at a time (virt-launcher never overlaps calls): the peak memory of the
     #: process is then one call's, whatever a client on the socket does
     _core: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
+    #: log lines of answered calls, written by :meth:`answered`
+    _after_answer: collections.deque[Callable[[], None]] = field(init=False, repr=False,
+                                                                 default_factory=collections.deque)
 
     def __post_init__(self) -> None:
         self._info = encode_info_result(name=self.settings.name, hook_points=self.settings.hook_points(),
@@ -238,17 +243,18 @@ class Servicers:
 
     def on_define_domain(self, version: str) -> Callable[[bytes], bytes]:
         def handle(request: bytes) -> bytes:
+            self.answered()
             started = time.perf_counter()
             fields: dict[str, Any] = {"hook": ON_DEFINE_DOMAIN, "version": version, "vmi": "?"}
             try:
                 with self._core:
                     params = decode_fields(request, (F_DOMAIN_XML, F_VMI))
                     domain_xml, vmi_json = params[F_DOMAIN_XML], params[F_VMI]
-                    fields["vmi"] = logfmt.vmi_identity(vmi_json)
                     fields["bytesIn"] = len(domain_xml)
                     result = self.on_define(domain_xml, vmi_json, path_prefix=self.settings.path_prefix,
                                             check_images=self.settings.check_images,
                                             admitted_plan=self.settings.admitted_plan,
+                                            on_vmi=lambda vmi: fields.update(vmi=logfmt.identity_of(vmi)),
                                             on_facts=lambda facts: fields.update(
                                                 logfmt.larger_than_planned(facts.larger_than_planned)))
             except WireError as exc:
@@ -264,10 +270,8 @@ class Servicers:
                 fields["trace"] = traceback.format_exc(limit=-8)
                 self._fail(fields, started, StatusCode.INTERNAL,
                            f"internal error in the diskhooks sidecar: {type(exc).__name__}: {exc}")
-            unchanged = result is domain_xml or result == domain_xml
-            self.log.emit("call", **fields, result="ok", code="OK", unchanged=unchanged,
-                          disksRewritten=[] if unchanged else logfmt.changed_disks(domain_xml, result),
-                          bytesOut=len(result), ms=_ms(started))
+            ms = _ms(started)
+            self._after_answer.append(lambda: self._log_answer(fields, domain_xml, result, ms))
             return encode_bytes_field(F_DOMAIN_XML, result)
 
         return handle
@@ -292,6 +296,24 @@ class Servicers:
         self.log.emit("call", hook=SHUTDOWN, version="v1alpha3", result="ok", code="OK", ms=0.0)
         self.request_shutdown()  # only wakes the main thread: this answer goes out before the stop
         return b""
+
+    def _log_answer(self, fields: dict[str, Any], domain_xml: bytes, result: bytes, ms: float) -> None:
+        unchanged = result is domain_xml or result == domain_xml
+        self.log.emit("call", **fields, result="ok", code="OK", unchanged=unchanged,
+                      disksRewritten=[] if unchanged else logfmt.changed_disks(domain_xml, result),
+                      bytesOut=len(result), ms=ms)
+
+    def answered(self) -> None:
+        """Write the log lines of the calls answered so far. The transports call it once an answer
+        is on its way (h2: handed to the socket; grpcio: returned to grpc): comparing the disks for
+        the line is not on the caller's time. A handler also calls it first, so lines never wait
+        for more than the next call."""
+        while True:
+            try:
+                task = self._after_answer.popleft()
+            except IndexError:
+                return
+            task()
 
     def _fail(self, fields: dict[str, Any], started: float, code: StatusCode, message: str) -> NoReturn:
         self.log.emit("call", **fields, result="error", code=code.name, error=message, ms=_ms(started))
@@ -318,8 +340,11 @@ def method_table(servicers: Servicers) -> dict[str, Handler]:
     return table
 
 
-def generic_handlers(table: dict[str, Handler]) -> list[grpc.GenericRpcHandler]:
-    """The grpcio transport: one generic handler per service; requests and responses stay raw bytes."""
+def generic_handlers(table: dict[str, Handler],
+                     answered: Callable[[], None] | None = None) -> list[grpc.GenericRpcHandler]:
+    """The grpcio transport: one generic handler per service; requests and responses stay raw bytes.
+    ``answered`` (optional) is called after every handler, as :class:`H2GrpcServer` calls its
+    ``answered`` once the answer was sent."""
     import grpc
 
     def rpc(fn: Handler) -> grpc.RpcMethodHandler:
@@ -329,6 +354,9 @@ def generic_handlers(table: dict[str, Handler]) -> list[grpc.GenericRpcHandler]:
             except RpcStatus as exc:
                 context.abort(grpc.StatusCode[exc.code.name], exc.message)  # raises
                 raise AssertionError("grpc's abort returned") from None  # pragma: no cover
+            finally:
+                if answered is not None:
+                    answered()
 
         return grpc.unary_unary_rpc_method_handler(call, request_deserializer=None, response_serializer=None)
 
@@ -411,6 +439,7 @@ class HookServer:
         if self.transport == "h2":
             h2_server = H2GrpcServer(self.socket_path, table, max_message_bytes=MAX_MESSAGE_BYTES,
                                      max_connections=MAX_CONNECTIONS, log=self.log.emit,
+                                     answered=self._servicers.answered,
                                      oversize_note=OVERSIZE_NOTE)
             try:
                 h2_server.start()
@@ -438,7 +467,7 @@ class HookServer:
                               "(the default transport, h2, does not)") from None
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="hook"),
-            handlers=generic_handlers(table),
+            handlers=generic_handlers(table, self._servicers.answered),
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
