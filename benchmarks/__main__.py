@@ -1,4 +1,5 @@
-"""``python -m benchmarks [webhook|sidecar|all] [options passed on]`` — run the benchmarks.
+"""``python -m benchmarks [webhook|sidecar|prepare|expand|node|soak|all] [options passed on]`` — run the
+benchmarks (``all``: every one but ``soak``, the load-and-soak run of ``benchmarks/soak.py``).
 
 The sidecar and prepare benchmarks live in ``benchmarks/sidecar_bench.py`` and
 ``benchmarks/prepare_bench.py`` (imported only when asked for, so a missing one does not stop the
@@ -12,7 +13,10 @@ import sys
 from collections.abc import Sequence
 
 BENCHMARKS = {"webhook": "benchmarks.webhook_bench", "sidecar": "benchmarks.sidecar_bench",
-              "prepare": "benchmarks.prepare_bench", "expand": "benchmarks.expand_bench"}
+              "prepare": "benchmarks.prepare_bench", "expand": "benchmarks.expand_bench",
+              "node": "benchmarks.node_bench", "soak": "benchmarks.soak"}
+#: run only when named (a soak runs for minutes): not part of ``all``
+ONLY_NAMED = ("soak",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("python -m benchmarks: options apply to one benchmark; name it first "
               "(python -m benchmarks webhook --rounds 5)", file=sys.stderr)
         return 2
-    names = list(BENCHMARKS) if which == "all" else [which]
+    names = [n for n in BENCHMARKS if n not in ONLY_NAMED] if which == "all" else [which]
     status = 0
     for name in names:
         try:

@@ -319,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 str(POLICY), "--self-signed", "--tls-dir", str(tls),
                                 "--bind-address", "127.0.0.1", "--port", str(real_port),
                                 "--workers", str(args.workers), "--threads", str(args.threads),
-                                "--plan-keys-dir", str(keys), "--log-level", "warning"],
+                                "--plan-keys-dir", str(keys), "--log-level", "warning",
+                                "--drain-seconds", "0"],
                     work / "webhook.log")
         procs.append(real)
         deadline = time.monotonic() + 30

@@ -107,6 +107,7 @@ class Webhook:
         cmd = [sys.executable, "-m", "webhook.cli", "serve", "--config", str(POLICY),
                "--self-signed", "--tls-dir", str(self.state), "--bind-address", "127.0.0.1",
                "--port", str(self.port), "--workers", "1", "--plan-keys-dir", str(keys_dir),
+               "--drain-seconds", "0",  # a local run: nobody to drain for
                "--cluster-objects", str(DEMO / "cluster-objects.yaml")]
         self.log = open(work / "webhook.log", "wb")  # noqa: SIM115 - held while the server runs
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,

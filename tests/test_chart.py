@@ -660,6 +660,30 @@ def test_deployment_runs_the_webhook_cli_with_the_mounted_files(helm: Helm) -> N
     assert pod["automountServiceAccountToken"] is True  # --in-cluster needs the token
 
 
+def test_stopping_fits_the_grace_period_prestop_drain_graceful_stop(helm: Helm) -> None:
+    """The pod's stop (webhook/drain.py): preStop sleep, then SIGTERM and the drain, then the workers'
+    graceful stop, all within terminationGracePeriodSeconds; the chart refuses values that do not fit."""
+    from webhook.cli import build_parser
+
+    for values in ({}, {"webhook": {"drainSeconds": 0, "preStopSleepSeconds": 0}},
+                   {"webhook": {"drainSeconds": 40, "terminationGracePeriodSeconds": 60}}):
+        pod = one(helm.template(values), "Deployment")["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        args = build_parser().parse_args(container["args"])
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+        sleep = int(pre_stop[1]) if pre_stop else 0
+        webhook = {"drainSeconds": 10, "preStopSleepSeconds": 5, **values.get("webhook", {})}
+        assert (sleep, args.drain_seconds) == (webhook["preStopSleepSeconds"], webhook["drainSeconds"])
+        assert args.graceful_timeout >= 2
+        assert sleep + args.drain_seconds + args.graceful_timeout < pod["terminationGracePeriodSeconds"]
+    out = helm.run("template", RELEASE, str(CHART), values={"webhook": {"drainSeconds": 25}})
+    assert out.returncode != 0
+    assert ("webhook.preStopSleepSeconds (5) + webhook.drainSeconds (25) + 5 s for the last requests "
+            "must fit in webhook.terminationGracePeriodSeconds (30)") in out.stderr, out.stderr
+    out = helm.run("template", RELEASE, str(CHART), values={"webhook": {"drainSeconds": -1}})
+    assert out.returncode != 0 and "drainSeconds" in out.stderr, out.stderr
+
+
 def test_optional_features_render(helm: Helm) -> None:
     docs = helm.scenario("all-features")
     deployment = one(docs, "Deployment")

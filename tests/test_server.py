@@ -94,7 +94,7 @@ class Server:
         cmd = [sys.executable, "-m", "webhook.cli", "serve", "--config", str(self.policy.path),
                "--self-signed", "--tls-dir", str(self.tls_dir), "--bind-address", "127.0.0.1",
                "--port", str(self.port), "--workers", "2", "--plan-keys-dir", str(self.keys_dir),
-               "--reload-interval", str(RELOAD_INTERVAL),
+               "--reload-interval", str(RELOAD_INTERVAL), "--drain-seconds", "0",
                "--cluster-objects", str(ROOT / "examples" / "demo" / "cluster-objects.yaml")]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         wait_until(self._ready, "the webhook answering /readyz", timeout=30)

@@ -63,7 +63,7 @@ class Webhook:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "webhook.cli", "serve", "--config", str(policy), "--self-signed",
              "--tls-dir", str(self.tls_dir), "--bind-address", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--plan-keys-dir", str(keys),
+             "--workers", "1", "--plan-keys-dir", str(keys), "--drain-seconds", "0",
              "--cluster-objects", str(ROOT / "examples" / "demo" / "cluster-objects.yaml")],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT

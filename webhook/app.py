@@ -10,7 +10,8 @@ Routes (query strings such as the API server's ``?timeout=5s`` are ignored):
 - ``POST /mutate-pod`` — virt-launcher Pod CREATE.
 - ``GET /healthz`` — the process answers (liveness).
 - ``GET /readyz`` — the policy and the plan keys are loaded (always true once serving: a bad start
-  fails before the workers fork). A broken update of a mounted file keeps the last good version in
+  fails before the workers fork), 503 ``{"ready": false, "draining": true}`` once SIGTERM started the
+  drain (``webhook/drain.py``). A broken update of a mounted file keeps the last good version in
   service and is reported in the body (``stale``) and by ``diskhooks_config_reload_failures_total``,
   NOT by a 503: every replica reads the same ConfigMap, so a 503 would take them all out of the
   Service at once and, with failurePolicy Fail, stop VM admission cluster-wide over a typo.
@@ -43,6 +44,7 @@ from diskplan.plan import PlanKeys
 from diskplan.policy import Policy
 from webhook.admission import Route, admit
 from webhook.cluster import EMPTY_CLUSTER, Cluster
+from webhook.drain import DrainFlag
 from webhook.metrics import Metrics
 from webhook.reload import Fixed, SourceError, TimedPlanKeys, WatchedFiles, watch_plan_keys, watch_policy
 
@@ -130,6 +132,8 @@ class State:
     policy: Source[Policy]
     plan_keys: Source[PlanKeys]
     metrics: Metrics
+    drain: DrainFlag = field(default_factory=DrainFlag)
+    """Set by the gunicorn master at SIGTERM (shared with the workers, see ``webhook/drain.py``)."""
 
 
 bp = Blueprint("admission", __name__)
@@ -160,6 +164,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
+
+
+def drain_flag(app: Flask) -> DrainFlag:
+    """The app's drain flag (made with the app, before gunicorn forks its workers)."""
+    state = app.extensions[EXTENSION]
+    assert isinstance(state, State)
+    return state.drain
 
 
 def _state() -> State:
@@ -264,6 +275,8 @@ def healthz() -> Response:
 @bp.get("/readyz")
 def readyz() -> Response:
     state = _state()
+    if state.drain.draining:  # SIGTERM: leave the Service's endpoints (webhook/drain.py)
+        return _json({"ready": False, "draining": True}, 503)
     sources: list[Source[Any]] = [state.policy, state.plan_keys]
     for source in sources:
         source.get()  # runs the (rate-limited) check for a newer version

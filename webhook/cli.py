@@ -8,8 +8,10 @@ connections wait in the worker's poller, so the API server's connection reuse co
 and ``preload_app`` (the policy, keys, cluster objects and certificate are loaded once in the
 master, so a bad configuration fails with exit 2 *before* any worker forks). The keep-alive
 timeout (120 s) is longer than the API server's idle-connection timeout (90 s), so the server
-never closes a connection the client is about to reuse. SIGTERM stops gracefully: workers finish
-the requests they have (``--graceful-timeout``), then exit; SIGINT stops at once.
+never closes a connection the client is about to reuse. SIGTERM drains first (``--drain-seconds``,
+``webhook/drain.py``: ``/readyz`` 503, every response closes its connection, new connections still
+served), then stops gracefully: workers finish the requests they have (``--graceful-timeout``),
+then exit; SIGINT stops at once.
 
 ``dry-run`` prints the mutated object as YAML (or the JSONPatch as JSON with ``--show-patch``)
 and exits 0; a denial exits 1 with the reason on stderr; unusable input (a missing file, bad YAML,
@@ -96,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload-interval", type=float, default=1.0, metavar="SECONDS",
                        help="how often the policy, key and certificate files are checked")
     serve.add_argument("--graceful-timeout", type=int, default=25, metavar="SECONDS",
-                       help="on SIGTERM, how long workers may finish their requests")
+                       help="after the drain, how long workers may finish their requests")
+    serve.add_argument("--drain-seconds", type=float, default=10.0, metavar="SECONDS",
+                       help="on SIGTERM, how long to keep serving with /readyz 503 and "
+                            "'Connection: close' on every response before stopping (default 10; "
+                            "0: stop at once); a second SIGTERM ends it")
     serve.add_argument("--access-log", action="store_true", help="log every request to stderr")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
@@ -300,7 +306,8 @@ def _serve(args: argparse.Namespace, cleanup: list[Callable[[], None]]) -> int:
     _prepare_metrics_dir(cleanup)
 
     from diskplan.plan import PlanKeys
-    from webhook.app import Settings, create_app
+    from webhook.app import Settings, create_app, drain_flag
+    from webhook.drain import close_when_draining, draining_arbiter
     from webhook.metrics import mark_worker_dead
     from webhook.reload import SourceError
     from webhook.tls import CertReloader, generate_self_signed, reusable_self_signed
@@ -346,10 +353,12 @@ def _serve(args: argparse.Namespace, cleanup: list[Callable[[], None]]) -> int:
                                reloader=reloader, graceful_timeout=args.graceful_timeout,
                                access_log=args.access_log, log_level=args.log_level)
     options["child_exit"] = lambda _arbiter, worker: mark_worker_dead(worker.pid)
+    flag = drain_flag(app)
+    options["pre_request"] = close_when_draining(flag)
     host = options["bind"][0].rsplit(":", 1)[0]
     print(f"serving https://{host}:{args.port} with {args.workers} worker(s) x {args.threads} "
           f"thread(s)", flush=True)
-    run_gunicorn(app, options)
+    run_gunicorn(app, options, arbiter=draining_arbiter(flag, args.drain_seconds))
     return 0
 
 
@@ -385,12 +394,16 @@ def gunicorn_options(*, bind_address: str, port: int, workers: int, threads: int
     return options
 
 
-def run_gunicorn(app: Any, options: dict[str, Any]) -> None:
-    """Run gunicorn in this process with ``app`` and ``options`` (gunicorn setting names).
+def run_gunicorn(app: Any, options: dict[str, Any], *, arbiter: type[Any] | None = None) -> None:
+    """Run gunicorn in this process with ``app`` and ``options`` (gunicorn setting names), its
+    master being ``arbiter`` (a ``gunicorn.arbiter.Arbiter`` class; default gunicorn's own).
 
     Shared with ``benchmarks/baseline_app.py`` so the baseline server runs the same configuration.
     """
     from gunicorn.app.base import BaseApplication
+    from gunicorn.arbiter import Arbiter
+
+    master = Arbiter if arbiter is None else arbiter
 
     class _Server(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -400,6 +413,13 @@ def run_gunicorn(app: Any, options: dict[str, Any]) -> None:
 
         def load(self) -> Any:
             return app
+
+        def run(self) -> None:  # BaseApplication.run with the chosen master
+            try:
+                master(self).run()
+            except RuntimeError as exc:
+                print(f"\nError: {exc}\n", file=sys.stderr, flush=True)
+                sys.exit(1)
 
     _Server().run()
 
@@ -421,6 +441,8 @@ def _check_serve_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--threads {args.threads}: must be 1-256")
     if not 0 <= args.reload_interval <= 3600:
         raise UsageError("--reload-interval: must be 0-3600 seconds")
+    if not 0 <= args.drain_seconds <= 600:
+        raise UsageError(f"--drain-seconds {args.drain_seconds:g}: must be 0-600 seconds")
     for name in (*args.hostname, *args.service):
         if not _valid_name(name):
             raise UsageError(f"{name[:80]!r} is not a DNS name or IP address")
