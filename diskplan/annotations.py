@@ -33,8 +33,8 @@ from diskplan.yamlsafe import load_document
 MAX_DISKS = 32
 MAX_PASSTHROUGH = 16
 SECTOR = 512
-SERIAL = re.compile(r"^[A-Za-z0-9_.+-]{1,36}$")  # KubeVirt's alphabet; 36: the longest SCSI serial
-BACKING = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,126}[a-z0-9])?$")
+SERIAL = re.compile(r"^[A-Za-z0-9_.+-]{1,36}\Z")  # KubeVirt's alphabet; 36: the longest SCSI serial
+BACKING = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,126}[a-z0-9])?\Z")
 MAX_BOOT_ORDER = 10_000
 
 DISK_KEYS = ("name", "size", "bus", "cache", "io", "discard", "serial", "bootOrder", "backing")

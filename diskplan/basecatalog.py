@@ -42,7 +42,7 @@ HASHED_BY = ("node-agent", "prepare")
 #: :func:`is_quiet`): far above any filesystem's timestamp granularity (coarse clock ticks of a
 #: few ms; 1 s on ext3; 2 s on FAT) and any sensible clock adjustment between two reads.
 QUIET_NS = 2_000_000_000
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True)

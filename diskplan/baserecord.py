@@ -29,9 +29,9 @@ from diskplan.plan import BASE_FORMATS, Backing, PlannedDisk
 
 MAX_RECORD_BYTES = 64 * 1024  # both base records (this one and the persistent root's): prepare and the sidecar
 IDENTITY_FIELDS = ("dev", "ino", "size", "mtimeNs", "ctimeNs")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-_REF_DIGEST = re.compile(r"@(sha256:[0-9a-f]{64})$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}\Z")
+_REF_DIGEST = re.compile(r"@(sha256:[0-9a-f]{64})\Z")
 
 
 def identity_of(st: os.stat_result) -> dict[str, int]:

@@ -30,8 +30,8 @@ MARKER_VERSION = 1
 MAX_MARKER_BYTES = 4096  # a marker is ~200 bytes
 MEMBERS = ("version", "namespace", "vm", "vmiUID", "node", "writtenAt")
 # a Kubernetes object UID (a UUID in practice); conservative, bounded
-_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
-_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
+_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}\Z")
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})\Z")
 
 
 @dataclass(frozen=True)

@@ -39,15 +39,15 @@ PLAN_VERSIONS = (1, 2, 3)
 MAX_PLAN_BYTES = 64 * 1024
 MAX_DETACHED = 128  # detached disks one plan remembers (bounds the plan's size)
 
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 # a DNS-1123 subdomain is what Kubernetes allows for namespaces-as-labels and VM names
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?\Z")
 # a Kubernetes node name: a DNS-1123 subdomain proper (dot-separated DNS labels, at most 253
 # characters), see is_node_name
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 MAX_NODE_NAME = 253
-_CLEAN_ABS_PATH = re.compile(r"^(/[A-Za-z0-9._+-]+)+$")
-_BASE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+_CLEAN_ABS_PATH = re.compile(r"^(/[A-Za-z0-9._+-]+)+\Z")
+_BASE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}\Z")
 
 BUSES = ("virtio", "scsi", "sata")
 CACHES = ("none", "writethrough", "writeback", "directsync", "unsafe")

@@ -43,7 +43,7 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 MAX_INPUT_BYTES = 4 * 1024 * 1024
 VERSIONS = HOOK_VERSIONS
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 
 
 class UsageError(Exception):

@@ -58,7 +58,7 @@ SOCKET_NAMES = ("virtqemud-sock", "libvirt-sock")
 #: 512 KiB: ~100x a real KubeVirt domain (3-6 KiB); the hook sidecar accepts the same
 MAX_DOMAIN_XML_CHARS = 512 * 1024
 MAX_REASON_DETAIL = 300  # characters of a daemon's message kept in a reason
-_POD_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
+_POD_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}\Z")
 _FORBIDDEN = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 
 
