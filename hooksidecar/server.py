@@ -65,6 +65,9 @@ MAX_MESSAGE_BYTES = MAX_DOMAIN_XML_BYTES + MAX_VMI_JSON_BYTES + 4096
 OVERSIZE_NOTE = (f"the diskhooks sidecar accepts a domain XML of at most {MAX_DOMAIN_XML_BYTES // 1024} KiB "
                  f"and a VMI JSON of at most {MAX_VMI_JSON_BYTES // 1024} KiB")
 DEFAULT_GRACE_SECONDS = 5.0
+#: a call's log line compares the domain XML received and answered; up to this size (KubeVirt's
+#: domains are 3-6 KiB) it is written once the answer is on its way, not on the caller's time
+DEFERRED_LOG_BYTES = 128 * 1024
 THREADS = 2  # grpcio: virt-launcher calls one hook at a time; a second thread serves Info/Shutdown meanwhile
 MAX_CONCURRENT_RPCS = 8
 MAX_CONNECTIONS = 4  # h2: open at once, and worker threads; virt-launcher dials one connection per call
@@ -271,7 +274,10 @@ class Servicers:
                 self._fail(fields, started, StatusCode.INTERNAL,
                            f"internal error in the diskhooks sidecar: {type(exc).__name__}: {exc}")
             ms = _ms(started)
-            self._after_answer.append(lambda: self._log_answer(fields, domain_xml, result, ms))
+            if len(domain_xml) + len(result) <= DEFERRED_LOG_BYTES:
+                self._after_answer.append(lambda: self._log_answer(fields, domain_xml, result, ms))
+            else:  # a large domain: its two documents are not kept alive for the line while sending
+                self._log_answer(fields, domain_xml, result, ms)
             return encode_bytes_field(F_DOMAIN_XML, result)
 
         return handle

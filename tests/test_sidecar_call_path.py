@@ -4,7 +4,8 @@
   compared with it at every call, and a different one is still refused.
 - The VMI JSON is parsed once: the core hands it to the caller's log (``on_vmi``).
 - The call's log line (which compares the disks of the XML received and answered) is written once
-  the answer is on its way, with either transport, and never later than the next call.
+  the answer is on its way, with either transport, and never later than the next call; at once
+  for a large domain (its two documents are not kept for the line).
 - A small serialised domain gets its close tags written in one split; a large one piece by piece:
   both give exactly what the comment-aware regular expression gives.
 
@@ -100,6 +101,11 @@ def test_the_log_line_is_written_once_the_answer_is_on_its_way() -> None:
     assert len(stream.getvalue().splitlines()) == 2
     servicers.answered()
     assert len(stream.getvalue().splitlines()) == 3
+    at = S05.xml().index(b">", S05.xml().index(b"<domain")) + 1  # a large domain: written at once
+    large = S05.xml()[:at] + b"<description>" + b"x" * srv.DEFERRED_LOG_BYTES + b"</description>" + S05.xml()[at:]
+    handle(srv.encode_bytes_field(srv.F_DOMAIN_XML, large) + srv.encode_bytes_field(srv.F_VMI, S05.vmi_json()))
+    assert len(stream.getvalue().splitlines()) == 4
+    assert json.loads(stream.getvalue().splitlines()[-1])["bytesIn"] == len(large)
 
 
 @pytest.mark.parametrize("transport", ["h2", "grpcio"])

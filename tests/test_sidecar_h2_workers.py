@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import h2.events
+import h2.settings
 import pytest
 
 from hooksidecar import h2grpc
@@ -154,3 +155,40 @@ def test_no_thread_per_connection_and_every_worker_ends_at_stop(tmp_path: Path) 
     idle.pump(lambda evs: any(isinstance(e, h2.events.ConnectionTerminated) for e in evs))
     idle.close()
     assert len(workers()) == before
+
+
+def test_a_client_that_does_not_read_its_answer_holds_nobody_else(
+        served: tuple[H2GrpcServer, str, Recorder], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The leader blocked sending an answer the client does not read (its windows let the server
+    send it all, more than the socket buffers hold): a client that comes meanwhile is served by the
+    standby, and the stuck connection is dropped after the send timeout."""
+    monkeypatch.setattr(h2grpc, "SEND_TIMEOUT_SECONDS", 3.0)
+    server, path, _ = served
+    reports: list[dict[str, object]] = []
+    monkeypatch.setattr(server, "report", lambda event, **fields: reports.append({"event": event, **fields}))
+    stuck = RawClient(path)
+    other = None
+    try:
+        stuck.pump(lambda evs: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in evs))
+        stuck.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        stuck.h2.increment_flow_control_window(2**31 - 1 - 65535)
+        sid = stuck.h2.get_next_available_stream_id()
+        stuck.h2.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/t.S/Echo"),
+                                    (b":authority", b"x"), (b"content-type", b"application/grpc")])
+        body = h2grpc.frame_message(b"y" * (900 * 1024))
+        for at in range(0, len(body), 16384):
+            stuck.h2.send_data(sid, body[at:at + 16384], end_stream=at + 16384 >= len(body))
+        stuck.flush()  # and then never read the answer
+        time.sleep(0.3)  # the leader is blocked in its send by now
+        other = RawClient(path)
+        began = time.monotonic()
+        assert call(other, b"meanwhile") == b"meanwhile"
+        assert time.monotonic() - began < 1.5  # not after the stuck send gave up
+        deadline = time.monotonic() + 8
+        while not any("read nothing" in str(r.get("error")) for r in reports):
+            assert time.monotonic() < deadline, reports
+            time.sleep(0.05)
+    finally:
+        stuck.close()
+        if other is not None:
+            other.close()
