@@ -1,9 +1,14 @@
 """The local demo: one VM start of examples/demo/vm.yaml through every part of diskhooks, no cluster.
 
-Run with ``./scripts/demo.sh`` (it installs what is needed first). Starts the real webhook (gunicorn,
-self-signed TLS on 127.0.0.1) and the real sidecar (gRPC on a unix socket in a temp directory); the
-parts a cluster would play (kube-apiserver, virt-controller, kubelet, virt-launcher) are played by
-this script, which sends what they would send and shows what comes back.
+Run with ``./scripts/demo.sh`` (it installs what is needed first), as root. Starts the real webhook
+(gunicorn, self-signed TLS on 127.0.0.1) and the real sidecar (gRPC on a unix socket in a temp
+directory), runs the real prepare, calls the node agent's own code, and starts a real
+virt-launcher-shaped libvirt (an unprivileged session libvirtd as uid 107, a TCG domain on the
+images prepare made: ``tests/libvirt_launcher.py``). The parts a cluster would play
+(kube-apiserver, virt-controller, the kubelet and its mounts, virt-handler) are played by this
+script, which sends what they would send and shows what comes back: a temp directory plays the
+node (``node/``) and each container runs in a mount namespace of its own with the Pod's hostPath
+and image volumes bind-mounted where its spec says (``unshare``), as the kubelet would.
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import datetime
 import difflib
 import http.client
 import json
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -25,16 +33,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonpatch
 import yaml
+
+if TYPE_CHECKING:
+    from tests.libvirt_launcher import LauncherDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo"
 POLICY = ROOT / "examples" / "policy.yaml"
 VMI_UID = "0d6c4c2e-8f0a-4b51-9a51-6e2f8b7c9d01"
+VM_UID = "7a3e9d10-51c2-4f6b-8e0d-2b9c4a6f1e23"  # what the API server assigned the VM
+POD_UID = "c1f4b2a8-6d3e-4a9b-b7c0-5e8f2d1a9b34"  # the virt-launcher Pod's
 DEMO_NODE = "demo-node"  # the node the scheduler would bind the launcher Pod to (the temp dir plays it)
+GiB = 1 << 30
 
 BOLD, DIM, GREEN, RED, CYAN, RESET = "\033[1m", "\033[2m", "\033[32m", "\033[31m", "\033[36m", "\033[0m"
 if not sys.stdout.isatty():
@@ -131,7 +145,8 @@ class Webhook:
             return False
 
     def review(self, path: str, *, obj: dict[str, Any], kind: str, resource: str, group: str,
-               operation: str = "CREATE") -> dict[str, Any]:
+               operation: str = "CREATE", old: dict[str, Any] | None = None,
+               user: str = "demo") -> dict[str, Any]:
         review = {
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "request": {
@@ -141,7 +156,7 @@ class Webhook:
                 "requestKind": {"group": group, "version": "v1", "kind": kind},
                 "requestResource": {"group": group, "version": "v1", "resource": resource},
                 "name": obj["metadata"].get("name", ""), "namespace": "vms", "operation": operation,
-                "userInfo": {"username": "demo"}, "object": obj, "oldObject": None, "dryRun": False,
+                "userInfo": {"username": user}, "object": obj, "oldObject": old, "dryRun": False,
             },
         }
         self.conn.request("POST", f"{path}?timeout=10s", body=json.dumps(review),
@@ -217,19 +232,90 @@ def launcher_vmi(vm: dict[str, Any]) -> dict[str, Any]:
             "spec": copy.deepcopy(tmpl["spec"])}
 
 
+def mount_lines(container: dict[str, Any], pod: dict[str, Any], node: Path, view: Path) -> list[str]:
+    """Shell lines that mount, as the kubelet would, the container's hostPath volumes (from ``node``,
+    made first when ``DirectoryOrCreate``) and image volumes (``node/image-volumes/<name>``) at their
+    mount paths below ``view``. emptyDirs (the hook sockets) play no part here."""
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    lines = []
+    for m in container.get("volumeMounts", []):
+        vol = volumes[m["name"]]
+        if "hostPath" in vol:
+            source = node / vol["hostPath"]["path"].lstrip("/")
+            if vol["hostPath"].get("type") == "DirectoryOrCreate":
+                source.mkdir(parents=True, exist_ok=True)
+        elif "image" in vol:
+            source = node / "image-volumes" / m["name"]
+        else:
+            continue
+        target = view / m["mountPath"].lstrip("/")
+        target.mkdir(parents=True, exist_ok=True)
+        opts = "bind,ro" if m.get("readOnly") else "bind"
+        lines.append(f"mount -o {opts} {shlex.quote(str(source))} {shlex.quote(str(target))}")
+    return lines
+
+
+def in_container(container: dict[str, Any], pod: dict[str, Any], node: Path, view: Path,
+                 argv: list[str]) -> list[str]:
+    """``argv`` run in a mount namespace of its own with the container's volumes mounted (the
+    mounts end with it)."""
+    script = "set -e\n" + "\n".join(mount_lines(container, pod, node, view)) + "\nexec " + \
+        " ".join(shlex.quote(a) for a in argv)
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script]
+
+
+def merge_patch(doc: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies the agent's PATCH."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(doc) if isinstance(doc, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def qemu_img_size(path: Path) -> int:
+    """The image's virtual size, read with ``-U`` (the running QEMU holds the lock)."""
+    out = subprocess.run(["qemu-img", "info", "-U", "-f", "qcow2", "--output=json", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(json.loads(out)["virtual-size"])
+
+
+def show_sizes(when: str, daemon: LauncherDaemon, domain: str, image: Path) -> None:
+    virsh = daemon.virsh("domblkinfo", domain, "vda")
+    match = re.search(r"^Capacity:\s+(\d+)$", virsh, re.MULTILINE)
+    capacity = int(match.group(1)) if match else -1
+    print(f"  {when}: virsh domblkinfo {domain} vda -> Capacity {capacity} ({capacity / GiB:g} GiB); "
+          f"qemu-img info -U pgdata.qcow2 -> virtual size {qemu_img_size(image) / GiB:g} GiB")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", action="store_true", help="keep the temp directory")
     args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("demo: run it as root (./scripts/demo.sh does): it mounts the Pod's volumes as the "
+                         "kubelet would and starts a uid-107 libvirt as virt-launcher runs it")
 
     work = Path(tempfile.mkdtemp(prefix="diskhooks-demo-"))
+    work.chmod(0o711)  # the uid-107 QEMU reaches the images below it (nothing can be listed)
     keys = work / "plan-keys"
-    keys.mkdir()
+    keys.mkdir(mode=0o700)
     (keys / "current").write_text(secrets.token_urlsafe(32))
-    prefix = work / "launcher"  # plays the virt-launcher pod's filesystem
+    node = work / "node"  # plays the node's filesystem
+    prefix = work / "launcher"  # plays the virt-launcher pod's filesystem (mount points only)
+    from diskplan.policy import load_policy
+
+    policy = load_policy(POLICY.read_text())
+    node_root = node / policy.host_disks.root.lstrip("/")
+    vm_dir = node_root / "vms" / "pg01"
     print(f"{BOLD}diskhooks demo{RESET} — work directory {work}")
     children: list[subprocess.Popen[bytes]] = []  # stopped, with their process groups, at the end
     webhook: Webhook | None = None
+    daemons: list[LauncherDaemon] = []  # the launcher libvirt, stopped at the end
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _exit_on_signal)
     try:
@@ -276,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         if not resp.get("allowed"):
             raise SystemExit(f"demo: the Pod was denied: {resp.get('status')}")
         pod2, ops = apply_response(pod, resp)
+        pod2["metadata"]["uid"] = POD_UID  # the API server's
+        pod2["spec"]["nodeName"] = DEMO_NODE  # the scheduler's binding
         init = next(c for c in pod2["spec"]["initContainers"] if c["name"] == "diskhooks-prepare")
         print(f"  init container {init['name']}: image {init['image']}, args {init.get('args')}")
         for m in init.get("volumeMounts", []):
@@ -283,23 +371,24 @@ def main(argv: list[str] | None = None) -> int:
         caps = init.get("securityContext", {}).get("capabilities", {})
         print(f"    capabilities: drop {caps.get('drop')} add {caps.get('add')}")
 
-        step(4, "prepare runs in the init container: real qcow2 images (temp dir plays the node)")
+        step(4, f"prepare runs in the init container on {DEMO_NODE}: real qcow2 images in the VM's node "
+                "directory")
         # What the node and the image volume hold before the VM's first start:
-        qemu_img_create(prefix / "var/run/kubevirt-private/diskhooks/images/almalinux-9.qcow2", "10G")
-        qemu_img_create(prefix / "var/run/kubevirt-image-volume/disk_0/disk/almalinux-9.qcow2", "10G")
-        for d in plan["disks"]:
-            (prefix / "var/run/kubevirt-private/vmi-disks" / d["name"]).mkdir(parents=True, exist_ok=True)
-        (prefix / "var/run/kubevirt-private/diskhooks/vm").mkdir(parents=True, exist_ok=True)
+        library_base = node / (policy.host_disks.image_library or "/missing").lstrip("/") / "almalinux-9.qcow2"
+        qemu_img_create(library_base, "10G")
+        qemu_img_create(node / "image-volumes" / "root" / "disk" / "almalinux-9.qcow2", "10G")
         env = dict(os.environ, **container_env(init, pod2))  # the env the Pod mutation wrote
+        prepare_argv = in_container(init, pod2, node, prefix, [
+            sys.executable, "-m", "hooksidecar.cli", "prepare", "--plan-from-env", "--path-prefix", str(prefix)])
         for attempt in ("first start", "second start (nothing to do)"):
-            out = subprocess.run([sys.executable, "-m", "hooksidecar.cli", "prepare", "--plan-from-env",
-                                  "--path-prefix", str(prefix)], env=env, capture_output=True, text=True, check=False)
+            out = subprocess.run(prepare_argv, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
             print(f"  prepare, {attempt}: exit {out.returncode}")
             show(out.stdout + out.stderr, limit=12)
             if out.returncode != 0:
                 raise SystemExit("demo: prepare failed")
+        print(f"  on the node, {vm_dir.relative_to(node.parent)}/: {', '.join(sorted(os.listdir(vm_dir)))}")
         for d in plan["disks"]:
-            img = prefix / "var/run/kubevirt-private/vmi-disks" / d["name"] / f"{d['name']}.qcow2"
+            img = vm_dir / f"{d['name']}.qcow2"
             info = qemu_img_info(img)
             print(f"  qemu-img info {d['name']}.qcow2: format {info['format']}, virtual size "
                   f"{info['virtual-size'] / 2**30:.0f} GiB, backing {info.get('backing-filename', '-')}"
@@ -309,8 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                 rec = json.loads(record.read_text())
                 print(f"  base record {record.name}: {rec['file']} sha256 {rec['sha256'][:16]}…, identity "
                       f"inode {rec['identity']['ino']} size {rec['identity']['size']} (checked at every start)")
-        root = prefix / "var/run/kubevirt-private/diskhooks/vm/persist-root.root.qcow2"
-        info = qemu_img_info(root)
+        info = qemu_img_info(vm_dir / "persist-root.root.qcow2")
         print(f"  qemu-img info persist-root.root.qcow2: virtual size {info['virtual-size'] / 2**30:.0f} GiB,"
               f" backing {info.get('backing-filename')} ({info.get('backing-filename-format')})")
 
@@ -321,10 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         # only plan the sidecar applies; a VMI whose annotation differs is refused
         hook_sidecar = next(c for c in pod2["spec"]["containers"] if c["name"] == "hook-sidecar-0")
         sidecar_env = dict(os.environ, **container_env(hook_sidecar, pod2))
-        sidecar = subprocess.Popen([sys.executable, "-m", "hooksidecar.cli", "serve", "--socket-dir",
-                                    str(sock_dir), "--path-prefix", str(prefix)], cwd=ROOT, env=sidecar_env,
-                                   stderr=open(work / "sidecar.log", "wb"),  # noqa: SIM115
-                                   start_new_session=True)
+        sidecar = subprocess.Popen(
+            in_container(hook_sidecar, pod2, node, work / "sidecar-view", [
+                sys.executable, "-m", "hooksidecar.cli", "serve", "--socket-dir", str(sock_dir),
+                "--path-prefix", str(work / "sidecar-view")]),
+            cwd=ROOT, env=sidecar_env, stderr=open(work / "sidecar.log", "wb"),  # noqa: SIM115
+            start_new_session=True)
         children.append(sidecar)
         sock = sock_dir / "diskhooks.sock"
         wait_for(sock.exists, "the sidecar socket", timeout=15)
@@ -362,10 +452,20 @@ def main(argv: list[str] | None = None) -> int:
         call_shutdown(sock)
         sidecar.wait(10)
         print(f"  Shutdown: sidecar exited with {sidecar.returncode}, socket removed: {not sock.exists()}")
+
+        vm3 = home_node(webhook, vm2, vmi_launcher, keys=keys, node_root=node_root, policy_user=str(
+            policy.node_agent.username))
+        vm4 = grow_online(webhook, vm3, keys=keys, vm_dir=vm_dir, library_base=library_base, daemons=daemons)
+        next_start(webhook, vm4, node=node, view=prefix, daemons=daemons)
         print(f"\n{BOLD}{GREEN}demo complete{RESET}")
         return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
+        if daemons:
+            from tests.libvirt_launcher import stop_daemon
+
+            for d in daemons:
+                stop_daemon(d)  # destroys the domain, ends the daemon and QEMU by PID, removes its dir
         if webhook is not None:
             webhook.close()
         for child in children:
@@ -374,6 +474,153 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def home_node(webhook: Webhook, vm2: dict[str, Any], vmi: dict[str, Any], *, keys: Path, node_root: Path,
+              policy_user: str) -> dict[str, Any]:
+    """Step 6: the node agent's decision from the running VMI and prepare's marker, its PATCH
+    admitted by the webhook as the agent's ServiceAccount; the VM as stored afterwards."""
+    from diskplan import keys as K
+    from diskplan.homemarker import marker_json
+    from nodeagent.home import decide_from_vmi, home_patch
+    from nodeagent.scan import MarkerPlace, read_marker
+    from webhook.reload import watch_plan_keys
+
+    step(6, f"The node agent on {DEMO_NODE} records the VM's home: prepare's marker vouches for the VMI")
+    plan_keys = watch_plan_keys(keys).get()  # the agent's reader of the plan-key Secret
+    marker = read_marker(str(node_root), MarkerPlace("vms", "pg01"))
+    where = node_root / "vms" / "pg01" / K.HOME_MARKER
+    print(f"  the agent reads <node>/{where.relative_to(node_root.parents[3])} (prepare wrote it through the "
+          "Pod's hostPath mount, before the first image):")
+    show(marker_json(marker).decode())
+    # what the API server stores, and the VMI as virt-handler on demo-node leaves it running
+    stored = copy.deepcopy(vm2)
+    created = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1)
+    stored["metadata"].update({"uid": VM_UID, "resourceVersion": "1001", "generation": 1,
+                               "creationTimestamp": created.strftime("%Y-%m-%dT%H:%M:%SZ")})
+    running = copy.deepcopy(vmi)
+    running["metadata"].setdefault("labels", {})["kubevirt.io/nodeName"] = DEMO_NODE
+    running["metadata"]["ownerReferences"] = [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                                               "name": "pg01", "uid": VM_UID, "controller": True}]
+    running["status"] = {"phase": "Running", "nodeName": DEMO_NODE, "activePods": {POD_UID: DEMO_NODE}}
+    decision = decide_from_vmi(running, stored, node=DEMO_NODE, keys=plan_keys, marker=marker)
+    print(f"  VMI {VMI_UID[:8]}… on {DEMO_NODE}: {BOLD}{decision.action} node {DEMO_NODE}{RESET} "
+          f"({decision.reason})")
+    forged = copy.deepcopy(running)  # a VMI someone created by hand: labelled, owned, the VM's own plan
+    forged["metadata"].update({"name": "pg01-forged", "uid": "9e8d7c6b-0000-4000-8000-00000000f0f0"})
+    verdict = decide_from_vmi(forged, stored, node=DEMO_NODE, keys=plan_keys, marker=marker)
+    print(f"  a hand-made VMI with the same labels, owner and plan: {verdict.action} ({verdict.code})")
+    print(f"  {DIM}{verdict.reason[:150]}...{RESET}")
+
+    patch = home_patch(DEMO_NODE, decision.resource_version)
+    print(f"  the agent's merge PATCH of the VM: {json.dumps(patch, separators=(',', ':'))}")
+    asked = merge_patch(stored, patch)
+    resp = webhook.review("/mutate", obj=asked, old=stored, operation="UPDATE", kind="VirtualMachine",
+                          resource="virtualmachines", group="kubevirt.io", user=policy_user)
+    if not resp.get("allowed"):
+        raise SystemExit(f"demo: the agent's UPDATE was denied: {resp.get('status')}")
+    vm3, ops = apply_response(asked, resp)
+    print(f"  UPDATE by {policy_user}: allowed, the webhook adds:")
+    show(summarise_patch(ops))
+    terms = vm3["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    new_plan = json.loads(vm3["spec"]["template"]["metadata"]["annotations"]["diskhooks.io/plan"])
+    print(f"  -> required node affinity {json.dumps(terms, separators=(',', ':'))}; "
+          f"plan version {new_plan['version']}, node {new_plan.get('node')}")
+    user_try = merge_patch(stored, {"metadata": {"annotations": {"diskhooks.io/node": "node-b"}}})
+    denied = webhook.review("/mutate", obj=user_try, old=stored, operation="UPDATE", kind="VirtualMachine",
+                            resource="virtualmachines", group="kubevirt.io", user="demo")
+    print(f"  the same annotation from user demo: allowed={denied['allowed']}")
+    print(f"  {DIM}{denied.get('status', {}).get('message', '')[:160]}{RESET}")
+    vm3["metadata"]["resourceVersion"] = "1002"
+    return vm3
+
+
+def grow_online(webhook: Webhook, vm3: dict[str, Any], *, keys: Path, vm_dir: Path, library_base: Path,
+                daemons: list[LauncherDaemon]) -> dict[str, Any]:
+    """Step 7: the launcher's own libvirt runs the VM on prepare's images; a user's UPDATE grows
+    pgdata; the node agent's expand code grows the running disk."""
+    from diskplan import keys as K
+    from nodeagent.expand import expand_online, launcher_socket
+    from nodeagent.home import Decision, template_plan_text, verified_plan
+    from tests.libvirt_launcher import DomainDiskSpec, daemon_binary, start_daemon, start_domain
+    from webhook.reload import watch_plan_keys
+
+    step(7, "The VM runs in virt-launcher's libvirt; the user grows pgdata; the agent grows it online")
+    daemon = start_daemon(pod_uid=POD_UID)
+    daemons.append(daemon)
+    print(f"  launcher libvirt: {Path(daemon_binary()[0]).name} as uid {K.QEMU_UID} (session), socket "
+          f"<kubelet pods>/{POD_UID[:8]}…/volumes/kubernetes.io~empty-dir/libvirt-runtime/{daemon.socket_path.name}"
+          f" ({daemon.root})")
+    domain = "vms_pg01"
+    pgdata = vm_dir / "pgdata.qcow2"
+    started = start_domain(daemon, domain, [
+        DomainDiskSpec(K.disk_alias("pgdata"), pgdata, "vda"),
+        DomainDiskSpec(K.disk_alias("scratch"), vm_dir / "scratch.qcow2", "vdb", backing=library_base)])
+    print(f"  domain {domain} running (TCG) on pgdata.qcow2 and scratch.qcow2 from {vm_dir.name}/ "
+          f"(started in {started.started_in:.1f} s)")
+    show_sizes("before", daemon, domain, pgdata)
+
+    grown = copy.deepcopy(vm3)
+    ann = grown["metadata"]["annotations"]
+    ann["diskhooks.io/disks"] = ann["diskhooks.io/disks"].replace("{name: pgdata, size: 20Gi}",
+                                                                  "{name: pgdata, size: 24Gi}")
+    resp = webhook.review("/mutate", obj=grown, old=vm3, operation="UPDATE", kind="VirtualMachine",
+                          resource="virtualmachines", group="kubevirt.io", user="demo")
+    if not resp.get("allowed"):
+        raise SystemExit(f"demo: growing pgdata was denied: {resp.get('status')}")
+    vm4, _ = apply_response(grown, resp)
+    plan = verified_plan(template_plan_text(vm4), watch_plan_keys(keys).get(), namespace="vms", vm="pg01",
+                         where="VM vms/pg01 spec.template diskhooks.io/plan")
+    if isinstance(plan, Decision):
+        raise SystemExit(f"demo: the new plan does not verify: {plan.reason}")
+    sizes = {d.name: d.size_bytes for d in plan.disks}
+    print(f"  user demo's UPDATE (pgdata 20Gi -> 24Gi): allowed; the new signed plan: pgdata "
+          f"{sizes['pgdata']} bytes, node {plan.node}")
+
+    socket_path = launcher_socket(str(daemon.pods_dir), POD_UID)
+    assert socket_path is not None, "the launcher's socket is where the kubelet puts it"
+    t0 = time.perf_counter()
+    results = expand_online(plan, socket_path=socket_path, domain_name=domain)
+    took = (time.perf_counter() - t0) * 1000
+    print(f"  the agent's expand_online ({took:.0f} ms): virDomainBlockResize through the launcher's socket")
+    for r in results:
+        print(f"    {r.volume}: {BOLD if r.outcome == 'grown' else ''}{r.outcome}{RESET} — {r.reason}")
+    show_sizes("after ", daemon, domain, pgdata)
+    print(f"  the domain is still running: {daemon.conn.lookupByName(domain).isActive() == 1}")
+    return vm4
+
+
+def next_start(webhook: Webhook, vm4: dict[str, Any], *, node: Path, view: Path,
+               daemons: list[LauncherDaemon]) -> None:
+    """The VM's next start: its launcher Pod (with the grown plan) is admitted and prepare finds the
+    image already at the planned size."""
+    from tests.libvirt_launcher import stop_daemon
+
+    for d in daemons:
+        stop_daemon(d)  # the VM stops: its domain, QEMU and the launcher's libvirt end
+    daemons.clear()
+    vmi = launcher_vmi(vm4)
+    pod = yaml.safe_load((DEMO / "launcher-pod.yaml").read_text())
+    pod["metadata"]["labels"].update(vmi["metadata"].get("labels", {}))
+    pod["metadata"]["annotations"].update(vmi["metadata"].get("annotations", {}))
+    resp = webhook.review("/mutate-pod", obj=pod, kind="Pod", resource="pods", group="")
+    if not resp.get("allowed"):
+        raise SystemExit(f"demo: the next start's Pod was denied: {resp.get('status')}")
+    pod2, _ = apply_response(pod, resp)
+    pod2["spec"]["nodeName"] = DEMO_NODE
+    init = next(c for c in pod2["spec"]["initContainers"] if c["name"] == "diskhooks-prepare")
+    out = subprocess.run(in_container(init, pod2, node, view, [
+        sys.executable, "-m", "hooksidecar.cli", "prepare", "--plan-from-env", "--path-prefix", str(view)]),
+        cwd=ROOT, env=dict(os.environ, **container_env(init, pod2)), capture_output=True, text=True,
+        check=False)
+    lines = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
+    pgdata: dict[str, Any] = next((ln for ln in lines if ln.get("volume") == "pgdata"), {})
+    print(f"  next start, prepare (exit {out.returncode}): pgdata {pgdata.get('result')}, virtual size "
+          f"{int(pgdata.get('virtualSize', 0)) / GiB:g} GiB (grown online already: nothing to do)")
+    if out.returncode != 0:
+        show(out.stdout + out.stderr, limit=12)
+        raise SystemExit("demo: prepare failed at the next start")
 
 
 if __name__ == "__main__":

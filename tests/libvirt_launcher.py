@@ -260,6 +260,7 @@ class DomainDiskSpec:
     path: Path  # the image file
     dev: str  # vda, vdb...
     fmt: str = "qcow2"
+    backing: Path | None = None  # a qcow2 base, given as an explicit <backingStore> (as the sidecar does)
 
 
 def domain_xml(name: str, disks: Sequence[DomainDiskSpec]) -> str:
@@ -276,6 +277,11 @@ def domain_xml(name: str, disks: Sequence[DomainDiskSpec]) -> str:
         disk = ET.SubElement(devices, "disk", type="file", device="disk")
         ET.SubElement(disk, "driver", name="qemu", type=spec.fmt)
         ET.SubElement(disk, "source", file=str(spec.path))
+        if spec.backing is not None:  # the base's own path: the header's may name a launcher path
+            store = ET.SubElement(disk, "backingStore", type="file")
+            ET.SubElement(store, "format", type="qcow2")
+            ET.SubElement(store, "source", file=str(spec.backing))
+            ET.SubElement(store, "backingStore")
         ET.SubElement(disk, "target", dev=spec.dev, bus="virtio")
         ET.SubElement(disk, "alias", name=spec.alias)
     video = ET.SubElement(devices, "video")

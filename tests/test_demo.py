@@ -1,14 +1,16 @@
 """The README's first command plays the whole flow; this runs the same demo (without the install
 step, which .ci/run has just done) and checks what a newcomer is shown.
 
-The parts a cluster would play (kube-apiserver, virt-controller, kubelet, virt-launcher) are played
-by the demo script itself: there is no cluster here. The webhook, the sidecar, prepare and qemu-img
-are the real ones.
+The parts a cluster would play (kube-apiserver, virt-controller, the kubelet and its mounts,
+virt-handler) are played by the demo script itself: there is no cluster here. The webhook, the
+sidecar, prepare, qemu-img, the node agent's decision and expansion code, and the launcher-shaped
+libvirt (uid 107 session daemon, TCG QEMU) are the real ones.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,7 +42,29 @@ def test_the_demo_plays_one_vm_start_end_to_end() -> None:
     assert "second call on its own output: identical" in text
     assert "VMI plan edited after Pod admission: FAILED_PRECONDITION" in text  # the Pod's copy rules
     assert "socket removed: True" in text
+    # 6. prepare's marker vouches for the VMI: the agent's code records the home, a hand-made VMI
+    # with the same labels, owner and plan is refused; the webhook admits the agent's UPDATE only
+    assert '"vmiUID": "0d6c4c2e-8f0a-4b51-9a51-6e2f8b7c9d01", "node": "demo-node"' in text
+    assert "on demo-node: record node demo-node" in text
+    assert "a hand-made VMI with the same labels, owner and plan: skip (marker-other-vmi)" in text
+    assert "UPDATE by system:serviceaccount:diskhooks-system:diskhooks-node: allowed" in text
+    assert ('required node affinity [{"matchExpressions":[{"key":"kubernetes.io/hostname","operator":"In",'
+            '"values":["demo-node"]}]}]; plan version 3, node demo-node') in text
+    assert "the same annotation from user demo: allowed=False" in text
+    # 7. the running disk grew online, as QEMU and the file both say, and the next start has nothing to do
+    assert "before: virsh domblkinfo vms_pg01 vda -> Capacity 21474836480 (20 GiB); qemu-img info -U " \
+        "pgdata.qcow2 -> virtual size 20 GiB" in text
+    assert "pgdata: grown — grown online from 21474836480 to 25769803776 bytes" in text
+    assert "after : virsh domblkinfo vms_pg01 vda -> Capacity 25769803776 (24 GiB); qemu-img info -U " \
+        "pgdata.qcow2 -> virtual size 24 GiB" in text
+    assert "the domain is still running: True" in text
+    assert "next start, prepare (exit 0): pgdata unchanged, virtual size 24 GiB" in text
     assert "demo complete" in text
+    # nothing left behind: the launcher's libvirt and its QEMU ended, their directory removed
+    launcher = re.search(r"libvirt-runtime/\S+ \((/tmp/dh-lv-\w+)\)", text)
+    assert launcher is not None, text
+    assert _processes_mentioning(launcher.group(1)) == []
+    assert not os.path.exists(launcher.group(1))
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -81,3 +105,32 @@ def test_a_demo_stopped_midway_leaves_nothing_running() -> None:
     assert proc.returncode == 128 + signal.SIGTERM
     assert _processes_mentioning(work) == []
     assert not os.path.exists(work)
+
+
+def test_a_demo_stopped_while_the_vm_runs_leaves_nothing_running() -> None:
+    """SIGTERM while the launcher's libvirt starts the domain: the daemon, its QEMU and the webhook
+    end, and both temp directories are removed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISKHOOKS_")}
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "scripts.demo"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        work = first.rsplit("work directory ", 1)[-1].strip()
+        launcher = None
+        for line in proc.stdout:  # the daemon answers; the domain is being started
+            found = re.search(r"libvirt-runtime/\S+ \((/tmp/dh-lv-\w+)\)", line)
+            if found:
+                launcher = found.group(1)
+                break
+        assert launcher is not None and work.startswith("/"), first
+        assert _processes_mentioning(launcher), "the launcher's libvirt should be running now"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert _processes_mentioning(work) == []
+    assert _processes_mentioning(launcher) == []
+    assert not os.path.exists(work) and not os.path.exists(launcher)
