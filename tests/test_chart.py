@@ -1262,9 +1262,8 @@ NODE_AGENT_GRANTS = {
     ("kubevirt.io", "virtualmachineinstances", "watch"),
     ("kubevirt.io", "virtualmachines", "get"), ("kubevirt.io", "virtualmachines", "list"),
     ("kubevirt.io", "virtualmachines", "watch"), ("kubevirt.io", "virtualmachines", "patch"),
-    ("", "events", "create"), ("", "events", "patch"),
-    ("events.k8s.io", "events", "create"), ("events.k8s.io", "events", "patch"),
-    ("", "nodes", "get"),
+    ("events.k8s.io", "events", "create"),  # EventsV1Api.create_namespaced_event, a new Event each time
+    ("", "nodes", "get"),  # its own Node, for the capacity reporting (which adds nodes/status patch)
 }
 
 
