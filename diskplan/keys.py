@@ -87,6 +87,26 @@ def catalog_lock_name(base_file: str) -> str:
     return f"{base_file}.lock"
 
 
+# --- capacity (docs/CAPACITY.md; diskplan/capacity.py) ---
+# the extended resource the node agent advertises on its Node (whole GiB) and launcher Pods request
+RESOURCE_STORAGE = PREFIX + "storage"
+# the node agent's summary of what the node's images hold, read by prepare (mounted read-only):
+# <hostDisks.root>/.diskhooks/capacity/summary.json (the leading dot never meets a namespace)
+CAPACITY_SUBDIR = ".diskhooks/capacity"
+CAPACITY_SUMMARY = "summary.json"
+LAUNCHER_CAPACITY = DH_MOUNT_ROOT + "/capacity"  # prepare only, read-only
+POD_VOLUME_CAPACITY = "diskhooks-capacity"
+# prepare's stdout line with the capacity figures (a dot: never a volume's DNS-label name)
+CAPACITY_REPORT = "node.capacity"
+# Event on the Node: a VM directory whose VM no longer exists (its images stay, and count)
+EVENT_ORPHANED_VM_DIRECTORY = "OrphanedVMDirectory"
+
+
+def capacity_dir(root: str) -> str:
+    """Node directory of the capacity summary for ``hostDisks.root`` ``root``."""
+    return f"{root.rstrip('/')}/{CAPACITY_SUBDIR}"
+
+
 # qemu's uid/gid inside virt-launcher (non-root mode)
 QEMU_UID = 107
 QEMU_GID = 107

@@ -8,7 +8,8 @@ ignored setting. It reads no files and no environment: the transport (``webhook/
 reads the file and keeps the last good policy when a new one is refused.
 
 It also names the node agent's identity (``nodeAgent.serviceAccount``): the one user the webhook
-lets set or change a VM's home-node annotation.
+lets set or change a VM's home-node annotation, and how much disk a node may promise
+(``hostDisks.capacity``: :class:`CapacityPolicy`, docs/CAPACITY.md).
 
 What the policy deliberately does not hold: the webhook's ``failurePolicy``, its timeout and the
 namespaces that take part. Those belong to the MutatingWebhookConfiguration, which the Helm chart
@@ -17,6 +18,7 @@ renders (``values.yaml``); a key for them here is refused with a pointer to the 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from typing import Any
 
 from diskplan.errors import Refused
 from diskplan.plan import BUSES, CACHES, DISCARDS, DNS_LABEL, IOS, is_clean_abs_path
-from diskplan.quantity import parse_bytes
+from diskplan.quantity import format_bytes, parse_bytes
 from diskplan.yamlsafe import load_document
 
 MAX_POLICY_BYTES = 1024 * 1024
@@ -62,6 +64,48 @@ class DriverDefaults:
 
 
 @dataclass(frozen=True)
+class CapacityPolicy:
+    """``hostDisks.capacity``: how much disk the VMs of one node may be promised (docs/CAPACITY.md).
+
+    - ``overcommit`` (default 1): planned virtual bytes of every image under ``hostDisks.root`` per
+      byte of the filesystem holding it; the node's **budget** is ``floor(overcommit x size)``.
+      Above 1 promises more than the disk holds (qcow2 images are thin); below 1 keeps a margin.
+      A number from 0.1 to 100, kept as an exact fraction (``1.2`` is 6/5).
+    - ``reserve`` (default ``5%``): free space prepare keeps on the filesystem: a percentage of its
+      size (``"5%"``, ``"2.5%"``, 0 to 50) or a quantity (``50Gi``). A start that would create or
+      grow an image with less free space than this is refused; the node agent then advertises no
+      room for new images.
+    """
+
+    overcommit: Fraction = Fraction(1)
+    reserve_percent: Fraction | None = Fraction(5)  # of the filesystem's size; None: reserve_bytes
+    reserve_bytes: int = 0
+
+    def budget(self, filesystem_bytes: int) -> int:
+        """Planned virtual bytes the node may hold: ``floor(overcommit x filesystem size)``."""
+        return math.floor(filesystem_bytes * self.overcommit)
+
+    def reserve(self, filesystem_bytes: int) -> int:
+        """Free bytes to keep: the percentage of ``filesystem_bytes`` (rounded up), or the quantity."""
+        if self.reserve_percent is None:
+            return self.reserve_bytes
+        return math.ceil(filesystem_bytes * self.reserve_percent / 100)
+
+    @property
+    def overcommit_text(self) -> str:
+        """``overcommit`` as a decimal (``1``, ``1.2``), the form prepare's ``--overcommit`` reads."""
+        return fraction_text(self.overcommit)
+
+    @property
+    def reserve_text(self) -> str:
+        """``reserve`` as written in the policy's canonical form (``5%``, ``50Gi``), the form
+        prepare's ``--reserve`` reads."""
+        if self.reserve_percent is None:
+            return format_bytes(self.reserve_bytes)
+        return f"{fraction_text(self.reserve_percent)}%"
+
+
+@dataclass(frozen=True)
 class HostDiskPolicy:
     """``hostDisks``: where qcow2 disks live on the nodes and how big they may be.
 
@@ -77,6 +121,7 @@ class HostDiskPolicy:
     - ``online_expand`` (``onlineExpand``, default true): the node agent grows a running VM's disks
       through the launcher's libvirt when an admitted update grows them; false: a grown disk takes
       effect at the next start only (prepare grows the image then).
+    - ``capacity``: :class:`CapacityPolicy`.
     """
 
     root: str = "/var/lib/diskhooks/vms"
@@ -85,6 +130,7 @@ class HostDiskPolicy:
     max_total_per_vm: int = 8 * 1024**4
     defaults: DriverDefaults = field(default_factory=DriverDefaults)
     online_expand: bool = True
+    capacity: CapacityPolicy = field(default_factory=CapacityPolicy)
 
     def vm_dir(self, namespace: str, vm: str) -> str:
         """Node directory of one VM's disks (``namespace`` and ``vm`` are validated names)."""
@@ -240,7 +286,8 @@ def load_policy(text: str) -> Policy:
     top = _Section(doc, "", {"hostDisks", "passthrough", "sizing", "sidecar", "defaultProfile",
                              "nodeAgent"})
     host_disks = _host_disks(top.section("hostDisks", {"root", "imageLibrary", "maxDiskSize",
-                                                       "maxTotalPerVM", "defaults", "onlineExpand"}))
+                                                       "maxTotalPerVM", "defaults", "onlineExpand",
+                                                       "capacity"}))
     passthrough = _passthrough(top.section("passthrough", {"storageClasses", "allowLun"}))
     sizing = _sizing(top.section("sizing", {"profiles", "maxCPU", "maxMemory", "cpuAllocationRatio",
                                             "memoryOvercommitPercent", "maxSockets"}))
@@ -381,7 +428,76 @@ def _host_disks(s: _Section) -> HostDiskPolicy:
                       f"(cache is {defaults.cache}); use io: threads")
     return HostDiskPolicy(root=root, image_library=library, max_disk_size=max_disk,
                           max_total_per_vm=max_total, defaults=defaults,
-                          online_expand=s.boolean("onlineExpand", True))
+                          online_expand=s.boolean("onlineExpand", True),
+                          capacity=_capacity(s.section("capacity", {"overcommit", "reserve"})))
+
+
+OVERCOMMIT_RANGE = (Fraction(1, 10), Fraction(100))
+MAX_RESERVE_PERCENT = Fraction(50)
+_DECIMAL = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,6})?$")
+
+
+def fraction_text(value: Fraction) -> str:
+    """An exact decimal for a fraction whose denominator divides a power of ten (``6/5`` -> ``1.2``),
+    ``p/q`` otherwise (never written by diskhooks: its fractions come from decimals)."""
+    for places in range(13):
+        scaled = value * 10**places
+        if scaled.denominator == 1:
+            digits = str(scaled.numerator).rjust(places + 1, "0")
+            return digits if places == 0 else f"{digits[:-places]}.{digits[-places:]}"
+    return f"{value.numerator}/{value.denominator}"
+
+
+def parse_overcommit(value: object, where: str, *, text: bool = False) -> Fraction:
+    """``hostDisks.capacity.overcommit`` (a YAML number; with ``text``, its decimal text as prepare's
+    ``--overcommit`` gets it) as an exact fraction; :class:`Refused` naming ``where``."""
+    low, high = OVERCOMMIT_RANGE
+    reason = f"must be a number from {fraction_text(low)} to {fraction_text(high)} (planned virtual " \
+             "bytes per byte of the filesystem)"
+    if isinstance(value, bool):
+        raise Refused(where, reason)
+    if isinstance(value, int):
+        ratio = Fraction(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise Refused(where, reason)
+        ratio = Fraction(repr(value))
+    elif text and isinstance(value, str) and _DECIMAL.match(value):
+        ratio = Fraction(value)
+    else:
+        raise Refused(where, reason)
+    if not low <= ratio <= high:
+        raise Refused(where, reason)
+    return ratio
+
+
+def parse_reserve(value: object, where: str) -> tuple[Fraction | None, int]:
+    """``hostDisks.capacity.reserve``: ``"<p>%"`` -> (p, 0); a quantity -> (None, bytes); ``0`` or
+    ``"0%"`` keeps nothing. :class:`Refused` naming ``where``."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = value.strip()[:-1].strip()
+        if not _DECIMAL.match(number) or Fraction(number) > MAX_RESERVE_PERCENT:
+            raise Refused(where, f"{value[:40]!r} is not a percentage from 0% to "
+                          f"{fraction_text(MAX_RESERVE_PERCENT)}% (of the filesystem's size)")
+        return Fraction(number), 0
+    if value == 0 and not isinstance(value, bool) or value == "0":
+        return None, 0
+    try:
+        return None, parse_bytes(value)
+    except ValueError as exc:
+        raise Refused(where, f"{exc}; write a percentage of the filesystem (\"5%\") or a quantity "
+                      "(50Gi)") from None
+
+
+def _capacity(s: _Section) -> CapacityPolicy:
+    defaults = CapacityPolicy()
+    overcommit = defaults.overcommit
+    if s.has("overcommit"):
+        overcommit = parse_overcommit(s.doc["overcommit"], s.where("overcommit"))
+    percent, reserve_bytes = defaults.reserve_percent, defaults.reserve_bytes
+    if s.has("reserve"):
+        percent, reserve_bytes = parse_reserve(s.doc["reserve"], s.where("reserve"))
+    return CapacityPolicy(overcommit=overcommit, reserve_percent=percent, reserve_bytes=reserve_bytes)
 
 
 def _node_dir(s: _Section, key: str, default: str | None) -> str:
