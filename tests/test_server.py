@@ -509,6 +509,31 @@ def test_watched_policy_follows_a_configmap_swap(tmp_path: Path) -> None:
     assert watched.get().host_disks.max_disk_size == 2 * 2**40 and watched.ready
 
 
+def test_a_worker_asked_nothing_still_keeps_the_newest_good_policy(tmp_path: Path) -> None:
+    """Each gunicorn worker holds its own copy of the policy source. Only worker 0 is asked while
+    version B is on disk, then a broken C replaces B: both must keep B. Checked only on requests,
+    worker 1 kept A and served it beside worker 0's B (test_policy_reload_and_a_broken_policy
+    failed that way under load, when its requests all landed on one worker); the watcher thread
+    that every worker starts after the fork (WatchedFiles.watch) closes that."""
+    from webhook.reload import watch_policy
+
+    text = EXAMPLE_POLICY.read_text()
+    cm = ConfigMapDir(tmp_path / "cm", text)
+    workers = [watch_policy(cm.path, interval=0.05) for _ in range(2)]
+    for w in workers:
+        w.watch()
+    try:
+        cm.update(text.replace("maxDiskSize: 2Ti", "maxDiskSize: 1Ti"))  # B
+        wait_until(lambda: workers[0].get().host_disks.max_disk_size == 2**40, "worker 0 on B")
+        wait_until(lambda: workers[1].generation == 2, "worker 1 taking B in without a request")
+        cm.update(text.replace("hostDisks:", "hostDisks:\n  bogusKey: 1", 1))  # C, broken
+        wait_until(lambda: all(w.error for w in workers), "both workers seeing C")
+        assert [w.get().host_disks.max_disk_size for w in workers] == [2**40, 2**40]
+    finally:
+        for w in workers:
+            w.unwatch()
+
+
 def test_plan_keys_directory(tmp_path: Path) -> None:
     from webhook.reload import SourceError, load_plan_keys, watch_plan_keys
 

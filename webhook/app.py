@@ -77,6 +77,8 @@ class Source(Protocol[T_co]):
     @property
     def ready(self) -> bool: ...
 
+    def watch(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -164,6 +166,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
+
+
+def watch_sources(app: Flask) -> None:
+    """Have the policy and the plan keys checked for changes in a thread of this process too (each
+    gunicorn worker calls this once it has forked; see ``webhook/reload.py``)."""
+    state = app.extensions[EXTENSION]
+    assert isinstance(state, State)
+    state.policy.watch()
+    state.plan_keys.watch()
 
 
 def drain_flag(app: Flask) -> DrainFlag:

@@ -306,7 +306,7 @@ def _serve(args: argparse.Namespace, cleanup: list[Callable[[], None]]) -> int:
     _prepare_metrics_dir(cleanup)
 
     from diskplan.plan import PlanKeys
-    from webhook.app import Settings, create_app, drain_flag
+    from webhook.app import Settings, create_app, drain_flag, watch_sources
     from webhook.drain import close_when_draining, draining_arbiter
     from webhook.metrics import mark_worker_dead
     from webhook.reload import SourceError
@@ -353,6 +353,12 @@ def _serve(args: argparse.Namespace, cleanup: list[Callable[[], None]]) -> int:
                                reloader=reloader, graceful_timeout=args.graceful_timeout,
                                access_log=args.access_log, log_level=args.log_level)
     options["child_exit"] = lambda _arbiter, worker: mark_worker_dead(worker.pid)
+
+    def post_worker_init(_worker: Any) -> None:  # in each worker, after the fork
+        watch_sources(app)
+        reloader.watch()
+
+    options["post_worker_init"] = post_worker_init
     flag = drain_flag(app)
     options["pre_request"] = close_when_draining(flag)
     host = options["bind"][0].rsplit(":", 1)[0]

@@ -8,15 +8,25 @@ timestamped directory and swaps the ``..data`` symlink, so the visible file keep
 the path resolves to a new inode. A :class:`WatchedFiles` therefore stamps each file by its
 resolved path, device, inode, size and mtime (one ``os.stat`` per file, following symlinks) and
 reloads when any of them changes. The check runs on the request path, at most once every
-``interval`` seconds, under a lock, so a burst of requests costs one stat. A reload that fails
-(unreadable file, broken policy, missing key) keeps serving the last good value, logs the
-reason once per change, and reports the source as stale (``error``; shown by ``/readyz`` and
-counted in the metrics) until a good version appears. No request is ever dropped for a reload.
+``interval`` seconds, under a lock, so a burst of requests costs one stat, and (after
+:meth:`WatchedFiles.watch`, which each gunicorn worker calls once it has forked) in a thread of
+each process every ``interval`` seconds, so that a process that serves no request meanwhile still
+takes in every version that stays on disk longer than that. A reload that fails (unreadable file,
+broken policy, missing key) keeps serving the last good value, logs the reason once per change,
+and reports the source as stale (``error``; shown by ``/readyz`` and counted in the metrics) until
+a good version appears. No request is ever dropped for a reload.
+
+Why the thread: "the last good value" must be the same in every worker. Checked only on
+requests, a worker that got none while a good version B was on disk would still hold the version
+A before it when a broken version C replaces B, and serve A while its siblings serve B
+(``tests/test_server.py::test_policy_reload_and_a_broken_policy`` failed that way now and then
+under load, when all of its requests happened to land on one worker).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -106,6 +116,32 @@ class WatchedFiles(Generic[T]):
         self._checked = clock()
         self.generation = 1
         self.failures = 0
+        self._watcher_pid: int | None = None
+        self._unwatch = threading.Event()
+
+    def watch(self) -> None:
+        """Check every ``interval`` seconds in a daemon thread of this process as well (see the
+        module docstring). Threads do not survive a fork: each gunicorn worker calls this after it
+        forked; a second call in the same process does nothing, and so does an infinite interval."""
+        if self._watcher_pid == os.getpid() or not math.isfinite(self._interval):
+            return
+        self._watcher_pid = os.getpid()
+        self._unwatch = threading.Event()
+        threading.Thread(target=self._watch_loop, args=(self._unwatch,), name=f"watch {self.name}",
+                         daemon=True).start()
+
+    def unwatch(self) -> None:
+        """End this process's watcher thread (tests)."""
+        self._unwatch.set()
+        self._watcher_pid = None
+
+    def _watch_loop(self, stop: threading.Event) -> None:
+        pause = max(self._interval, 0.05)  # --reload-interval 0 means every request, not a busy loop
+        while not stop.wait(pause):
+            try:
+                self.check()
+            except Exception:  # never let the watcher die; the request path still checks
+                log.exception("checking %s for changes failed", self.name)
 
     def _stamp_all(self) -> tuple[Stamp, ...]:
         return tuple(stamp(p) for p in self._paths)
@@ -238,6 +274,9 @@ class TimedPlanKeys:
     def check(self, now: float | None = None) -> None:
         self.files.check(now)
 
+    def watch(self) -> None:
+        self.files.watch()
+
     @property
     def generation(self) -> int:
         return self.files.generation
@@ -282,6 +321,9 @@ class Fixed(Generic[T]):
         return self._value
 
     def check(self, now: float | None = None) -> None:
+        return None
+
+    def watch(self) -> None:
         return None
 
     @property

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
+import math
 import os
 import ssl
 import tempfile
@@ -153,6 +154,7 @@ class CertReloader:
         self._checked = clock()
         self.generation = 1
         self.error: str | None = None
+        self._watcher_pid: int | None = None
 
     def _stamp(self) -> tuple[Stamp, Stamp]:
         return stamp(self.cert_file), stamp(self.key_file)
@@ -160,16 +162,41 @@ class CertReloader:
     def context(self) -> ssl.SSLContext:
         """The context for a new connection, rebuilt first if the files changed."""
         now = self._clock()
-        if now - self._checked >= self._interval and self._lock.acquire(blocking=False):
-            try:
-                self._checked = now
-                stamps = self._stamp()
-                if stamps != self._stamps or self.error is not None:
-                    self._stamps = stamps
-                    self._reload()
-            finally:
-                self._lock.release()
+        if now - self._checked >= self._interval:
+            self.check(now)
         return self._context
+
+    def check(self, now: float | None = None) -> None:
+        """Stat the files now and rebuild the context if they changed (one caller at a time)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._checked = self._clock() if now is None else now
+            stamps = self._stamp()
+            if stamps != self._stamps or self.error is not None:
+                self._stamps = stamps
+                self._reload()
+        finally:
+            self._lock.release()
+
+    def watch(self) -> None:
+        """Check every ``interval`` seconds in a daemon thread of this process as well, so that a
+        gunicorn worker that accepts no connection for a while still follows every good pair (as
+        ``webhook.reload.WatchedFiles.watch`` does for the policy). Called in each worker after the
+        fork; a second call in the same process does nothing."""
+        if self._watcher_pid == os.getpid() or not math.isfinite(self._interval):
+            return
+        self._watcher_pid = os.getpid()
+        threading.Thread(target=self._watch_loop, name="watch TLS certificate", daemon=True).start()
+
+    def _watch_loop(self) -> None:
+        pause = max(self._interval, 0.05)
+        while True:
+            time.sleep(pause)
+            try:
+                self.check()
+            except Exception:  # never let the watcher die; new connections still check
+                log.exception("checking the TLS certificate for changes failed")
 
     def _reload(self) -> None:
         try:
