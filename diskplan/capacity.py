@@ -386,8 +386,13 @@ class StartVerdict:
 
 
 def gib_text(n: int) -> str:
-    """Bytes as GiB with two decimals (``21474836480`` -> ``20.00 GiB``)."""
-    return f"{n / GIB:.2f} GiB"
+    """Bytes for people: GiB with two decimals from 1 GiB up (``21474836480`` -> ``20.00 GiB``), MiB
+    below (``3355443`` -> ``3.20 MiB``), bytes below 1 MiB."""
+    if abs(n) >= GIB:
+        return f"{n / GIB:.2f} GiB"
+    if abs(n) >= 1 << 20:
+        return f"{n / (1 << 20):.2f} MiB"
+    return f"{n} bytes"
 
 
 def _describe(change: Change) -> str:

@@ -6,7 +6,9 @@ and on the VMs whose home is this node (label ``diskhooks.io/node``) feed keys i
 :meth:`~nodeagent.reconcile.Reconciler.reconcile`; failed keys come back with a backoff (at most
 :data:`MAX_ATTEMPTS` times, then the next resync). Every ``resync_interval`` (and once at start) a
 scan of ``<prefix><hostDisks.root>/*/*/home.node.json`` queues one key per marker, and every
-cached VMI and VM is queued again. :meth:`Agent.stop` ends it all within a few seconds.
+cached VMI and VM is queued again. A :class:`~nodeagent.capacity.CapacityReporter` thread counts the
+node's disk capacity and advertises it, poked by every VMI and VM event. :meth:`Agent.stop` ends it
+all within a few seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from diskplan import keys as K
 from hooksidecar.logfmt import JsonLog
 from nodeagent import home as H
+from nodeagent.capacity import DEFAULT_INTERVAL, CapacityReporter
 from nodeagent.httpserver import StatusServer
 from nodeagent.kube import Kube, describe_error
 from nodeagent.metrics import AgentMetrics
@@ -42,7 +45,8 @@ class Agent:
                  plan_keys: Callable[[], PlanKeys], log: JsonLog, host_prefix: str = "",
                  kubelet_pods_dir: str = "/var/lib/kubelet/pods", metrics_port: int | None = None,
                  workers: int = WORKERS, resync_interval: float = RESYNC_INTERVAL,
-                 watch_timeout: int = 300, expander: Callable[[], Expander] = load_expander) -> None:
+                 watch_timeout: int = 300, expander: Callable[[], Expander] = load_expander,
+                 capacity_interval: float = DEFAULT_INTERVAL) -> None:
         self.node = node
         self.log = log
         self.policy = policy
@@ -67,6 +71,10 @@ class Agent:
         self._workers = [threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
                          for i in range(max(1, workers))]
         self._resync = threading.Thread(target=self._resync_loop, name="resync", daemon=True)
+        self.capacity = CapacityReporter(node=node, kube=kube, policy=policy, plan_keys=plan_keys,
+                                         paths=self.paths, vmis=self.vmis, vms=self.vms,
+                                         registry=self.metrics.registry, log=log,
+                                         interval=capacity_interval)
         self.status: StatusServer | None = None
         if metrics_port is not None:
             self.status = StatusServer(port=metrics_port, metrics=self._exposition, health=self.health,
@@ -81,6 +89,7 @@ class Agent:
         self.vmis.start()
         self.vms.start()
         self._resync.start()
+        self.capacity.start()
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop watches, workers, the scan and the HTTP server; True when every thread ended."""
@@ -89,6 +98,7 @@ class Agent:
         deadline = time.monotonic() + timeout
         ended = self.vmis.stop(max(0.1, deadline - time.monotonic()))
         ended = self.vms.stop(max(0.1, deadline - time.monotonic())) and ended
+        ended = self.capacity.stop(max(0.1, deadline - time.monotonic())) and ended
         for t in (*self._workers, self._resync):
             if t.is_alive() or t.ident is not None:
                 t.join(max(0.1, deadline - time.monotonic()))
@@ -102,7 +112,8 @@ class Agent:
         if self.stopping.is_set():
             return "stopping"
         dead = [name for name, alive in (("VMI watch", self.vmis.alive), ("VM watch", self.vms.alive),
-                                         ("resync", self._resync.is_alive()))
+                                         ("resync", self._resync.is_alive()),
+                                         ("capacity", self.capacity.alive))
                 if not alive]
         dead += [w.name for w in self._workers if not w.is_alive()]
         return f"not running: {', '.join(dead)}" if dead else None
@@ -127,6 +138,7 @@ class Agent:
     # --- watch events -> keys ------------------------------------------------------------------
     def _on_vmi(self, kind: str, vmi: dict[str, Any]) -> None:
         namespace, name = H.object_key(vmi)
+        self.capacity.poke()
         if kind == DELETED:
             self.reconciler.forget((VMI, namespace, name))
             return
@@ -138,8 +150,10 @@ class Agent:
     def _on_vm(self, kind: str, vm: Mapping[str, Any]) -> None:
         namespace, name = H.object_key(vm)
         if kind == DELETED:
+            self.capacity.vm_gone(namespace, name)
             self.reconciler.forget((VM, namespace, name))
             return
+        self.capacity.poke()
         self.queue.add((VM, namespace, name))
 
     # --- threads -------------------------------------------------------------------------------

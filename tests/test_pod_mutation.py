@@ -117,7 +117,7 @@ def test_prepare_init_container_for_persist_root_and_host_disk(policy: Policy) -
     assert out["spec"]["initContainers"][-1]["name"] == K.PREPARE_CONTAINER
     assert init["image"] == policy.sidecar.image
     assert init["imagePullPolicy"] == policy.sidecar.image_pull_policy
-    assert init["args"] == ["prepare", "--plan-from-env"]
+    assert init["args"] == ["prepare", "--plan-from-env", "--overcommit", "1", "--reserve", "5%"]
     env = {e["name"]: e for e in init["env"]}
     assert env[K.ENV_PLAN]["value"] == pod["metadata"]["annotations"][K.ANN_PLAN]
     assert env[K.ENV_VMI_UID]["valueFrom"]["fieldRef"]["fieldPath"] == \
@@ -126,6 +126,7 @@ def test_prepare_init_container_for_persist_root_and_host_disk(policy: Policy) -
         "/var/run/kubevirt-private/vmi-disks/datadisk": ("datadisk", False),
         "/var/run/kubevirt-private/diskhooks/vm": (K.POD_VOLUME_VM_DIR, False),
         "/var/run/kubevirt-image-volume/disk_0": ("rootdisk", True),
+        K.LAUNCHER_CAPACITY: (K.POD_VOLUME_CAPACITY, True),
     }
     sc = init["securityContext"]
     assert (sc["runAsUser"], sc["runAsNonRoot"], sc["allowPrivilegeEscalation"],
@@ -140,7 +141,9 @@ def test_prepare_init_container_for_persist_root_and_host_disk(policy: Policy) -
 
     sidecar = mounts(container(out, "hook-sidecar-0"))
     for path, (name, _rw) in mounts(init).items():
-        assert sidecar[path] == (name, True)  # the same data, read-only
+        if path != K.LAUNCHER_CAPACITY:  # the capacity summary is prepare's alone
+            assert sidecar[path] == (name, True)  # the same data, read-only
+    assert K.LAUNCHER_CAPACITY not in sidecar
     assert sidecar["/var/run/kubevirt-hooks"] == ("hook-sidecar-sockets", False)  # KubeVirt's kept
 
     compute_before = mounts(container(pod, "compute"))
@@ -416,7 +419,8 @@ def test_rendered_init_container_prepares_and_sidecar_accepts(policy: Policy, tm
                                            "--path-prefix", str(view)])
     assert proc.returncode == 0, proc.stderr
     results = {json.loads(ln)["volume"]: json.loads(ln)["result"] for ln in proc.stdout.splitlines()}
-    assert results == {"datadisk": "created", "rootdisk": "created", K.HOME_MARKER: "written"}
+    assert results == {"datadisk": "created", "rootdisk": "created", K.HOME_MARKER: "written",
+                       K.CAPACITY_REPORT: "fits"}
     host_dir = node / HOST_DIR.lstrip("/")
     assert sorted(p.name for p in host_dir.iterdir()) == [
         "datadisk.base.json", "datadisk.qcow2", K.HOME_MARKER, "persist-root.rootdisk.base.json",

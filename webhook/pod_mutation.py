@@ -15,12 +15,19 @@ init container. Then, for a plan with images to prepare:
   ``diskhooks-base-catalog`` (hostPath ``<hostDisks.root>/.diskhooks/catalog``, DirectoryOrCreate:
   the node's base catalog, docs/BASE-CATALOG.md), mounted read-write in prepare and nowhere else, so
   only root on the node (prepare, the node agent) can write an entry, never a VM's owner;
-- init container ``diskhooks-prepare`` (the plan's sidecar image, ``prepare --plan-from-env``; env
+- pod volume ``diskhooks-capacity`` (hostPath ``<hostDisks.root>/.diskhooks/capacity``,
+  DirectoryOrCreate), mounted read-only in prepare only: the node agent's capacity summary, which
+  prepare's guard reads (it holds byte counts keyed by hashes, no VM's name or file);
+- init container ``diskhooks-prepare`` (the plan's sidecar image, ``prepare --plan-from-env
+  --overcommit R --reserve Q`` with the policy's ``hostDisks.capacity``; env
   ``DISKHOOKS_PLAN``, ``DISKHOOKS_VMI_UID`` from the Pod's ``kubevirt.io/created-by`` label and
   ``DISKHOOKS_NODE_NAME`` from ``spec.nodeName``, the downward API), with
   each planned hostDisk volume read-write at its launcher path, the VM directory read-write, the
   image library read-only and, for a persistent root, KubeVirt's image volume of the containerDisk
-  read-only;
+  read-only; when the policy names a node agent (which advertises it on the Nodes), its requests
+  and limits include ``diskhooks.io/storage``: the whole GiB the plan may newly create on the node
+  the scheduler picks (:func:`diskplan.capacity.launcher_request_gib`; 0, and so absent, for a VM
+  with a home node), so kube-scheduler binds the Pod only where they fit (docs/CAPACITY.md);
 - the same data mounts, read-only, in the diskhooks ``hook-sidecar-<i>`` container, and the verified
   plan as its ``DISKHOOKS_PLAN`` variable (also for a passthrough-only plan): the sidecar applies
   that plan and refuses a VMI whose annotation no longer matches it, because VMI annotations stay
@@ -40,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from diskplan import keys as K
 from diskplan.baserecord import image_digest
+from diskplan.capacity import launcher_request_gib
 from diskplan.errors import Refused
 from diskplan.plan import Plan, PlanKeys, verify_plan
 from webhook.mutation import Mutation
@@ -127,11 +135,17 @@ def mutate_pod(pod: Mapping[str, Any], *, namespace: str, policy: Policy,
     catalog = _catalog_dir(plan) if has_backing else None
     if catalog is not None:
         _ensure_named(volumes, _host_path_volume(K.POD_VOLUME_BASE_CATALOG, catalog, "DirectoryOrCreate"))
+    root = _root_dir(plan)
+    if root is not None:
+        _ensure_named(volumes, _host_path_volume(K.POD_VOLUME_CAPACITY, K.capacity_dir(root),
+                                                 "DirectoryOrCreate"))
 
     data = _data_mounts(plan, has_backing)
     init = _list_field(spec, "initContainers", "spec.initContainers")
     prepare_only = [] if catalog is None else \
         [_mount(K.POD_VOLUME_BASE_CATALOG, K.LAUNCHER_BASE_CATALOG, read_only=False)]
+    if root is not None:
+        prepare_only.append(_mount(K.POD_VOLUME_CAPACITY, K.LAUNCHER_CAPACITY, read_only=True))
     _ensure_named(init, _prepare_container(plan, text, policy, data + prepare_only))
     for sidecar in sidecars:
         _ensure_mounts(sidecar, [{**m, "readOnly": True} for m in data], f"{sidecar.get('name')}")
@@ -218,10 +232,30 @@ def _check_image_volume_mount(plan: Plan, compute: dict[str, Any]) -> None:
 def _catalog_dir(plan: Plan) -> str | None:
     """The node's base catalog below the ``hostDisks.root`` the plan's VM directory lies in
     (``<root>/<namespace>/<vm>``); None if it does not have that shape (then prepare hashes)."""
+    root = _root_dir(plan)
+    return None if root is None else K.catalog_dir(root)
+
+
+def _root_dir(plan: Plan) -> str | None:
+    """The ``hostDisks.root`` the plan's VM directory (``<root>/<namespace>/<vm>``) lies in; None if
+    it does not have that shape."""
     tail = f"/{plan.namespace}/{plan.vm}"
     if not plan.host_dir.endswith(tail) or len(plan.host_dir) == len(tail):
         return None
-    return K.catalog_dir(plan.host_dir[: -len(tail)])
+    return plan.host_dir[: -len(tail)]
+
+
+def _prepare_resources(plan: Plan, policy: Policy) -> dict[str, dict[str, str]]:
+    """requests == limits (extended resources allow nothing else); ``diskhooks.io/storage`` only
+    when a node agent advertises it (the policy names one) and the plan requests any: on the init
+    container, where the Pod's effective request is ``max(largest init container, sum of its
+    containers)``, so it is held for the Pod's whole life and nothing a VM owner puts on
+    ``compute`` can lower it."""
+    wanted: dict[str, str] = dict(PREPARE_RESOURCES)
+    gib = launcher_request_gib(plan) if policy.node_agent.service_account is not None else 0
+    if gib > 0:
+        wanted[K.RESOURCE_STORAGE] = str(gib)
+    return {"requests": dict(wanted), "limits": dict(wanted)}
 
 
 def _image_volume_dir(index: int) -> str:
@@ -243,11 +277,13 @@ def _data_mounts(plan: Plan, has_backing: bool) -> list[dict[str, Any]]:
 def _prepare_container(plan: Plan, text: str, policy: Policy,
                        mounts: list[dict[str, Any]]) -> dict[str, Any]:
     # every field the API server would default is spelt out, so reinvocation sees no difference
+    capacity = policy.host_disks.capacity
     return {
         "name": K.PREPARE_CONTAINER,
         "image": plan.sidecar_image,
         "imagePullPolicy": policy.sidecar.image_pull_policy,
-        "args": ["prepare", "--plan-from-env"],
+        "args": ["prepare", "--plan-from-env", "--overcommit", capacity.overcommit_text,
+                 "--reserve", capacity.reserve_text],
         "env": [
             {"name": K.ENV_PLAN, "value": text},
             {"name": K.ENV_VMI_UID, "valueFrom": {"fieldRef": {
@@ -256,7 +292,7 @@ def _prepare_container(plan: Plan, text: str, policy: Policy,
             {"name": K.ENV_NODE_NAME, "valueFrom": {"fieldRef": {
                 "apiVersion": "v1", "fieldPath": "spec.nodeName"}}},
         ],
-        "resources": {"requests": dict(PREPARE_RESOURCES), "limits": dict(PREPARE_RESOURCES)},
+        "resources": _prepare_resources(plan, policy),
         "securityContext": {
             "runAsUser": 0,
             "runAsGroup": 0,

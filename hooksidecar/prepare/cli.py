@@ -1,13 +1,16 @@
 """The command line of the prepare step: argv and environment -> plan -> inspect, decide, apply.
 
-``diskhooks-sidecar prepare --plan-from-env | --plan FILE [--path-prefix DIR] [--node-name NAME]``
-(and ``python -m hooksidecar.prepare``). The plan comes from ``$DISKHOOKS_PLAN`` or a file, the VMI
+``diskhooks-sidecar prepare --plan-from-env | --plan FILE [--path-prefix DIR] [--node-name NAME]
+[--overcommit R] [--reserve Q]`` (and ``python -m hooksidecar.prepare``). The plan comes from ``$DISKHOOKS_PLAN`` or a file, the VMI
 uid (needed for a persistent root and the home marker) from ``$DISKHOOKS_VMI_UID``, the node it runs
 on from ``$DISKHOOKS_NODE_NAME`` (``--node-name`` stands in for it: local runs, the demo). A plan
 that names a home node is refused, before anything is looked at, on any other node. ``--path-prefix DIR`` (tests, the local
 demo) prefixes every path this process opens; the backing file names written into qcow2 headers stay
-the launcher paths. Exit status: 0 done (one JSON line per volume on stdout), 1 refused or failed
-(one reason per line on stderr), 2 unreadable plan or bad arguments/environment.
+the launcher paths. ``--overcommit`` and ``--reserve`` are the policy's ``hostDisks.capacity``
+(the Pod mutation writes them; defaults 1 and 5%): a start that would create or grow an image
+beyond the node's capacity is refused (:mod:`hooksidecar.prepare.capacity`). Exit status: 0 done
+(one JSON line per volume on stdout, then one ``node.capacity`` line when the capacity was checked), 1
+refused or failed (one reason per line on stderr), 2 unreadable plan or bad arguments/environment.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from diskplan import keys as K
-from diskplan.errors import Malformed
+from diskplan.errors import Malformed, Refused
 from diskplan.plan import MAX_PLAN_BYTES, is_node_name, parse_plan
+from diskplan.policy import CapacityPolicy, parse_overcommit, parse_reserve
 from hooksidecar.prepare.actions import Refuse
 from hooksidecar.prepare.apply import ApplyError, apply
+from hooksidecar.prepare.capacity import guard
 from hooksidecar.prepare.decide import plan_actions
 from hooksidecar.prepare.home import needs_marker, wrong_node
 from hooksidecar.prepare.observe import inspect
@@ -47,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefix every path opened (tests, local demo); headers keep launcher paths")
     p.add_argument("--node-name", metavar="NAME", default=None,
                    help=f"the node this runs on (stands in for ${K.ENV_NODE_NAME}: local runs, demo)")
+    p.add_argument("--overcommit", metavar="R", default=None,
+                   help="hostDisks.capacity.overcommit: planned virtual bytes per filesystem byte (default 1)")
+    p.add_argument("--reserve", metavar="Q", default=None,
+                   help="hostDisks.capacity.reserve: free space kept, '5%%' or a quantity (default 5%%)")
     return p
 
 
@@ -61,6 +70,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         plan = parse_plan(text)
         prefix = _prefix(args.path_prefix)
         node = _node_name(args, env)
+        capacity = _capacity(args)
     except Malformed as exc:
         _err(str(exc))
         return EXIT_MALFORMED
@@ -76,14 +86,20 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         return EXIT_MALFORMED
 
     observed = inspect(plan, prefix=prefix)
-    actions = plan_actions(plan, observed, vmi_uid=vmi_uid, node=node,
-                           now=datetime.datetime.now(datetime.UTC))
+    now = datetime.datetime.now(datetime.UTC)
+    actions = plan_actions(plan, observed, vmi_uid=vmi_uid, node=node, now=now)
     refusals = [a for a in actions if isinstance(a, Refuse)]
     if refusals:
         for r in refusals:
             _err(f"volume {r.volume}: {r.reason}")
         _err(f"nothing was changed ({len(refusals)} problem(s)); the VM does not start until they are "
              "fixed")
+        return EXIT_REFUSED
+    checked = guard(plan, actions, prefix=prefix, node=node, capacity=capacity, now=now)
+    capacity_line = json.dumps({"volume": K.CAPACITY_REPORT, **checked.report}, sort_keys=True)
+    if checked.verdict is not None and checked.verdict.refusal is not None:
+        print(capacity_line, flush=True)
+        _err(checked.verdict.refusal)
         return EXIT_REFUSED
     owner = (K.QEMU_UID, K.QEMU_GID) if os.geteuid() == 0 else None
     try:
@@ -92,7 +108,22 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     except ApplyError as exc:
         _err(str(exc))
         return EXIT_REFUSED
+    if checked.verdict is not None:
+        print(capacity_line, flush=True)
     return EXIT_OK
+
+
+def _capacity(args: argparse.Namespace) -> CapacityPolicy:
+    """``--overcommit`` and ``--reserve`` (each defaults to the policy's default)."""
+    defaults = CapacityPolicy()
+    try:
+        overcommit = defaults.overcommit if args.overcommit is None \
+            else parse_overcommit(args.overcommit, "--overcommit", text=True)
+        percent, reserve = (defaults.reserve_percent, defaults.reserve_bytes) if args.reserve is None \
+            else parse_reserve(args.reserve, "--reserve")
+    except Refused as exc:
+        raise Malformed(exc.field, exc.reason) from None
+    return CapacityPolicy(overcommit=overcommit, reserve_percent=percent, reserve_bytes=reserve)
 
 
 def _read_plan_text(args: argparse.Namespace, env: Mapping[str, str]) -> str:
