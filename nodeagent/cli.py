@@ -19,8 +19,10 @@ over the policy's image library (:mod:`nodeagent.catalog`), its summary as one J
 stdout; exit 1 when a file could not be hashed or recorded.
 
 Transport only: parses arguments, loads the files (``webhook.reload``'s readers, shared with the
-webhook), builds the client, starts :class:`nodeagent.agent.Agent`, waits for SIGTERM or SIGINT,
-stops it (within a few seconds) and exits 0. Exit 2 on unusable arguments or files, 1 when the
+webhook), builds the client, starts :class:`nodeagent.agent.Agent` and the base catalog's
+:class:`nodeagent.catalog.CatalogRefresher` (the policy's image library hashed into
+``<hostDisks.root>/.diskhooks/catalog``, at nice +10; nothing without an image library), waits for
+SIGTERM or SIGINT, stops both (within a few seconds) and exits 0. Exit 2 on unusable arguments or files, 1 when the
 agent cannot start (the metrics port is taken, no credentials). Logs: one JSON object per line on
 stderr (``hooksidecar.logfmt.JsonLog``).
 """
@@ -115,6 +117,7 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     from nodeagent.agent import Agent
+    from nodeagent.catalog import CatalogRefresher, catalog_dirs
     from nodeagent.kube import Kube, load_client
 
     try:
@@ -132,6 +135,8 @@ def serve(args: argparse.Namespace) -> int:
         api.close()
         return EXIT_FAILED
 
+    paths = agent.paths
+    refresher = CatalogRefresher(dirs=lambda: catalog_dirs(policy.get(), paths.on_host), log=log)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -142,6 +147,7 @@ def serve(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         agent.start()
+        refresher.start()
         log.emit("serving", level="info", node=args.node_name,
                  metricsPort=agent.status.port if agent.status else None,
                  root=agent.paths.on_host(policy.get().host_disks.root),
@@ -151,7 +157,8 @@ def serve(args: argparse.Namespace) -> int:
             policy.check()
             plan_keys.check()
     finally:
-        ended = agent.stop(STOP_TIMEOUT)
+        ended = refresher.stop(1.0)  # a file being hashed is given up within some 50 ms
+        ended = agent.stop(STOP_TIMEOUT) and ended
         log.emit("stopped", level="info", node=args.node_name, clean=ended)
         api.close()
         for sig, handler in previous.items():

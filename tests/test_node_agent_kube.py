@@ -14,12 +14,16 @@ is registered: what it adds to these objects is not the agent's concern here.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import os
 
 from diskplan import keys as K
 from diskplan.homemarker import HomeMarker
 from tests.node_agent_support import (
     OTHER_KEY,
+    POLICY,
+    ROOT_DIR,
     AgentSetup,
     Cluster,
     StartAgent,
@@ -201,5 +205,27 @@ def test_serves_metrics_and_health_and_stops_on_sigterm(
     assert agent.metric("diskhooks_node_vmis") == 1
     assert agent.metric("diskhooks_node_images") == 1
     assert agent.metric("diskhooks_node_reconcile_seconds_count", kind="vmi") >= 1
+    assert agent.stop(timeout=10) == 0
+    assert agent.records("stopped")[-1]["clean"] is True
+
+
+def test_serve_keeps_the_nodes_base_catalog(
+        agent_setup: AgentSetup, start_agent: StartAgent, agent_node: str) -> None:
+    """``serve`` also runs the base catalog's refresher: a base in the policy's image library (below
+    ``--host-prefix``) gets its entry in ``<root>/.diskhooks/catalog`` once it has settled, with the
+    SHA-256 of its bytes, and SIGTERM still ends the process at once."""
+    library = "/var/lib/diskhooks/images"
+    agent_setup.policy.write_text(POLICY.replace(f"  root: {ROOT_DIR}\n",
+                                                 f"  root: {ROOT_DIR}\n  imageLibrary: {library}\n"))
+    lib = agent_setup.host_prefix / library.lstrip("/")
+    lib.mkdir(parents=True)
+    content = os.urandom(1 << 20)
+    (lib / "alma-9.raw").write_bytes(content)
+    agent = start_agent()
+    entry = agent_setup.node_root() / ".diskhooks" / "catalog" / "alma-9.raw.entry.json"
+    wait_for("the base's catalog entry", entry.is_file, agent=agent)  # after the 2 s quiet period
+    doc = json.loads(entry.read_text())
+    assert (doc["sha256"], doc["hashedBy"]) == (hashlib.sha256(content).hexdigest(), "node-agent")
+    assert [r["hashed"] for r in agent.records("catalog")] == [["alma-9.raw"]]
     assert agent.stop(timeout=10) == 0
     assert agent.records("stopped")[-1]["clean"] is True
