@@ -241,6 +241,7 @@ class Answer:
     """One request as the client saw it: when it was due/sent/answered (monotonic), to which port,
     whether the server asked to close the connection, and the error (None: a correct answer)."""
 
+    seq: int
     due: float
     sent: float
     done: float
@@ -270,20 +271,24 @@ def check_answer(review: Review, uid: str, status: int, data: bytes) -> str | No
 class ReviewLoad:
     """``connections`` threads, each with one kept-alive HTTPS connection, sending the reviews in turn.
 
-    ``rate`` (requests per second over all threads) paces an open loop; None sends back to back.
+    ``rate`` (requests per second over all threads) paces an open loop (request ``seq`` is due
+    ``seq / rate`` s after the start); None sends back to back. With ``total`` the load ends by
+    itself after requests 0 to ``total - 1`` (:meth:`join`).
     ``endpoint`` gives the port for each new connection (a Service whose endpoints change: see the
     drain test); a connection is re-opened after an answer with ``Connection: close`` or an error,
     and every ``reconnect_every`` requests when set (new TLS handshakes: certificate rotation).
     """
 
     def __init__(self, *, ctx: ssl.SSLContext, endpoint: Callable[[], int], reviews: Sequence[Review],
-                 connections: int = 4, rate: float | None = None, reconnect_every: int = 0) -> None:
+                 connections: int = 4, rate: float | None = None, reconnect_every: int = 0,
+                 total: int | None = None) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
         self.connections = connections
         self.rate = rate
         self.reconnect_every = reconnect_every
         self.reviews = list(reviews)
+        self.total = total
         self.answers: list[Answer] = []  # appended by the threads as they go
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -299,8 +304,13 @@ class ReviewLoad:
 
     def stop(self) -> list[Answer]:
         self._stop.set()
+        return self.join(60)
+
+    def join(self, timeout: float) -> list[Answer]:
+        """Wait for the threads to end (``total`` reached, or :meth:`stop`); the answers so far."""
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(60)
+            t.join(max(0.0, deadline - time.monotonic()))
         return list(self.answers)
 
     def run_for(self, seconds: float) -> list[Answer]:
@@ -317,16 +327,17 @@ class ReviewLoad:
         sent_here = 0
         k = index
         try:
-            while not self._stop.is_set():
+            while not self._stop.is_set() and (self.total is None or k < self.total):
                 due = time.monotonic()
                 if self.rate is not None:
                     due = self.started + k / self.rate
                     delay = due - time.monotonic()
                     if delay > 0 and self._stop.wait(delay):
                         break
-                review = self.reviews[k % len(self.reviews)]
+                seq = k
+                review = self.reviews[seq % len(self.reviews)]
                 k += self.connections
-                uid = f"soak-{index}-{k}"
+                uid = f"soak-{seq}"
                 sent = time.monotonic()
                 close, error = False, None
                 try:
@@ -339,7 +350,7 @@ class ReviewLoad:
                     error = check_answer(review, uid, resp.status, data)
                 except (OSError, http.client.HTTPException) as exc:
                     error = f"{type(exc).__name__}: {exc}"
-                self.answers.append(Answer(due, sent, time.monotonic(), port, close, error))
+                self.answers.append(Answer(seq, due, sent, time.monotonic(), port, close, error))
                 sent_here += 1
                 if close or error is not None or (self.reconnect_every
                                                   and sent_here % self.reconnect_every == 0):
@@ -417,23 +428,25 @@ def soak_webhook(work: Path, *, duration: float, rate: float, connections: int =
     result = SoakResult("webhook")
     try:
         server.wait_ready()
+        first = int(warmup * rate)  # requests before this one warm up and are not counted
         load = ReviewLoad(ctx=server.context(), endpoint=lambda: server.port,
-                          reviews=load_reviews(server.keys_dir), connections=connections, rate=rate)
+                          reviews=load_reviews(server.keys_dir), connections=connections, rate=rate,
+                          total=first + int(duration * rate))
         began = time.monotonic()
         sampler = RssSampler(server.rss_kib, began + warmup)
         load.start()
         end = began + warmup + duration
-        while time.monotonic() < end:
+        while time.monotonic() < end and server.proc.poll() is None:
             time.sleep(min(10.0, max(0.0, end - time.monotonic())))
             if progress is not None and time.monotonic() < end:
-                progress(f"webhook: {time.monotonic() - began:.0f} s, {len(load.answers)} answered, RSS {server.rss_kib() / 1024:.1f} MiB")
-            if server.proc.poll() is not None:
-                break
-        answers = load.stop()
+                progress(f"webhook: {time.monotonic() - began:.0f} s, {len(load.answers)} answered, "
+                         f"RSS {server.rss_kib() / 1024:.1f} MiB")
+        answers = load.join(60) if server.proc.poll() is None else load.stop()
         samples = sampler.stop()
+        load.stop()
     finally:
         code = server.stop()
-    counted = [a for a in answers if a.due >= began + warmup]
+    counted = [a for a in answers if a.seq >= first]
     result.requests = len(counted)
     result.errors = [a.error for a in counted if a.error is not None]
     result.latencies = [a.done - a.due for a in counted if a.error is None]
