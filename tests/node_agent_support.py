@@ -57,6 +57,9 @@ AGENT_RULES = [
     {"apiGroups": ["kubevirt.io"], "resources": ["virtualmachines"],
      "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+    # capacity (nodeagent/nodestatus.py): read its Node, advertise diskhooks.io/storage on its status
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["nodes/status"], "verbs": ["patch"]},
 ]
 AGENT_SCRIPT = Path(sys.executable).with_name("diskhooks-node")  # the console script pyproject installs
 WAIT = 30.0
