@@ -6,7 +6,10 @@ host disks, one an overlay on a library base; real images made by ``qemu-img`` u
 Measured:
 
 (a) ``OnDefineDomain`` over the unix socket against ``python -m hooksidecar.cli serve``, a **new
-    channel per call** as virt-launcher dials one per call (``--calls``, after a warm-up);
+    channel per call** as virt-launcher dials one per call (``--calls``, after a warm-up); grpcio
+    lets such channels share a connection now and then, so the same calls are also made on a **new
+    connection each** (a channel with its own subchannel pool), as virt-launcher's Go client does,
+    against the sidecar and the bare server;
 (b) the baseline, KubeVirt's sidecar-shim model: a **fresh Python process per call** that gets
     ``--vmi`` and ``--domain`` as command-line arguments (as the shim passes them), imports
     ``hooksidecar.callback`` and makes the same edit (``--shim-calls``); its answer is checked to be
@@ -251,13 +254,16 @@ def bare_args(socket_path: Path, *extra: str) -> list[str]:
     return ["-c", BARE_SERVER_CODE, str(socket_path), *extra]
 
 
-def on_define_over_socket(target: str, workload: Workload) -> bytes:
-    """As virt-launcher does: a new channel for the call."""
+def on_define_over_socket(target: str, workload: Workload, *, new_connection: bool = False) -> bytes:
+    """As virt-launcher does: a new channel for the call. grpcio lets channels to the same target
+    share a connection (its global subchannel pool), which virt-launcher's Go client never does;
+    ``new_connection`` gives the channel a pool of its own, so every call connects anew."""
     import grpc
 
     from hooksidecar._pb import v1alpha3_pb2
 
-    with grpc.insecure_channel(target) as channel:
+    options = [("grpc.use_local_subchannel_pool", 1)] if new_connection else []
+    with grpc.insecure_channel(target, options=options) as channel:
         call = channel.unary_unary("/kubevirt.hooks.v1alpha3.Callbacks/OnDefineDomain",
                                    request_serializer=v1alpha3_pb2.OnDefineDomainParams.SerializeToString,
                                    response_deserializer=v1alpha3_pb2.OnDefineDomainResult.FromString)
@@ -352,6 +358,7 @@ class ServerRun:
     idle: dict[str, int]
     after: dict[str, int]
     calls: list[float]
+    fresh: list[float]  # the same calls, each on a new connection
     answer: bytes
 
 
@@ -364,6 +371,7 @@ def measure_server(make_args: Callable[[Path], tuple[list[str], Path]], interp: 
     idle: dict[str, int] = {}
     after: dict[str, int] = {}
     call_times: list[float] = []
+    fresh_times: list[float] = []
     answer = b""
     for n in range(starts + 1):
         sock_dir = Path(tempfile.mkdtemp(dir=workdir))
@@ -377,6 +385,11 @@ def measure_server(make_args: Callable[[Path], tuple[list[str], Path]], interp: 
                 call = functools.partial(on_define_over_socket, f"unix://{sock}", workload)
                 timed(call, 20)  # warm-up
                 call_times, answer = timed(call, calls)
+                fresh = functools.partial(on_define_over_socket, f"unix://{sock}", workload,
+                                          new_connection=True)
+                fresh_times, fresh_answer = timed(fresh, calls)
+                if fresh_answer != answer:
+                    raise RuntimeError(f"{args[:3]} answered differently on a new connection")
                 after = status_kib(server.proc.pid)
         finally:
             stop = server.stop()
@@ -385,7 +398,8 @@ def measure_server(make_args: Callable[[Path], tuple[list[str], Path]], interp: 
             stops.append(stop)
         if removes_socket and sock.exists():
             raise RuntimeError(f"{args[:3]} left its socket {sock} behind")
-    return ServerRun(ready=ready, stop=stops, idle=idle, after=after, calls=call_times, answer=answer)
+    return ServerRun(ready=ready, stop=stops, idle=idle, after=after, calls=call_times, fresh=fresh_times,
+                     answer=answer)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,11 +485,15 @@ def report(args: argparse.Namespace, *, runs: dict[tuple[str, str], ServerRun],
           f"{p50(side.calls) * ms:10.2f} {p99(side.calls) * ms:8.2f}")
     print(f"{'    same, sidecar --transport grpcio':50} {args.calls:6d} "
           f"{p50(grpcio_side.calls) * ms:10.2f} {p99(grpcio_side.calls) * ms:8.2f}")
+    print(f"{'    same, a new connection per call (as Go dials)':50} {args.calls:6d} "
+          f"{p50(side.fresh) * ms:10.2f} {p99(side.fresh) * ms:8.2f}")
     for label, (times, _) in shims.items():
         print(f"{'(b) shim model: fresh python per call, ' + label:50} {args.shim_calls:6d} "
               f"{p50(times) * ms:10.2f} {p99(times) * ms:8.2f}")
     print(f"{'    bare grpc echo server, new channel per call':50} {args.calls:6d} "
           f"{p50(bare.calls) * ms:10.2f} {p99(bare.calls) * ms:8.2f}")
+    print(f"{'    bare grpc echo server, new connection per call':50} {args.calls:6d} "
+          f"{p50(bare.fresh) * ms:10.2f} {p99(bare.fresh) * ms:8.2f}")
     print(f"{'    pure core in-process (on_define_domain)':50} {len(core_times):6d} "
           f"{p50(core_times) * ms:10.3f} {p99(core_times) * ms:8.3f}")
     ratios = {label: p50(times) / p50(side.calls) for label, (times, _) in shims.items()}

@@ -29,7 +29,10 @@ in the middle of a call is taken by another worker. A connection with no stream 
 ``IDLE_SECONDS`` gets GOAWAY and is closed. Stopping (:meth:`H2GrpcServer.stop`) closes the
 listening socket, lets every connection finish the calls it has started (within the grace period),
 sends GOAWAY and closes; streams that arrive after the stop began are refused (RST_STREAM
-REFUSED_STREAM) so the client may retry elsewhere.
+REFUSED_STREAM) so the client may retry elsewhere. Memory: a worker keeps the memory its largest
+call used in its malloc arena (glibc gives a thread's freed memory back lazily, a thread that ends
+gives it all back): after a call on the largest domain the sidecar accepts, RSS stays up to 18 MiB
+above idle; the peak is the same as with a thread per connection, and KubeVirt's domains are 3-6 KiB.
 
 Not supported (none is used by the hook API or virt-launcher): streaming RPCs, compression,
 deadlines (``grpc-timeout``), request/response metadata beyond the status, TLS, h2c upgrade (the
@@ -477,7 +480,9 @@ class _Worker:
       becomes the standby). Otherwise it never wakes.
     - The others holding nothing are **parked**, woken most recent first.
 
-    At the limit of open connections nobody leads; the worker that closes the next one does.
+    At the limit of open connections nobody leads; the worker that closes the next one does. A
+    request on a connection a worker holds waits while that worker runs a handler for another one
+    (a millisecond; virt-launcher makes one call at a time, each on a new connection).
     """
 
     def __init__(self, server: H2GrpcServer) -> None:
@@ -520,10 +525,10 @@ class _Worker:
         for conn in list(self.conns.values()):
             if conn.stopping or conn.deadline() <= now:
                 self._io(conn, conn.pump)
-        if self.spare is None and not self.stopping:
-            self.spare = _Connection(server)  # prepared while idle
         if self.leading and not server.leads(self):  # the standby took over during a handler
             self._unlead()
+        if self.spare is None and not self.stopping:
+            self.spare = _Connection(server)  # prepared while idle
         if not self.conns and not self.leading:
             if self.stopping or not server.await_lead(self):
                 self.stopping = True
@@ -643,7 +648,6 @@ class H2GrpcServer:
         self._leader_busy = False  # in a handler or waiting to send: the standby's bell is on
         self._standby: _Worker | None = None
         self._parked: list[_Worker] = []  # the most recently parked last
-        self._workers: list[_Worker] = []
 
     @property
     def stop_fd(self) -> int:
@@ -672,9 +676,8 @@ class H2GrpcServer:
             self.stopping.set()  # a later stop() has nothing to do
             raise
         self._listener = listener
-        self._workers = [_Worker(self) for _ in range(self._max_connections)]
-        self._threads = [threading.Thread(target=worker.run, name=f"h2grpc-{n}", daemon=True)
-                         for n, worker in enumerate(self._workers)]
+        self._threads = [threading.Thread(target=_Worker(self).run, name=f"h2grpc-{n}", daemon=True)
+                         for n in range(self._max_connections)]
         for thread in self._threads:
             thread.start()
 
