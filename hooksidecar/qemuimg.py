@@ -179,9 +179,13 @@ def _explain(what: str, returncode: int, stderr: str) -> str:
     """One sentence for a failed qemu-img call."""
     if returncode < 0:
         sig = -returncode
-        if sig in (signal.SIGXCPU, signal.SIGKILL):
+        if sig == signal.SIGXCPU:
             return (f"{what} was stopped after using {CPU_SECONDS_LIMIT} s of CPU time (its limit); "
                     "the image may be damaged or very fragmented")
+        if sig == signal.SIGKILL:
+            return (f"{what} was killed by SIGKILL (its {CPU_SECONDS_LIMIT} s CPU-time limit, the "
+                    "out-of-memory killer or an operator); run prepare again (a new image is only "
+                    "published once complete, a grown one stays usable)")
         return f"{what} was killed by signal {signal.Signals(sig).name}"
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     message = lines[-1] if lines else f"exit status {returncode}, no message"

@@ -28,6 +28,7 @@ command -v gcc >/dev/null || need+=(gcc)
 command -v xmllint >/dev/null || need+=(libxml2-utils)  # virt-xml-validate runs xmllint
 command -v xz >/dev/null || need+=(xz-utils)  # unpacks the envtest binaries (KUBEBUILDER_ASSETS)
 command -v rsync >/dev/null || need+=(rsync)
+command -v strace >/dev/null || need+=(strace)  # the prepare fault tests cut qemu-img at chosen writes
 if [ "$want_helm" = 1 ] && ! command -v npm >/dev/null; then need+=(npm); fi
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -23,7 +23,9 @@ Three layers, in this order, each in its own module:
    atomically, records, fsync, handing a file to qemu).
 
 :mod:`~hooksidecar.prepare.cli` reads argv and the environment and runs the three (exit status: 0
-done, 1 refused or failed, 2 unreadable plan or bad arguments/environment).
+done, 1 refused or failed, 2 unreadable plan or bad arguments/environment), holding an exclusive
+``flock`` on the VM directory meanwhile (:mod:`~hooksidecar.prepare.lock`): two runs for one VM
+never overlap, the second finds what the first made.
 """
 
 from __future__ import annotations

@@ -25,13 +25,14 @@ from collections.abc import Mapping, Sequence
 
 from diskplan import keys as K
 from diskplan.errors import Malformed, Refused
-from diskplan.plan import MAX_PLAN_BYTES, is_node_name, parse_plan
+from diskplan.plan import MAX_PLAN_BYTES, Plan, is_node_name, parse_plan
 from diskplan.policy import CapacityPolicy, parse_overcommit, parse_reserve
 from hooksidecar.prepare.actions import Refuse
 from hooksidecar.prepare.apply import ApplyError, apply
 from hooksidecar.prepare.capacity import guard
 from hooksidecar.prepare.decide import plan_actions
 from hooksidecar.prepare.home import needs_marker, wrong_node
+from hooksidecar.prepare.lock import vm_lock
 from hooksidecar.prepare.observe import inspect
 
 PROG = "diskhooks-prepare"
@@ -84,7 +85,16 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     except Malformed as exc:
         _err(str(exc))
         return EXIT_MALFORMED
+    # one prepare at a time per VM (hooksidecar/prepare/lock.py): a second one waits, then finds
+    # the images made
+    with vm_lock(prefix + K.LAUNCHER_VM_DIR,
+                 waiting=lambda: _err("waiting for another prepare of this VM to finish")):
+        return _prepare(plan, prefix=prefix, vmi_uid=vmi_uid, node=node, capacity=capacity)
 
+
+def _prepare(plan: Plan, *, prefix: str, vmi_uid: str | None, node: str | None,
+             capacity: CapacityPolicy) -> int:
+    """Inspect, decide, apply; the exit status."""
     observed = inspect(plan, prefix=prefix)
     now = datetime.datetime.now(datetime.UTC)
     actions = plan_actions(plan, observed, vmi_uid=vmi_uid, node=node, now=now)
