@@ -906,6 +906,18 @@ BAD_POLICY_VALUES: list[tuple[str, dict[str, Any], str, str]] = [
      "policy.sidecar.allowedImages[0]", "sidecar.allowedImages[0]"),
     ("storageClass-not-a-name", {"policy": {"passthrough": {"storageClasses": ["Local_NVMe"]}}},
      "policy.passthrough.storageClasses[0]", "passthrough.storageClasses[0]"),
+    ("capacity-overcommit-zero", {"policy": {"hostDisks": {"capacity": {"overcommit": 0}}}},
+     "policy.hostDisks.capacity.overcommit", "hostDisks.capacity.overcommit"),
+    ("capacity-overcommit-text", {"policy": {"hostDisks": {"capacity": {"overcommit": "1.5"}}}},
+     "policy.hostDisks.capacity.overcommit", "hostDisks.capacity.overcommit"),
+    ("capacity-reserve-over-half", {"policy": {"hostDisks": {"capacity": {"reserve": "60%"}}}},
+     "policy.hostDisks.capacity.reserve", "hostDisks.capacity.reserve"),
+    ("capacity-reserve-words", {"policy": {"hostDisks": {"capacity": {"reserve": "lots"}}}},
+     "policy.hostDisks.capacity.reserve", "hostDisks.capacity.reserve"),
+    ("capacity-reserve-fraction-of-a-byte", {"policy": {"hostDisks": {"capacity": {"reserve": "0.5"}}}},
+     "policy.hostDisks.capacity.reserve", "hostDisks.capacity.reserve"),
+    ("capacity-unknown-key", {"policy": {"hostDisks": {"capacity": {"size": "1Ti"}}}},
+     "policy.hostDisks.capacity", "hostDisks.capacity.size"),
 ]
 GOOD_POLICY_VALUES: list[tuple[str, dict[str, Any] | None, tuple[str, ...], Any]] = [
     # (id, values, extra helm arguments, check of the loaded Policy)
@@ -958,6 +970,15 @@ GOOD_POLICY_VALUES: list[tuple[str, dict[str, Any] | None, tuple[str, ...], Any]
                                                "registry.example.com/qcow2-hook:0.1.0"]},
                  "passthrough": {"storageClasses": ["local-nvme", "fast.disks.example.com"]}}}, (),
      lambda p: p.sidecar.image.endswith("@sha256:" + "c" * 64) and len(p.sidecar.allowed_images) == 3),
+    ("capacity-overcommit-and-a-quantity", {"policy": {"hostDisks": {"capacity": {"overcommit": 1.5,
+                                                                                  "reserve": "100Gi"}}}}, (),
+     lambda p: (p.host_disks.capacity.overcommit_text, p.host_disks.capacity.reserve_bytes) == ("1.5", 100 * 2**30)),
+    ("capacity-no-reserve", {"policy": {"hostDisks": {"capacity": {"reserve": 0}}}}, (),
+     lambda p: p.host_disks.capacity.reserve(10**12) == 0),
+    ("capacity-percent-at-the-limit", {"policy": {"hostDisks": {"capacity": {"overcommit": 100, "reserve": "50%"}}}},
+     (), lambda p: p.host_disks.capacity.reserve_text == "50%" and p.host_disks.capacity.overcommit_text == "100"),
+    ("capacity-fraction-percent", {"policy": {"hostDisks": {"capacity": {"overcommit": 0.1, "reserve": "2.5%"}}}},
+     (), lambda p: p.host_disks.capacity.reserve(1000) == 25),
 ]
 
 
@@ -1263,7 +1284,7 @@ NODE_AGENT_GRANTS = {
     ("kubevirt.io", "virtualmachines", "get"), ("kubevirt.io", "virtualmachines", "list"),
     ("kubevirt.io", "virtualmachines", "watch"), ("kubevirt.io", "virtualmachines", "patch"),
     ("events.k8s.io", "events", "create"),  # EventsV1Api.create_namespaced_event, a new Event each time
-    ("", "nodes", "get"),  # its own Node, for the capacity reporting (which adds nodes/status patch)
+    ("", "nodes", "get"), ("", "nodes/status", "patch"),  # its own Node: read it, advertise capacity
 }
 
 

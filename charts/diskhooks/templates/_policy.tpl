@@ -160,6 +160,19 @@ keys set to null are the loader's: HostDiskPolicy, DriverDefaults, SizingPolicy.
 {{- if and (eq $io "native") (not (has $cache (list "none" "directsync"))) -}}
 {{- fail (printf "policy.hostDisks.defaults.io: native needs policy.hostDisks.defaults.cache none or directsync (cache is %s); use io: threads" $cache) -}}
 {{- end -}}
+{{- /* hostDisks.capacity.reserve: a percentage of at most 50, or a quantity (0: none) */ -}}
+{{- $reserve := index (index $hd "capacity" | default dict) "reserve" -}}
+{{- if not (kindIs "invalid" $reserve) -}}
+{{- $r := toString $reserve -}}
+{{- if hasSuffix "%" $r -}}
+{{- $pct := trimSuffix "%" $r -}}
+{{- if or (not (regexMatch "^[0-9]{1,6}(\\.[0-9]{1,6})?$" $pct)) (gt (float64 $pct) 50.0) -}}
+{{- fail (printf "policy.hostDisks.capacity.reserve: %q is not a percentage from 0%% to 50%% (of the filesystem's size)" $r) -}}
+{{- end -}}
+{{- else if ne $r "0" -}}
+{{- $_ := include "diskhooks.policy.bytes" (dict "key" "policy.hostDisks.capacity.reserve" "value" $reserve) -}}
+{{- end -}}
+{{- end -}}
 {{- /* sizing */ -}}
 {{- $sz := $p.sizing | default dict -}}
 {{- $maxCPU := 64 -}}
