@@ -273,6 +273,8 @@ class _Connection:
         self.handled = False
         try:
             self._receive()
+            if self.handled:
+                self.last_busy = time.monotonic()  # idle from now on, not since it last waited
             if not self.closed:
                 self.pump()
         finally:
