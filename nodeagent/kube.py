@@ -6,7 +6,8 @@ list functions the watches use. What to patch and what an Event says is decided 
 
 What the agent's ServiceAccount needs (the chart's ClusterRole): ``get``/``list``/``watch`` on
 ``virtualmachines`` and ``virtualmachineinstances`` (kubevirt.io), ``patch`` on ``virtualmachines``,
-``create`` on ``events`` (events.k8s.io).
+``create`` on ``events`` (events.k8s.io); and for :mod:`nodeagent.nodestatus`, ``get`` on ``nodes`` and
+``patch`` on ``nodes/status``.
 """
 
 from __future__ import annotations
