@@ -40,7 +40,7 @@ SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run
                "/usr", "/var/run", "/var/lib/kubelet")
 # An OCI image reference (registry/path:tag or @digest), conservatively.
 IMAGE_REF = re.compile(r"^[a-z0-9]([a-z0-9._:-]*[a-z0-9])?(/[a-z0-9]([a-z0-9._-]*[a-z0-9])?)*"
-                       r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$")
+                       r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?\Z")
 _CHART_KEYS = {
     "failurePolicy": "the webhook's failurePolicy is set in the Helm chart (values.yaml), "
                      "not in the policy",
@@ -524,7 +524,7 @@ def _passthrough(s: _Section) -> PassthroughPolicy:
     return PassthroughPolicy(storage_classes=classes, allow_lun=s.boolean("allowLun", False))
 
 
-_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_SUBDOMAIN = re.compile(r"^(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 
 
 def _sizing(s: _Section) -> SizingPolicy:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from diskplan import baserecord, homemarker
 from diskplan import keys as K
@@ -88,3 +89,24 @@ def test_the_schema_helper_the_tests_judge_by() -> None:
     """tests/kubevirt_schema.py judges accepted VMs: it must not pass a newline either."""
     assert DNS_LABEL.match("data") and not DNS_LABEL.match("data\n")
     assert not SERIAL.match("S1\n") and not QUANTITY.match("1Gi\n")
+
+
+@pytest.mark.parametrize("path,value,field", [
+    (("sidecar", "image"), "ghcr.io/diskhooks/diskhooks-sidecar:0.1.0\n", "sidecar.image"),
+    (("passthrough", "storageClasses"), ["local-nvme\n"], "passthrough.storageClasses[0]"),
+])
+def test_a_policy_value_with_a_trailing_newline_is_refused(path: tuple[str, str], value: object,
+                                                            field: str) -> None:
+    doc = yaml.safe_load(EXAMPLE_POLICY.read_text())
+    doc[path[0]][path[1]] = value
+    with pytest.raises(Refused) as info:
+        load_policy(json.dumps(doc))
+    assert info.value.field == field
+
+
+def test_a_vmi_uid_and_a_certificate_name_with_a_trailing_newline_are_refused() -> None:
+    from hooksidecar.prepare import cli as prepare_cli
+    from webhook import cli as webhook_cli
+
+    assert prepare_cli._VMI_UID.match("6a1e5f3c") and not prepare_cli._VMI_UID.match("6a1e5f3c\n")
+    assert webhook_cli._HOSTNAME.match("diskhooks.example") and not webhook_cli._HOSTNAME.match("x.example\n")

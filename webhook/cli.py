@@ -45,7 +45,7 @@ EXIT_USAGE = 2
 # verdict as the server (e.g. the denial naming a 1 MB annotation) instead of refusing the file
 MAX_OBJECT_BYTES = 4 * 1024 * 1024
 _HOSTNAME = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+                       r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
 
 log = logging.getLogger("webhook.cli")
 

@@ -37,7 +37,7 @@ from hooksidecar.prepare.observe import inspect
 
 PROG = "diskhooks-prepare"
 EXIT_OK, EXIT_REFUSED, EXIT_MALFORMED = 0, 1, 2
-_VMI_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
+_VMI_UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}\Z")
 
 
 def build_parser() -> argparse.ArgumentParser:
