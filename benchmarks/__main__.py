@@ -1,4 +1,4 @@
-"""``python -m benchmarks [webhook|sidecar|prepare|expand|node|soak|all] [options passed on]`` — run the
+"""``python -m benchmarks [webhook|sidecar|prepare|expand|node|capacity|soak|all] [options passed on]`` — run the
 benchmarks (``all``: every one but ``soak``, the load-and-soak run of ``benchmarks/soak.py``).
 
 The sidecar and prepare benchmarks live in ``benchmarks/sidecar_bench.py`` and
@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 BENCHMARKS = {"webhook": "benchmarks.webhook_bench", "sidecar": "benchmarks.sidecar_bench",
               "prepare": "benchmarks.prepare_bench", "expand": "benchmarks.expand_bench",
-              "node": "benchmarks.node_bench", "soak": "benchmarks.soak"}
+              "node": "benchmarks.node_bench", "capacity": "benchmarks.capacity_bench",
+              "soak": "benchmarks.soak"}
 #: run only when named (a soak runs for minutes): not part of ``all``
 ONLY_NAMED = ("soak",)
 
