@@ -43,6 +43,7 @@ from diskplan.policy import load_policy
 from hooksidecar.logfmt import JsonLog
 from hooksidecar.prepare.actions import CreateImage
 from hooksidecar.prepare.capacity import guard
+from hooksidecar.prepare.imagefiles import HeaderCache
 from nodeagent.capacity import CapacityReporter, scan_root
 from nodeagent.metrics import AgentMetrics
 from nodeagent.reconcile import Paths
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.drop_caches:
             dropped = _time(lambda: scan_root(str(root)), min(args.rounds, 3), before=drop_caches)
             print(f"    the same after dropping the page cache:  {_ms(dropped)}", flush=True)
-        cache: dict[Any, int] = {}
+        cache = HeaderCache()
         scan_root(str(root), cache)
         warm = _time(lambda: scan_root(str(root), cache), args.rounds)
         print(f"(b) scan, header cache warm:                   {_ms(warm)}", flush=True)

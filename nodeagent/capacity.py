@@ -189,7 +189,7 @@ class CapacityReporter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capacity", daemon=True)
-        self._headers: HeaderCache = {}
+        self._headers = HeaderCache()
         self._exists: dict[tuple[str, str], tuple[bool, float]] = {}
         self._advertised: int | None = None
         self._verified = 0.0
@@ -225,7 +225,11 @@ class CapacityReporter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as exc:  # noqa: BLE001 - never let the thread die: the next pass tries again
+                self._say("pass", describe_error(exc), "capacity.failed", level="warning",
+                          error=describe_error(exc))
             self._wake.wait(self.interval)
             if self._stop.is_set():
                 break
@@ -239,6 +243,7 @@ class CapacityReporter:
             policy = self.policy()
             root = self.paths.on_host(policy.host_disks.root)
             scans = scan_root(root, self._headers)
+            self._headers.next_pass()
             fs = os.statvfs(_existing(root))
             facts = self._facts(root, scans)
             account = C.account_node(facts, filesystem_bytes=fs.f_blocks * fs.f_frsize,
@@ -348,8 +353,6 @@ class CapacityReporter:
         self._say("summary", "ok", "capacity.summary-written", directory=directory)
 
     def _advertise(self, account: C.NodeAccount) -> None:
-        from kubernetes.client.exceptions import ApiException
-
         gib = account.advertised_gib
         now = time.monotonic()
         if gib == self._advertised and now - self._verified < self.verify_interval:
@@ -363,7 +366,7 @@ class CapacityReporter:
                               nodeSays=list(current), **_figures(account))
             else:
                 self.metrics.advertisements.labels(self.node, "unchanged").inc()
-        except (ApiException, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - API refusals, no connection: logged, tried again next pass
             self.metrics.advertisements.labels(self.node, "failed").inc()
             self._advertised = None
             self._say("advertise", describe_error(exc), "capacity.advertise-failed", level="warning",
@@ -392,6 +395,9 @@ class CapacityReporter:
                 self.log.emit("event.failed", level="warning", reason=K.EVENT_ORPHANED_VM_DIRECTORY,
                               namespace=d.namespace, vm=d.vm, error=describe_error(exc))
         self._reported_orphans &= {(d.namespace, d.vm) for d in account.orphans}
+        with self._lock:  # forget lookups of directories that are gone
+            seen = {(d.namespace, d.vm) for d in account.dirs}
+            self._exists = {k: v for k, v in self._exists.items() if k in seen}
 
     def _say(self, topic: str, outcome: str, event: str, /, **fields: Any) -> None:
         """Log ``event`` when ``topic``'s outcome changed since its last line."""

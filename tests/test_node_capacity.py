@@ -28,7 +28,7 @@ from diskplan.plan import PlanKeys, sign_plan
 from diskplan.policy import load_policy
 from hooksidecar.logfmt import JsonLog
 from hooksidecar.prepare.capacity import read_summary
-from hooksidecar.prepare.imagefiles import scan_vm_dir
+from hooksidecar.prepare.imagefiles import HeaderCache, scan_vm_dir
 from nodeagent.capacity import CapacityMetrics, CapacityReporter, node_event_body, scan_root
 from nodeagent.metrics import AgentMetrics
 from nodeagent.nodestatus import advertised_of, advertised_patch
@@ -155,9 +155,16 @@ def test_scan_counts_images_by_header_and_passes_links_and_strangers(root: Path)
         "data.qcow2": 10 * GiB, "persist-root.root.qcow2": 3 * GiB, "raw.qcow2": 4096, "torn.qcow2": 64}
     assert "torn.qcow2" in scan.unreadable and "counted by its length" in scan.unreadable["torn.qcow2"]
     assert scan.other_allocated >= 8192  # the temporary file and the record occupy space, images none
-    cache: dict[Any, int] = {}
+    cache = HeaderCache()
     first = scan_vm_dir(str(d), cache=cache)
-    assert cache and scan_vm_dir(str(d), cache=cache) == first
+    assert len(cache) == 3  # two qcow2 headers and the raw file; the torn one is read again each time
+    assert scan_vm_dir(str(d), cache=cache) == first
+    qcow2(d / "data.qcow2", 12 * GiB)  # made again: another identity, read again
+    cache.next_pass()
+    assert scan_vm_dir(str(d), cache=cache).images["data.qcow2"].virtual_bytes == 12 * GiB
+    cache.next_pass()
+    cache.next_pass()
+    assert len(cache) == 0  # what no pass saw since is forgotten
 
 
 def test_a_missing_root_holds_nothing(host: Path) -> None:

@@ -11,15 +11,14 @@ followed: the directory is opened with ``O_NOFOLLOW``, entries are ``lstat``-ed 
 relative to it with ``O_NOFOLLOW``; links and special files are passed over.
 
 Shared by prepare (its own VM directory) and the node agent (every directory under the root);
-``cache`` lets the agent skip reading a header whose file did not change (same device, inode, size,
-mtime and ctime).
+a :class:`HeaderCache` lets the agent skip reading a header whose file did not change (same device,
+inode, size, mtime and ctime).
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 from diskplan import qcow2
@@ -30,7 +29,33 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 IMAGE_SUFFIX = ".qcow2"
 
 Identity = tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
-HeaderCache = MutableMapping[Identity, int]  # identity -> virtual size
+
+
+class HeaderCache:
+    """Virtual sizes by file identity. It keeps what the current and the previous pass saw:
+    :meth:`next_pass` forgets files not seen since, so a grown or removed image leaves nothing
+    behind (its old identity is never looked up again)."""
+
+    def __init__(self) -> None:
+        self._old: dict[Identity, int] = {}
+        self._new: dict[Identity, int] = {}
+
+    def lookup(self, ident: Identity) -> int | None:
+        size = self._new.get(ident)
+        if size is None:
+            size = self._old.get(ident)
+            if size is not None:
+                self._new[ident] = size
+        return size
+
+    def store(self, ident: Identity, size: int) -> None:
+        self._new[ident] = size
+
+    def next_pass(self) -> None:
+        self._old, self._new = self._new, {}
+
+    def __len__(self) -> int:
+        return len(self._new.keys() | self._old.keys())
 
 
 @dataclass(frozen=True)
@@ -92,8 +117,9 @@ def _scan(fd: int, cache: HeaderCache | None) -> DirScan:
             other += allocated
             continue
         ident = _identity(st)
-        if cache is not None and ident in cache:
-            out.images[entry] = ImageFile(cache[ident], allocated)
+        known = cache.lookup(ident) if cache is not None else None
+        if known is not None:
+            out.images[entry] = ImageFile(known, allocated)
             continue
         try:
             ffd = os.open(entry, _FILE_FLAGS, dir_fd=fd)
@@ -114,5 +140,5 @@ def _scan(fd: int, cache: HeaderCache | None) -> DirScan:
         if why is not None:
             out.unreadable[entry] = why
         elif cache is not None:
-            cache[_identity(now)] = size
+            cache.store(_identity(now), size)
     return DirScan(images=out.images, other_allocated=other, unreadable=out.unreadable)
