@@ -43,7 +43,7 @@ from diskplan.homemarker import format_time, parse_time
 from diskplan.plan import DNS_SUBDOMAIN, Plan, load_json_object
 
 if TYPE_CHECKING:
-    from diskplan.policy import CapacityPolicy
+    from diskplan.capacitypolicy import CapacityPolicy
 
 GIB = 1 << 30
 #: what creating or growing one qcow2 image allocates at once (header, L1 and refcount tables; a

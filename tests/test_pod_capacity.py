@@ -98,8 +98,8 @@ def test_the_capacity_directory_is_mounted_read_only_in_prepare_only(policy: Pol
 
 
 def test_prepare_gets_the_policys_capacity(policy: Policy) -> None:
-    text = EXAMPLE_POLICY.read_text().replace("  onlineExpand: true",
-                                             "  onlineExpand: true\n  capacity: {overcommit: 1.25, reserve: 40Gi}")
+    text = EXAMPLE_POLICY.read_text().replace("overcommit: 1.0 ", "overcommit: 1.25").replace("reserve: 5% ",
+                                                                                             "reserve: 40Gi")
     custom = load_policy(text)
     init = container(mutate(managed_pod(sample_plan(custom)), custom), K.PREPARE_CONTAINER)
     assert init["args"] == ["prepare", "--plan-from-env", "--overcommit", "1.25", "--reserve", "40Gi"]

@@ -39,9 +39,9 @@ from diskplan.capacity import (
     parse_summary,
     planned_images,
 )
+from diskplan.capacitypolicy import CapacityPolicy
 from diskplan.errors import Malformed
 from diskplan.plan import Plan
-from diskplan.policy import CapacityPolicy
 from hooksidecar.prepare.actions import Action, CreateImage, GrowImage, Unchanged
 from hooksidecar.prepare.imagefiles import scan_vm_dir
 

@@ -24,9 +24,9 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from diskplan import keys as K
+from diskplan.capacitypolicy import CapacityPolicy, parse_overcommit, parse_reserve
 from diskplan.errors import Malformed, Refused
 from diskplan.plan import MAX_PLAN_BYTES, Plan, is_node_name, parse_plan
-from diskplan.policy import CapacityPolicy, parse_overcommit, parse_reserve
 from hooksidecar.prepare.actions import Refuse
 from hooksidecar.prepare.apply import ApplyError, apply
 from hooksidecar.prepare.capacity import guard
