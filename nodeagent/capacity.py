@@ -255,6 +255,8 @@ class CapacityReporter:
                       error=describe_error(exc))
             return None
         self.metrics.passes.labels(self.node, "ok").inc()
+        if self._said.pop("pass", None) is not None:
+            self.log.emit("capacity.recovered", level="info", node=self.node)
         self.last = account
         self.metrics.publish(account)
         self._write_summary(self.paths.on_host(K.capacity_dir(policy.host_disks.root)), account)

@@ -271,6 +271,10 @@ def test_an_unreadable_root_fails_the_pass_and_says_why(host: Path, root: Path) 
     assert r.refresh() is None
     assert "capacity.failed" in log.getvalue()
     assert sample(metrics, "diskhooks_node_capacity_passes_total", outcome="failed") == 1
+    (root / "file").unlink()
+    (root / "file").mkdir()
+    assert r.refresh() is not None
+    assert "capacity.recovered" in log.getvalue()
 
 
 def test_the_node_patch_and_event_bodies() -> None:
