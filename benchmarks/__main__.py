@@ -1,5 +1,5 @@
-"""``python -m benchmarks [webhook|sidecar|prepare|expand|node|capacity|soak|all] [options passed on]`` — run the
-benchmarks (``all``: every one but ``soak``, the load-and-soak run of ``benchmarks/soak.py``).
+"""``python -m benchmarks [webhook|sidecar|prepare|expand|node|capacity|soak|qemucheck|all] [options]``
+— run the benchmarks (``all``: every one but ``soak``, the load-and-soak run of ``benchmarks/soak.py``).
 
 The sidecar and prepare benchmarks live in ``benchmarks/sidecar_bench.py`` and
 ``benchmarks/prepare_bench.py`` (imported only when asked for, so a missing one does not stop the
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 BENCHMARKS = {"webhook": "benchmarks.webhook_bench", "sidecar": "benchmarks.sidecar_bench",
               "prepare": "benchmarks.prepare_bench", "expand": "benchmarks.expand_bench",
               "node": "benchmarks.node_bench", "capacity": "benchmarks.capacity_bench",
-              "soak": "benchmarks.soak"}
+              "soak": "benchmarks.soak", "qemucheck": "benchmarks.qemu_check_bench"}
 #: run only when named (a soak runs for minutes): not part of ``all``
 ONLY_NAMED = ("soak",)
 

@@ -9,7 +9,11 @@ What this layer may do: start ``qemu-img`` as a child process (never through a s
   that need not exist where prepare runs) is written into the header but never opened;
 - CPU and address-space limits (as CDI does for ``qemu-img info``: ``RLIMIT_AS`` 1 GiB,
   ``RLIMIT_CPU`` 30 s), a wall-clock timeout, a minimal environment (``LC_ALL=C``);
-- every failure decoded into one readable sentence (:class:`QemuImgError`).
+- every failure decoded into one readable sentence (:class:`QemuImgError`);
+- files already opened and checked by the caller handed over as descriptors (``fd=``,
+  ``image_fd=``/``backing_fd=``): the child inherits the descriptor and qemu-img opens
+  ``/proc/self/fd/<n>``, which is the very file the caller checked, whatever is at its path by then
+  (a file swapped between the check and qemu-img's open is never what qemu-img reads or writes).
 
 What it may not do: decide anything. Which file to create, grow or refuse is decided by the caller
 (:mod:`hooksidecar.prepare`); paths arrive already derived from a validated plan.
@@ -86,10 +90,13 @@ def parse_info(text: str) -> ImageInfo:
     )
 
 
-def info(path: str, *, fmt: str, binary: str = "qemu-img") -> ImageInfo:
-    """``qemu-img info -f <fmt> --output=json <path>``: never opens the backing chain."""
+def info(path: str, *, fmt: str, binary: str = "qemu-img", fd: int | None = None) -> ImageInfo:
+    """``qemu-img info -f <fmt> --output=json <path>``: never opens the backing chain. With ``fd``
+    (``path`` opened and checked by the caller), qemu-img reads that descriptor, not the path."""
     _check_format(fmt)
-    out = _run([binary, "info", "-f", fmt, "--output=json", path], what="qemu-img info")
+    target, fds = _by_fd(path, fd)
+    out = _run([binary, "info", "-f", fmt, "--output=json", target], what="qemu-img info", pass_fds=fds,
+               shown={target: path})
     result = parse_info(out)
     if result.format != fmt:
         raise QemuImgError(f"qemu-img info reports format {result.format!r}, not {fmt!r}")
@@ -116,7 +123,7 @@ def create(path: str, *, size: int, backing: str | None = None, backing_format: 
 
 
 def resize(path: str, *, size: int, backing: tuple[str, str] | None = None,
-           binary: str = "qemu-img") -> None:
+           binary: str = "qemu-img", image_fd: int | None = None, backing_fd: int | None = None) -> None:
     """Grow the qcow2 image at ``path`` to ``size`` bytes (rounded up to 512; never shrinks).
 
     ``qemu-img resize`` opens the backing chain (qemu zeroes the part of a grown overlay that
@@ -124,21 +131,35 @@ def resize(path: str, *, size: int, backing: tuple[str, str] | None = None,
     file is *here*. The image is always opened through a ``json:`` description that names its
     backing (the base, whose own backing is ``null``, or ``null``), so qemu opens exactly the files
     the caller checked, never a name read from a header, and the backing file name written in the
-    header stays as it is.
+    header stays as it is. ``image_fd`` and ``backing_fd`` (the files opened and checked by the
+    caller) make qemu-img open those descriptors instead of the paths.
     """
     target = str(round_to_sector(size))
+    image, fds = _by_fd(path, image_fd)
+    shown = {image: path}
     backing_node: dict[str, Any] | None = None
     if backing is not None:
         base_path, base_format = backing
         _check_format(base_format)
-        backing_node = {"driver": base_format, "file": {"driver": "file", "filename": base_path},
+        base, base_fds = _by_fd(base_path, backing_fd)
+        fds += base_fds
+        shown[base] = base_path
+        backing_node = {"driver": base_format, "file": {"driver": "file", "filename": base},
                         "backing": None}
-    name = "json:" + json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": path},
+    name = "json:" + json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": image},
                                  "backing": backing_node})
-    _run([binary, "resize", "-q", "-f", "qcow2", name, target], what="qemu-img resize")
+    _run([binary, "resize", "-q", "-f", "qcow2", name, target], what="qemu-img resize", pass_fds=fds,
+         shown=shown)
 
 
 # ------------------------------------------------------------------------------------------------
+def _by_fd(path: str, fd: int | None) -> tuple[str, tuple[int, ...]]:
+    """The name qemu-img is given for ``path``, and the descriptors the child must inherit."""
+    if fd is None:
+        return path, ()
+    return f"/proc/self/fd/{fd}", (fd,)
+
+
 def _opt_str(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
@@ -154,7 +175,10 @@ def _limit_resources() -> None:  # runs in the child between fork and exec
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _run(argv: Sequence[str], *, what: str, timeout: float = TIMEOUT_SECONDS) -> str:
+def _run(argv: Sequence[str], *, what: str, timeout: float = TIMEOUT_SECONDS, pass_fds: Sequence[int] = (),
+         shown: dict[str, str] | None = None) -> str:
+    """Run qemu-img; ``pass_fds`` are inherited by the child, and in its messages each key of
+    ``shown`` (a ``/proc/self/fd/<n>`` name) is replaced by the path it stands for."""
     exe = shutil.which(argv[0]) if "/" not in argv[0] else argv[0]
     if exe is None:
         raise QemuImgError(f"{argv[0]} is not installed (the diskhooks sidecar image ships it)")
@@ -162,7 +186,7 @@ def _run(argv: Sequence[str], *, what: str, timeout: float = TIMEOUT_SECONDS) ->
     try:
         proc = subprocess.run(  # an argv list, never a shell
             [exe, *argv[1:]], stdin=subprocess.DEVNULL, capture_output=True, env=env,
-            timeout=timeout, preexec_fn=_limit_resources, check=False,
+            timeout=timeout, preexec_fn=_limit_resources, check=False, pass_fds=tuple(pass_fds),
         )
     except subprocess.TimeoutExpired:
         raise QemuImgError(f"{what} took longer than {timeout:g} s and was stopped") from None
@@ -172,7 +196,10 @@ def _run(argv: Sequence[str], *, what: str, timeout: float = TIMEOUT_SECONDS) ->
         if len(proc.stdout) > MAX_INFO_BYTES:
             raise QemuImgError(f"{what} printed more than {MAX_INFO_BYTES} bytes")
         return proc.stdout.decode("utf-8", "replace")
-    raise QemuImgError(_explain(what, proc.returncode, proc.stderr.decode("utf-8", "replace")))
+    stderr = proc.stderr.decode("utf-8", "replace")
+    for name, path in (shown or {}).items():
+        stderr = stderr.replace(name, path)
+    raise QemuImgError(_explain(what, proc.returncode, stderr))
 
 
 def _explain(what: str, returncode: int, stderr: str) -> str:

@@ -12,6 +12,7 @@ less clear error.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from hooksidecar.prepare.actions import (
     WriteHomeMarker,
     WriteMarker,
 )
+from hooksidecar.prepare.checked import open_checked_base, open_checked_image
 from hooksidecar.prepare.files import (
     HandoverError,
     create_beside,
@@ -73,9 +75,7 @@ def apply(actions: Sequence[Action], *, prefix: str = "", owner: tuple[int, int]
             elif isinstance(action, GrowImage):
                 remove_stale_tmp(prefix + action.path)
                 _note_ownership(summary, action.path, hand_to_qemu(prefix + action.path, owner, action.path))
-                backing = None if action.backing_here is None else \
-                    (prefix + action.backing_here[0], action.backing_here[1])
-                qemuimg.resize(prefix + action.path, size=action.size, backing=backing, binary=binary)
+                _grow(action, prefix=prefix, binary=binary)
                 fsync_file(prefix + action.path)
                 summary.update(result="grown", path=action.path, fromSize=action.from_size,
                                virtualSize=action.size)
@@ -145,6 +145,25 @@ def _create(action: CreateImage, *, prefix: str, owner: tuple[int, int] | None, 
                   lambda tmp: qemuimg.create(tmp, size=action.size, backing=action.backing,
                                              backing_format=action.backing_format, binary=binary),
                   owner=owner, shown=action.path)
+
+
+def _grow(action: GrowImage, *, prefix: str, binary: str) -> None:
+    """``qemu-img resize`` on the image (and its base) opened and checked again just before, by
+    descriptor (:mod:`hooksidecar.prepare.checked`)."""
+    fd = open_checked_image(prefix + action.path, shown=action.path, virtual_size=action.from_size)
+    try:
+        if action.backing_here is None:
+            qemuimg.resize(prefix + action.path, size=action.size, binary=binary, image_fd=fd)
+            return
+        base_path, base_format = prefix + action.backing_here[0], action.backing_here[1]
+        base_fd = open_checked_base(base_path, shown=action.backing_here[0], fmt=base_format)
+        try:
+            qemuimg.resize(prefix + action.path, size=action.size, backing=(base_path, base_format),
+                           binary=binary, image_fd=fd, backing_fd=base_fd)
+        finally:
+            os.close(base_fd)
+    finally:
+        os.close(fd)
 
 
 def _note_ownership(summary: dict[str, Any], path: str, change: str | None) -> None:

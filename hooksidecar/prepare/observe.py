@@ -5,7 +5,8 @@ record (``<disk>.base.json``), and for a persistent root the containerDisk seen 
 image volume, the overlay and its base record. It reads the first 64 KiB of a file and checks the
 qcow2 magic *before* any ``qemu-img`` call, opens files with ``O_NOFOLLOW``, never follows a path
 read from a file, and runs ``qemu-img info`` (with an explicit format, under limits, see
-:mod:`hooksidecar.qemuimg`) only on qcow2 images whose header shows no external data file. It hashes
+:mod:`hooksidecar.qemuimg`) only on qcow2 images whose header shows no external data file, on the
+descriptor it checked (``/proc/self/fd/<n>``), so a file swapped after the check is never read. It hashes
 a library base only when its identity (device, inode, size, mtime, ctime) differs from the one its
 record holds and the node's base catalog has no entry for it as it is now, streaming through one
 fixed buffer; such a hash is added to the catalog (:mod:`hooksidecar.prepare.catalog`), the only
@@ -207,18 +208,24 @@ def make_base_record(disk: PlannedDisk, base_path: str) -> dict[str, Any]:
 
 
 def inspect_image(path: str, *, run_qemu: bool = True, binary: str = "qemu-img") -> FileState:
-    """Classify the file at ``path``: its first bytes decide whether qemu-img is called at all."""
+    """Classify the file at ``path``: its first bytes decide whether qemu-img is called at all, and
+    qemu-img reads the descriptor those bytes came from (never the path again)."""
     try:
         fd = _open_regular(path)
     except _NotUsable as exc:
         return FileState(exc.kind, exc.detail)
     try:
+        return _inspect_open_image(fd, path, run_qemu=run_qemu, binary=binary)
+    finally:
+        os.close(fd)
+
+
+def _inspect_open_image(fd: int, path: str, *, run_qemu: bool, binary: str) -> FileState:
+    try:
         size = os.fstat(fd).st_size
         head = os.read(fd, qcow2.HEADER_READ_BYTES)
     except OSError as exc:
         return FileState("unreadable", exc.strerror or str(exc))
-    finally:
-        os.close(fd)
     if not qcow2.is_qcow2(head):
         return FileState("raw", file_size=size)
     try:
@@ -236,7 +243,7 @@ def inspect_image(path: str, *, run_qemu: bool = True, binary: str = "qemu-img")
     if not run_qemu or state.data_file is not None or state.encrypted or state.unknown_features:
         return state  # refused on the header alone: qemu-img never sees it
     try:
-        info = qemuimg.info(path, fmt="qcow2", binary=binary)
+        info = qemuimg.info(path, fmt="qcow2", binary=binary, fd=fd)
     except qemuimg.QemuImgError as exc:
         return FileState("bad-qcow2", exc.reason, file_size=size)
     if info.virtual_size != h.virtual_size or info.backing_file != h.backing_file:
@@ -279,13 +286,20 @@ def inspect_container_disk(image_dir: str, *, binary: str = "qemu-img",
     except _NotUsable as exc:
         return BaseObservation(True, f"{name}: {exc.detail or exc.kind}")
     try:
+        return _inspect_open_container_disk(fd, f"{disk_dir}/{name}", name, binary=binary,
+                                            hash_content=hash_content)
+    finally:
+        os.close(fd)
+
+
+def _inspect_open_container_disk(fd: int, path: str, name: str, *, binary: str,
+                                 hash_content: bool) -> BaseObservation:
+    try:
         size = os.fstat(fd).st_size
         head = os.read(fd, qcow2.HEADER_READ_BYTES)
         sha256 = hash_fd(fd, head=head) if hash_content else None
     except OSError as exc:
         return BaseObservation(True, f"{name} cannot be read: {exc.strerror}")
-    finally:
-        os.close(fd)
     fmt = "qcow2" if qcow2.is_qcow2(head) else "raw"
     if fmt == "qcow2":
         try:
@@ -299,7 +313,7 @@ def inspect_container_disk(image_dir: str, *, binary: str = "qemu-img",
             return BaseObservation(True, f"{name} has a backing file, an external data file or "
                                    "encryption; a containerDisk base must be self-contained")
     try:
-        info = qemuimg.info(f"{disk_dir}/{name}", fmt=fmt, binary=binary)
+        info = qemuimg.info(path, fmt=fmt, binary=binary, fd=fd)
     except qemuimg.QemuImgError as exc:
         return BaseObservation(True, f"{name}: {exc.reason}")
     return BaseObservation(True, None, name, fmt, info.virtual_size, sha256)
