@@ -38,6 +38,7 @@ PLAN_VERSION = 3  # the newest version read and written; see Plan.version
 PLAN_VERSIONS = (1, 2, 3)
 MAX_PLAN_BYTES = 64 * 1024
 MAX_DETACHED = 128  # detached disks one plan remembers (bounds the plan's size)
+MAX_INTEGER = 2**63 - 1  # the largest number a plan holds (a Kubernetes quantity's, qemu's image size)
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 # a DNS-1123 subdomain is what Kubernetes allows for namespaces-as-labels and VM names
@@ -420,6 +421,8 @@ class _Reader:
             return None
         if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
             raise Malformed(where, f"must be an integer >= {minimum}")
+        if v > MAX_INTEGER:  # no size, index or order is larger; qemu-img takes at most this
+            raise Malformed(where, f"{v} is larger than {MAX_INTEGER}")
         return v
 
     def items(self, key: str) -> list[Any]:

@@ -271,6 +271,11 @@ def select_core(req: AdmissionRequest, route: Route) -> Core | None:
 def _dispatch(req: AdmissionRequest, core: Core, *, namespace: str, policy: Policy,
               plan_keys: PlanKeys, cluster: Cluster) -> Mutation:
     assert req.obj is not None  # parse_request guarantees an object for CREATE/UPDATE
+    if req.version != "v1":
+        # the chart's rules (matchPolicy Equivalent) have the API server convert every request to
+        # v1; an object of another version is not read with v1's rules, it is denied
+        raise Malformed("request.kind.version", f"diskhooks reads {req.kind} v1 objects only, not "
+                        f"{_short(req.version)}")
     if core == "vm":
         return mutate_vm(req.obj, operation=req.operation, old_obj=req.old_obj,
                          namespace=namespace, policy=policy, plan_keys=plan_keys, cluster=cluster,
