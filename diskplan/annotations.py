@@ -118,12 +118,12 @@ class Requests:
 
 
 def user_annotation_keys(annotations: Mapping[str, Any] | None) -> list[str]:
-    """The ``diskhooks.io/`` annotations a user wrote (the webhook's own plan and the node agent's
-    home node excluded: neither is a request)."""
+    """The ``diskhooks.io/`` annotations a user wrote (the webhook's own plan, the node agent's
+    home node and the migration annotations excluded: none is a disk request)."""
     if not annotations:
         return []
     return [k for k in annotations if isinstance(k, str) and k.startswith(K.PREFIX)
-            and k not in (K.ANN_PLAN, K.ANN_NODE)]
+            and k not in (K.ANN_PLAN, K.ANN_NODE, *K.MIGRATION_ANNOTATIONS)]
 
 
 def parse_requests(annotations: Mapping[str, Any], policy: Policy, *,

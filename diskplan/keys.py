@@ -33,6 +33,12 @@ LABEL_NODE = PREFIX + "node"
 HOME_MARKER = "home.node.json"
 # prepare's environment: the node its Pod runs on (downward API spec.nodeName)
 ENV_NODE_NAME = "DISKHOOKS_NODE_NAME"
+# cold migration (diskplan/migration.py, docs/MIGRATION.md), on a VirtualMachine's metadata.annotations:
+# the user's request and its option, and the agents' status (JSON)
+ANN_MIGRATE_TO = PREFIX + "migrate-to"
+ANN_MIGRATE_DELETE_SOURCE = PREFIX + "migrate-delete-source"
+ANN_MIGRATION_STATUS = PREFIX + "migration-status"
+MIGRATION_ANNOTATIONS = (ANN_MIGRATE_TO, ANN_MIGRATE_DELETE_SOURCE, ANN_MIGRATION_STATUS)
 # Events on the VirtualMachine
 EVENT_HOME_NODE_RECORDED = "HomeNodeRecorded"
 EVENT_DISK_EXPANDED = "DiskExpanded"

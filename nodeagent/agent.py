@@ -34,6 +34,7 @@ from nodeagent.workqueue import WorkQueue
 if TYPE_CHECKING:
     from diskplan.plan import PlanKeys
     from diskplan.policy import Policy
+    from nodeagent.migrate.service import MigrationConfig, Migrations
 
 WORKERS = 4
 RESYNC_INTERVAL = 300.0
@@ -46,7 +47,7 @@ class Agent:
                  kubelet_pods_dir: str = "/var/lib/kubelet/pods", metrics_port: int | None = None,
                  workers: int = WORKERS, resync_interval: float = RESYNC_INTERVAL,
                  watch_timeout: int = 300, expander: Callable[[], Expander] = load_expander,
-                 capacity_interval: float = DEFAULT_INTERVAL) -> None:
+                 capacity_interval: float = DEFAULT_INTERVAL, migration: MigrationConfig | None = None) -> None:
         self.node = node
         self.log = log
         self.policy = policy
@@ -75,6 +76,11 @@ class Agent:
                                          paths=self.paths, vmis=self.vmis, vms=self.vms,
                                          registry=self.metrics.registry, log=log,
                                          interval=capacity_interval)
+        self.migrations: Migrations | None = None
+        if migration is not None:  # cold migration (nodeagent.migrate): binds its port here
+            from nodeagent.migrate.service import Migrations
+            self.migrations = Migrations(node=node, kube=kube, policy=policy, paths=self.paths, log=log,
+                                         config=migration, stopping=self.stopping)
         self.status: StatusServer | None = None
         if metrics_port is not None:
             self.status = StatusServer(port=metrics_port, metrics=self._exposition, health=self.health,
@@ -90,6 +96,8 @@ class Agent:
         self.vms.start()
         self._resync.start()
         self.capacity.start()
+        if self.migrations is not None:
+            self.migrations.start()
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop watches, workers, the scan and the HTTP server; True when every thread ended."""
@@ -103,6 +111,8 @@ class Agent:
             if t.is_alive() or t.ident is not None:
                 t.join(max(0.1, deadline - time.monotonic()))
                 ended = ended and not t.is_alive()
+        if self.migrations is not None:
+            ended = self.migrations.stop(max(0.1, deadline - time.monotonic())) and ended
         if self.status is not None:
             self.status.stop()
         return ended
@@ -116,6 +126,8 @@ class Agent:
                                          ("capacity", self.capacity.alive))
                 if not alive]
         dead += [w.name for w in self._workers if not w.is_alive()]
+        if self.migrations is not None and self.migrations.health() is not None:
+            dead.append(str(self.migrations.health()))
         return f"not running: {', '.join(dead)}" if dead else None
 
     def ready(self) -> str | None:
@@ -155,6 +167,8 @@ class Agent:
             return
         self.capacity.poke()
         self.queue.add((VM, namespace, name))
+        if self.migrations is not None:
+            self.migrations.on_vm(kind, vm)
 
     # --- threads -------------------------------------------------------------------------------
     def _work(self) -> None:

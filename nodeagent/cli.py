@@ -95,6 +95,10 @@ def parser() -> argparse.ArgumentParser:
                        help=f"port of /metrics, /healthz, /readyz (default {DEFAULT_METRICS_PORT}; 0: any)")
     serve.add_argument("--plan-keys-dir", default=Path(DEFAULT_PLAN_KEYS_DIR), type=Path, metavar="DIR",
                        help=f"the plan keys (default {DEFAULT_PLAN_KEYS_DIR})")
+    from nodeagent.migrate.options import add_migrate_arguments, add_serve_options
+    add_serve_options(serve)
+    add_migrate_arguments(sub.add_parser("migrate", help="move a stopped VM and its disks to another node "
+                                         "(as kubectl diskhooks migrate)"))
     catalog = sub.add_parser("catalog", help="hash the image library's new or changed bases into "
                              "the node's base catalog, once")
     catalog.add_argument("--config", required=True, type=Path, metavar="POLICY.yaml",
@@ -119,6 +123,7 @@ def serve(args: argparse.Namespace) -> int:
     from nodeagent.agent import Agent
     from nodeagent.catalog import CatalogRefresher, catalog_dirs
     from nodeagent.kube import Kube, load_client
+    from nodeagent.migrate.options import migration_config
 
     try:
         api = load_client(args.kubeconfig)
@@ -128,10 +133,10 @@ def serve(args: argparse.Namespace) -> int:
     try:
         agent = Agent(node=args.node_name, kube=Kube(api), policy=policy.get, plan_keys=plan_keys.get,
                       log=log, host_prefix=args.host_prefix, kubelet_pods_dir=args.kubelet_pods_dir,
-                      metrics_port=args.metrics_port)
+                      metrics_port=args.metrics_port, migration=migration_config(args, log))
     except OSError as exc:
-        print(f"{PROG}: cannot serve /metrics on port {args.metrics_port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(f"{PROG}: cannot serve /metrics on port {args.metrics_port} or migrations on port "
+              f"{args.migration_port}: {exc.strerror or exc}", file=sys.stderr)
         api.close()
         return EXIT_FAILED
 
@@ -173,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "catalog":
         from nodeagent.catalog import catalog_command
         return catalog_command(args.config, host_prefix=args.host_prefix)
+    if args.command == "migrate":
+        from nodeagent.migrate.command import run
+        return run(args)
     return EXIT_USAGE  # argparse refuses other commands before this
 
 

@@ -12,7 +12,7 @@ import pytest
 # the real control plane (etcd + kube-apiserver from $KUBEBUILDER_ASSETS): fixtures envtest, kube_namespace;
 # the node agent as a subprocess against it: start_agent, cluster, agent_setup, agent_node;
 # the fuzz profiles and the count of generated inputs printed at the end (tests/fuzzing.py)
-pytest_plugins = ["tests.envtest", "tests.node_agent_support", "tests.fuzzing"]
+pytest_plugins = ["tests.envtest", "tests.node_agent_support", "tests.fuzzing", "tests.migration_support"]
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"

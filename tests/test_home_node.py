@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from diskplan import keys as K
+from diskplan.migration import ANN_MIGRATE_TO
 from diskplan.errors import Malformed, Refused
 from diskplan.plan import Plan, PlanKeys, sign_plan, verify_plan
 from diskplan.policy import Policy, load_policy
@@ -200,16 +201,29 @@ def test_the_original_manifest_applied_again_keeps_the_home() -> None:
     assert m.obj == vm
 
 
+def handed_over(vm: dict[str, Any], node: str) -> dict[str, Any]:
+    """The agent's update that moves ``vm``'s home to ``node``: only for a stopped VM that asked to
+    move there, in the update that removes the request (webhook.vm.migration)."""
+    asking = copy.deepcopy(vm)
+    asking["spec"]["runStrategy"] = "Halted"
+    asking["metadata"]["annotations"][ANN_MIGRATE_TO] = node
+    handover = with_ann(asking, node)
+    del handover["metadata"]["annotations"][ANN_MIGRATE_TO]
+    return checked(handover, user=AGENT, operation="UPDATE", old=asking).obj
+
+
 def test_the_agent_may_change_and_remove_it() -> None:
     vm = homed(api_vm())
-    moved = checked(with_ann(vm, "node-b"), user=AGENT, operation="UPDATE", old=vm).obj
+    moved = handed_over(vm, "node-b")
     assert required_terms(moved) == [{"matchExpressions": [home_expression("node-b")]}]
     assert moved["metadata"]["labels"][K.LABEL_NODE] == "node-b" and plan_of(moved).node == "node-b"
     gone = checked(with_ann(moved, None), user=AGENT, operation="UPDATE", old=moved).obj
     assert K.LABEL_NODE not in gone["metadata"].get("labels", {})
     assert "affinity" not in gone["spec"]["template"]["spec"]
     assert plan_of(gone).node is None and plan_of(gone).version == 1
-    assert gone == checked(api_vm()).obj  # exactly as before the home was recorded
+    halted = api_vm()
+    halted["spec"]["runStrategy"] = "Halted"
+    assert gone == checked(halted).obj  # exactly as before the home was recorded
 
 
 @pytest.mark.parametrize("change, where", [
@@ -363,7 +377,7 @@ def test_the_expression_is_anded_into_every_term_of_the_users_affinity() -> None
         USER_AFFINITY["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert aff["podAntiAffinity"] == USER_AFFINITY["podAntiAffinity"]
     # a new home replaces the old expression; removing it restores the user's affinity exactly
-    moved = checked(with_ann(pinned, "node-b"), user=AGENT, operation="UPDATE", old=pinned).obj
+    moved = handed_over(pinned, "node-b")
     moved_terms = moved["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][REQUIRED]["nodeSelectorTerms"]
     assert [t["matchExpressions"][-1] for t in moved_terms] == [home_expression("node-b")] * 2
     assert sum(e == ours for t in moved_terms for e in t["matchExpressions"]) == 0

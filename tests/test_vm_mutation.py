@@ -999,7 +999,7 @@ def test_yaml_timestamps_from_a_manifest_file_do_not_break_the_copy() -> None:
 # cluster lookups
 # ------------------------------------------------------------------------------------------------
 def test_file_cluster_forms() -> None:
-    assert len(CLUSTER) == 7  # the file's Node is skipped: the webhook looks up PVCs and StorageClasses only
+    assert len(CLUSTER) == 8  # PVCs, StorageClasses and the Node (migration requests look Nodes up)
     pvc = CLUSTER.get_pvc("vms", "node1-nvme0")
     assert pvc is not None and pvc["spec"]["volumeMode"] == "Block"
     pvc["spec"]["volumeMode"] = "changed"

@@ -1,4 +1,5 @@
-"""The one lookup interface of the webhook: PersistentVolumeClaims and StorageClasses.
+"""The one lookup interface of the webhook: PersistentVolumeClaims and StorageClasses (and, for a
+migration request, Nodes and VirtualMachineInstances: :class:`NodeLookups`).
 
 The mutation cores take a :class:`Cluster` argument and only call its two getters (one GET of a
 single object each: the chart's ClusterRole grants ``get`` and nothing else); they never talk to
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import yaml
 
@@ -27,6 +28,8 @@ from diskplan.errors import Malformed
 
 PVC = "PersistentVolumeClaim"
 STORAGE_CLASS = "StorageClass"
+NODE = "Node"
+VMI = "VirtualMachineInstance"
 LOOKUP_TIMEOUT_SECONDS = 3.0
 
 
@@ -40,9 +43,20 @@ class Cluster(Protocol):
     def get_storage_class(self, name: str) -> dict[str, Any] | None: ...
 
 
+@runtime_checkable
+class NodeLookups(Protocol):
+    """What a migration request is checked with (``webhook.vm.migration``): the target Node exists,
+    the VM has no VMI. Both implementations below offer it (grants: ``get`` on nodes and on
+    virtualmachineinstances)."""
+
+    def get_node(self, name: str) -> dict[str, Any] | None: ...
+
+    def get_vmi(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+
 class FileCluster:
     """Objects read from text: a YAML list, a multi-document YAML stream, or a ``v1`` ``List``
-    (``kubectl get pvc,sc -o yaml``). Only PVCs and StorageClasses are kept; other kinds are
+    (``kubectl get pvc,sc -o yaml``). Only PVCs, StorageClasses, Nodes and VMIs are kept; other kinds are
     skipped (they still need a kind and a name)."""
 
     def __init__(self, objects: Iterable[Mapping[str, Any]] = ()) -> None:
@@ -80,13 +94,13 @@ class FileCluster:
         name = meta.get("name") if isinstance(meta, Mapping) else None
         if not isinstance(name, str) or not name:
             raise Malformed(f"{where}.metadata.name", "is required")
-        if kind not in (PVC, STORAGE_CLASS):
+        if kind not in (PVC, STORAGE_CLASS, NODE, VMI):
             return
         namespace = ""
-        if kind == PVC:
+        if kind in (PVC, VMI):
             value = meta.get("namespace") if isinstance(meta, Mapping) else None
             if not isinstance(value, str) or not value:
-                raise Malformed(f"{where}.metadata.namespace", "a PersistentVolumeClaim needs one")
+                raise Malformed(f"{where}.metadata.namespace", f"a {kind} needs one")
             namespace = value
         key = (kind, namespace, name)
         if key in self._objects:
@@ -104,6 +118,12 @@ class FileCluster:
 
     def get_storage_class(self, name: str) -> dict[str, Any] | None:
         return self._get(STORAGE_CLASS, "", name)
+
+    def get_node(self, name: str) -> dict[str, Any] | None:
+        return self._get(NODE, "", name)
+
+    def get_vmi(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(VMI, namespace, name)
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -169,3 +189,13 @@ class KubeCluster:
 
     def get_storage_class(self, name: str) -> dict[str, Any] | None:
         return self._call(f"StorageClass {name}", self._storage.read_storage_class, name)
+
+    def get_node(self, name: str) -> dict[str, Any] | None:
+        return self._call(f"Node {name}", self._core.read_node, name)
+
+    def get_vmi(self, namespace: str, name: str) -> dict[str, Any] | None:
+        from kubernetes import client
+
+        custom = client.CustomObjectsApi(self._api_client)
+        return self._call(f"VirtualMachineInstance {namespace}/{name}", custom.get_namespaced_custom_object,
+                          "kubevirt.io", "v1", namespace, "virtualmachineinstances", name)

@@ -39,6 +39,7 @@ from typing import Any
 
 from diskplan import keys as K
 from diskplan.errors import Refused
+from diskplan.migration import ANN_MIGRATE_DELETE_SOURCE, ANN_MIGRATE_TO, ANN_MIGRATION_STATUS
 from diskplan.plan import PlanKeys, is_node_name, sign_plan
 from diskplan.policy import Policy
 from webhook.mutation import Mutation
@@ -54,6 +55,7 @@ MAX_LABEL_VALUE = 63  # the label mirrors the node name, and a label value has a
 MIGRATE_HINT = "move a VM with kubectl diskhooks migrate"
 # what the API server (not the requester) changes on every write: never the agent's doing
 SERVER_METADATA = ("managedFields", "resourceVersion", "generation")
+MIGRATION_KEYS = (ANN_MIGRATE_TO, ANN_MIGRATE_DELETE_SOURCE, ANN_MIGRATION_STATUS)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,8 @@ def _without_home(obj: Mapping[str, Any], known: Collection[str]) -> dict[str, A
         for key in SERVER_METADATA:
             meta.pop(key, None)
         _drop(meta, "annotations", K.ANN_NODE)
+        for key in MIGRATION_KEYS:  # what the agent may do with these: webhook.vm.migration
+            _drop(meta, "annotations", key)
         _drop(meta, "labels", K.LABEL_NODE)
     template = as_map(as_map(out.get("spec")).get("template"))
     tmeta = template.get("metadata")

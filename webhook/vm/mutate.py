@@ -37,6 +37,7 @@ from webhook.vm.metadata import (
     stale_template,
     valid_names,
 )
+from webhook.vm.migration import check_migration
 from webhook.vm.planverify import (
     Previous,
     planned_disk,
@@ -91,8 +92,14 @@ def mutate_vm(obj: Mapping[str, Any], *, operation: str, old_obj: Mapping[str, A
     if home.restored and home.node is not None:  # the update omitted the home node: put it back
         obj = with_node(obj, home.node)
         meta, spec = shape_of(obj, VM_KIND)
+    checked, notes = check_migration(obj, old_obj if operation == "UPDATE" else None, operation=operation,
+                                     username=username, policy=policy, namespace=namespace, cluster=cluster)
+    if checked is not obj:  # the update omitted the migration status: put back
+        obj = checked
+        meta, spec = shape_of(obj, VM_KIND)
     m = _mutate_vm_spec(obj, meta, spec, operation=operation, old_obj=old_obj, namespace=namespace,
                         policy=policy, plan_keys=plan_keys, cluster=cluster)
+    m = Mutation(m.obj, m.warnings + notes) if notes else m
     return finish_home(m, home, old_obj=old_obj if operation == "UPDATE" else None, namespace=namespace,
                        plan_keys=plan_keys)
 

@@ -1,0 +1,330 @@
+"""Move bytes between a TLS connection and a pair of local file descriptors, in one thread.
+
+The migration's data path: on the source, rsync's remote-shell program (:mod:`connector`) joins
+rsync's pipes to the TLS connection; on the target, the agent joins the connection to the pipes of
+the ``rsync --server`` it runs. OpenSSL's objects must not be used by two threads at once, so the
+TLS state lives in an :class:`ssl.SSLObject` over memory buffers and one loop (``selectors``) moves
+everything: socket -> decrypt -> ``out_fd``, ``in_fd`` -> encrypt -> socket, never blocking on
+one side while the other has work. Each direction buffers at most :data:`HIGH_WATER` bytes before it
+stops reading (backpressure).
+
+End of stream: when ``in_fd`` ends, the loop sends TLS ``close_notify`` and shuts the socket's
+write side (TLS 1.3 half-close); when the peer's ``close_notify`` arrives, ``out_fd`` is closed.
+The loop ends when both directions are done. A TCP end without ``close_notify`` (a truncation) is
+an error (:class:`BridgeError`), never a clean end.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import ssl
+import time
+
+CHUNK = 1 << 20
+HIGH_WATER = 4 << 20
+HANDSHAKE_TIMEOUT = 20.0
+
+
+class BridgeError(Exception):
+    """The connection failed (the message says how)."""
+
+
+class TlsChannel:
+    """An :class:`ssl.SSLObject` over a connected non-blocking socket."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
+                 server_hostname: str | None = None) -> None:
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
+                                    server_hostname=server_hostname)
+        self.eof_received = False  # the peer's close_notify
+        self.tcp_eof = False
+
+    # --- blocking helpers (handshake, header lines) ---------------------------------------------
+    def _flush_blocking(self, deadline: float) -> None:
+        data = self.outgoing.read()
+        view = memoryview(data)
+        while view:
+            self._wait(selectors.EVENT_WRITE, deadline)
+            try:
+                n = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                continue
+            view = view[n:]
+
+    def _wait(self, events: int, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BridgeError("timed out")
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.sock, events)
+            if not sel.select(left):
+                raise BridgeError("timed out")
+
+    def _fill_blocking(self, deadline: float) -> None:
+        self._wait(selectors.EVENT_READ, deadline)
+        try:
+            data = self.sock.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise BridgeError(f"connection failed: {exc.strerror or exc}") from None
+        if not data:
+            self.tcp_eof = True
+            self.incoming.write_eof()
+            raise BridgeError("the peer closed the connection")
+        self.incoming.write(data)
+
+    def handshake(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.obj.do_handshake()
+                self._flush_blocking(deadline)
+                return
+            except ssl.SSLWantReadError:
+                self._flush_blocking(deadline)
+                self._fill_blocking(deadline)
+            except ssl.SSLError as exc:
+                try:
+                    self._flush_blocking(deadline)  # our alert, so the peer learns why
+                except (BridgeError, OSError):
+                    pass
+                raise BridgeError(f"TLS handshake failed: {exc.reason or exc}") from None
+
+    def send_all(self, data: bytes, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        self.obj.write(data)
+        self._flush_blocking(deadline)
+
+    def read_line(self, limit: int, timeout: float = HANDSHAKE_TIMEOUT) -> tuple[bytes, bytes]:
+        """One line (without its newline, at most ``limit`` bytes) and what followed it."""
+        deadline = time.monotonic() + timeout
+        got = bytearray()
+        while True:
+            try:
+                chunk = self.obj.read(CHUNK)
+            except ssl.SSLWantReadError:
+                self._fill_blocking(deadline)
+                continue
+            except ssl.SSLZeroReturnError:
+                raise BridgeError("the peer ended the connection before a complete line") from None
+            except ssl.SSLError as exc:
+                raise BridgeError(f"TLS failed: {exc.reason or exc}") from None
+            if not chunk:
+                raise BridgeError("the peer ended the connection before a complete line")
+            got += chunk
+            end = got.find(b"\n")
+            if end >= 0:
+                if end > limit:
+                    raise BridgeError(f"the line is longer than {limit} bytes")
+                return bytes(got[:end]), bytes(got[end + 1:])
+            if len(got) > limit:
+                raise BridgeError(f"the line is longer than {limit} bytes")
+
+
+def pump(channel: TlsChannel, in_fd: int, out_fd: int, *, until: str, early: bytes = b"",
+         idle_timeout: float | None = None) -> None:
+    """Move bytes until the stream is over (see the module doc) and return. ``until``: ``"peer"``
+    (rsync's client side, as ssh does: over when the peer's stream ended and all of it is written
+    to ``out_fd``; the client rsync waits for its remote shell to exit before it closes its own
+    end) or ``"local"`` (the server side: over when ``in_fd`` ended, i.e. ``rsync --server``
+    exited, and everything is sent with ``close_notify``). ``early``: bytes already decrypted (read
+    with the header line) that go to ``out_fd`` first. Closes ``out_fd``; ``in_fd`` is left to the
+    caller. Raises :class:`BridgeError`."""
+    _Pump(channel, in_fd, out_fd, until=until, early=early).run(idle_timeout)
+
+
+class _Pump:
+    """One connection's loop. I/O is eager: what was read is passed on at once, and a descriptor is
+    watched for writability only while a write would block (no selector churn per chunk)."""
+
+    def __init__(self, channel: TlsChannel, in_fd: int, out_fd: int, *, until: str, early: bytes) -> None:
+        if until not in ("peer", "local"):
+            raise ValueError(f"until must be 'peer' or 'local', not {until!r}")
+        self.ch = channel
+        self.sock = channel.sock
+        self.obj = channel.obj
+        self.in_fd, self.out_fd, self.until = in_fd, out_fd, until
+        self.to_out = bytearray(early)
+        self.to_net = bytearray()
+        self.in_open = True  # in_fd still gives data
+        self.net_open = True  # the peer still sends
+        self.out_closed = False
+        self.shut_wr = False
+        self.sel = selectors.DefaultSelector()
+        self.registered: dict[object, int] = {}
+
+    # --- the selector ---------------------------------------------------------------------------
+    def _want(self, target: object, events: int) -> None:
+        had = self.registered.get(target, 0)
+        if had == events:
+            return
+        if events == 0:
+            self.sel.unregister(target)  # type: ignore[arg-type]
+            del self.registered[target]
+        elif had == 0:
+            self.sel.register(target, events)  # type: ignore[arg-type]
+            self.registered[target] = events
+        else:
+            self.sel.modify(target, events)  # type: ignore[arg-type]
+            self.registered[target] = events
+
+    def _arm(self) -> None:
+        sock_events = 0
+        if self.net_open and len(self.to_out) < HIGH_WATER:
+            sock_events |= selectors.EVENT_READ
+        if self.to_net:
+            sock_events |= selectors.EVENT_WRITE
+        self._want(self.sock, sock_events)
+        self._want(self.in_fd, selectors.EVENT_READ
+                   if self.in_open and len(self.to_net) < HIGH_WATER and not self.shut_wr else 0)
+        self._want(self.out_fd, selectors.EVENT_WRITE if self.to_out and not self.out_closed else 0)
+
+    # --- the four moves -------------------------------------------------------------------------
+    def _decrypt(self) -> None:
+        while len(self.to_out) < HIGH_WATER:
+            try:
+                data = self.obj.read(CHUNK)
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLZeroReturnError:
+                self.net_open = False
+                return
+            except ssl.SSLError as exc:
+                raise BridgeError(f"TLS failed: {exc.reason or exc}") from None
+            if not data:
+                self.net_open = False
+                return
+            self.to_out += data
+
+    def _send(self) -> None:
+        self.to_net += self.ch.outgoing.read()
+        while self.to_net:
+            try:
+                n = self.sock.send(self.to_net)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                raise BridgeError(f"sending failed: {exc.strerror or exc}") from None
+            del self.to_net[:n]
+
+    def _write_out(self) -> None:
+        while self.to_out and not self.out_closed:
+            try:
+                n = os.write(self.out_fd, self.to_out)
+            except (BlockingIOError, InterruptedError):
+                return
+            except BrokenPipeError:
+                raise BridgeError("the local end closed its input") from None
+            del self.to_out[:n]
+            if len(self.to_out) < HIGH_WATER and self.net_open:
+                self._decrypt()
+
+    def _receive(self) -> None:
+        try:
+            data = self.sock.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            raise BridgeError(f"receiving failed: {exc.strerror or exc}") from None
+        if data:
+            self.ch.incoming.write(data)
+            self._decrypt()
+            self._send()  # TLS's own answers (key updates, tickets)
+            return
+        self.ch.incoming.write_eof()
+        self._decrypt()
+        if self.net_open and not self.shut_wr:
+            raise BridgeError("the connection ended without TLS close_notify (cut off)")
+        self.net_open = False
+
+    def _read_in(self) -> None:
+        try:
+            data = os.read(self.in_fd, CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            self.in_open = False
+            return
+        try:
+            self.obj.write(data)
+        except ssl.SSLError as exc:
+            raise BridgeError(f"TLS failed: {exc.reason or exc}") from None
+        self._send()
+
+    def _finish_states(self) -> bool:
+        """Close what is over; True when the stream is over for this side."""
+        if not self.net_open and not self.to_out and not self.out_closed:
+            os.close(self.out_fd)
+            self.out_closed = True
+        if not self.in_open and not self.to_net and not self.shut_wr:
+            try:
+                self.obj.unwrap()
+            except (ssl.SSLWantReadError, ssl.SSLError):
+                pass
+            self._send()
+            if not self.to_net:
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                self.shut_wr = True
+        if self.until == "peer" and self.out_closed:
+            if not self.shut_wr:
+                _goodbye(self.ch)
+            return True
+        return self.until == "local" and self.shut_wr
+
+    def run(self, idle_timeout: float | None) -> None:
+        os.set_blocking(self.in_fd, False)
+        os.set_blocking(self.out_fd, False)
+        try:
+            self._decrypt()
+            self._write_out()
+            while not self._finish_states():
+                self._arm()
+                if not self.registered:
+                    raise BridgeError("nothing left to wait for")  # never spin
+                events = self.sel.select(idle_timeout)
+                if not events:
+                    raise BridgeError(f"no data moved for {idle_timeout:.0f} s")
+                for key, mask in events:
+                    if key.fileobj is self.sock:
+                        if mask & selectors.EVENT_WRITE:
+                            self._send()
+                        if mask & selectors.EVENT_READ:
+                            self._receive()
+                            self._write_out()
+                    elif key.fileobj == self.in_fd:
+                        self._read_in()
+                    elif key.fileobj == self.out_fd:
+                        self._write_out()
+        finally:
+            self.sel.close()
+            if not self.out_closed:
+                try:
+                    os.close(self.out_fd)
+                except OSError:
+                    pass
+
+
+def _goodbye(channel: TlsChannel) -> None:
+    """Best effort: our ``close_notify`` and the socket's write side shut."""
+    try:
+        channel.obj.unwrap()
+    except (ssl.SSLWantReadError, ssl.SSLError):
+        pass
+    try:
+        data = channel.outgoing.read()
+        if data:
+            channel.sock.setblocking(True)
+            channel.sock.settimeout(2.0)
+            channel.sock.sendall(data)
+        channel.sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
