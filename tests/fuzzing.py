@@ -32,9 +32,15 @@ from diskplan.plan import Backing, DetachedDisk, Passthrough, PersistRoot, Plan,
 PROFILE = os.environ.get("DISKHOOKS_FUZZ", "ci")
 LONG_FACTOR = 20
 _COMMON: dict[str, Any] = {
-    "database": None, "deadline": None, "print_blob": True,
-    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
-                           HealthCheck.large_base_example],
+    "database": None,
+    "deadline": None,
+    "print_blob": True,
+    "suppress_health_check": [
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.large_base_example,
+    ],
 }
 settings.register_profile("ci", derandomize=True, **_COMMON)
 settings.register_profile("long", derandomize=False, **_COMMON)
@@ -81,11 +87,55 @@ DENIAL = re.compile(r"\A[^\n:][^\n]*?: \S")
 #: characters that make names and paths lie: path separators and dots, NUL and other controls, a
 #: trailing newline (``$`` in a regex matches before it), right-to-left override, zero-width
 #: characters, a fullwidth solidus, a non-ASCII digit, a homoglyph
-NASTY = ("/", "..", ".", "\x00", "\n", "\r", "\t", " ", "\u202e", "\u200b", "\u200d", "\ufeff",
-         "\uff0f", "\u0663", "\u0430", "~", "*", "&", "!", "%", ":", "#", "'", '"', "\\", "{", "[")
+NASTY = (
+    "/",
+    "..",
+    ".",
+    "\x00",
+    "\n",
+    "\r",
+    "\t",
+    " ",
+    "\u202e",
+    "\u200b",
+    "\u200d",
+    "\ufeff",
+    "\uff0f",
+    "\u0663",
+    "\u0430",
+    "~",
+    "*",
+    "&",
+    "!",
+    "%",
+    ":",
+    "#",
+    "'",
+    '"',
+    "\\",
+    "{",
+    "[",
+)
 NASTY_TEXT = st.lists(st.one_of(st.sampled_from(NASTY), st.text(max_size=4)), max_size=6).map("".join)
-WORDS = st.sampled_from(["data", "os", "pgdata", "wal", "scratch", "rootdisk", "a", "x" * 63, "x" * 64,
-                         "Data", "-a", "a-", "a.b", "almalinux-9", "debian-12"])
+WORDS = st.sampled_from(
+    [
+        "data",
+        "os",
+        "pgdata",
+        "wal",
+        "scratch",
+        "rootdisk",
+        "a",
+        "x" * 63,
+        "x" * 64,
+        "Data",
+        "-a",
+        "a-",
+        "a.b",
+        "almalinux-9",
+        "debian-12",
+    ]
+)
 
 
 def _label(text: str) -> str:
@@ -111,9 +161,16 @@ def name_like() -> st.SearchStrategy[str]:
 # ------------------------------------------------------------------------------------------------
 # plans (what the webhook signs)
 # ------------------------------------------------------------------------------------------------
-_BUSES, _CACHES, _IOS = ("virtio", "scsi", "sata"), ("none", "writeback", "directsync", "writethrough"), \
-    ("native", "threads", "io_uring")
-_BASES = (None, Backing("almalinux-9", "almalinux-9.qcow2", "qcow2"), Backing("debian-12", "debian-12.raw", "raw"))
+_BUSES, _CACHES, _IOS = (
+    ("virtio", "scsi", "sata"),
+    ("none", "writeback", "directsync", "writethrough"),
+    ("native", "threads", "io_uring"),
+)
+_BASES = (
+    None,
+    Backing("almalinux-9", "almalinux-9.qcow2", "qcow2"),
+    Backing("debian-12", "debian-12.raw", "raw"),
+)
 
 
 def _pick(variant: int, choices: tuple[Any, ...]) -> tuple[Any, int]:
@@ -133,31 +190,57 @@ def planned_disk(name: str, variant: int, size: int) -> PlannedDisk:
     backing, v = _pick(v, _BASES)
     serial, v = _pick(v, (None, "S1", "disk-serial_2.x"))
     boot, v = _pick(v, (None, 1, 2, 7))
-    return PlannedDisk(name=name, size_bytes=size, bus=bus, cache=cache, io=io, discard=discard,
-                       backing=backing, serial=serial, boot_order=boot)
+    return PlannedDisk(
+        name=name,
+        size_bytes=size,
+        bus=bus,
+        cache=cache,
+        io=io,
+        discard=discard,
+        backing=backing,
+        serial=serial,
+        boot_order=boot,
+    )
 
 
 @st.composite
-def plans(draw: st.DrawFn, *, namespace: str | None = None, vm: str | None = None,
-          names: st.SearchStrategy[list[str]] | None = None) -> Plan:
+def plans(
+    draw: st.DrawFn,
+    *,
+    namespace: str | None = None,
+    vm: str | None = None,
+    names: st.SearchStrategy[list[str]] | None = None,
+) -> Plan:
     """Valid plans (what the webhook writes), every member exercised."""
     vols = draw(names if names is not None else st.lists(LABELS, max_size=4, unique=True))
     vols = [v for v in vols if v != "rootdisk"]
     cut = draw(st.integers(0, len(vols)))
     variants = draw(st.lists(st.integers(0, 2**20), min_size=len(vols), max_size=len(vols)))
     disks = tuple(planned_disk(n, variants[i], (variants[i] + 1) << 20) for i, n in enumerate(vols[:cut]))
-    passthrough = tuple(Passthrough(name=n, claim=f"claim-{n}", mode=("disk", "lun")[variants[cut + i] % 2],
-                                    cache=("none", "directsync")[variants[cut + i] // 2 % 2])
-                        for i, n in enumerate(vols[cut:]))
+    passthrough = tuple(
+        Passthrough(
+            name=n,
+            claim=f"claim-{n}",
+            mode=("disk", "lun")[variants[cut + i] % 2],
+            cache=("none", "directsync")[variants[cut + i] // 2 % 2],
+        )
+        for i, n in enumerate(vols[cut:])
+    )
     shape = draw(st.integers(0, 63))
     persist = PersistRoot("rootdisk", "quay.io/containerdisks/fedora:41", shape % 3) if shape & 4 else None
     detached = tuple(DetachedDisk(f"gone-{i}", (i + 1) << 30) for i in range(shape >> 4))
-    return Plan(namespace=namespace or ("vms", "default", "team-a")[shape % 3], vm=vm or draw(LABELS),
-                host_dir=f"/var/lib/diskhooks/vms/{namespace or 'vms'}/{vm or 'x'}",
-                image_library="/var/lib/diskhooks/images" if any(d.backing for d in disks) else None,
-                sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0", disks=disks, persist_root=persist,
-                passthrough=passthrough, detached=detached,
-                node=(None, "node-a", "node-b.example.com")[shape // 8 % 3])
+    return Plan(
+        namespace=namespace or ("vms", "default", "team-a")[shape % 3],
+        vm=vm or draw(LABELS),
+        host_dir=f"/var/lib/diskhooks/vms/{namespace or 'vms'}/{vm or 'x'}",
+        image_library="/var/lib/diskhooks/images" if any(d.backing for d in disks) else None,
+        sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
+        disks=disks,
+        persist_root=persist,
+        passthrough=passthrough,
+        detached=detached,
+        node=(None, "node-a", "node-b.example.com")[shape // 8 % 3],
+    )
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from tests.conftest import ADMISSION, EXAMPLE_POLICY, ROOT
 from tests.fuzzing import DENIAL, LABELS, check_error, fuzz, name_like, ran
 from tests.kubevirt_schema import vm_errors, vmi_errors
 from tests.test_fuzz_parsers import DISK_LISTS, DISKS, PASSTHROUGH, SIZING, YAML_SOUP
-from webhook.admission import admit, parse_request, patch_of, select_core
+from webhook.admission import Route, admit, parse_request, patch_of, select_core
 from webhook.cluster import FileCluster
 from webhook.pod_mutation import mutate_pod
 from webhook.vm.mutate import mutate_vm, mutate_vmi
@@ -49,13 +49,17 @@ POLICY = load_policy(EXAMPLE_POLICY.read_text())
 KEYS = PlanKeys(current=b"fuzz-admission-key-0123456789abcd")
 CLUSTER = FileCluster.from_text((ROOT / "examples" / "demo" / "cluster-objects.yaml").read_text())
 AGENT = "system:serviceaccount:diskhooks-system:diskhooks-node"
-REVIEW_TEXTS = {name: (ADMISSION / f"{name}.json").read_text() for name in ("vm-create", "vm-update", "vmi-create")}
+REVIEW_TEXTS = {
+    name: (ADMISSION / f"{name}.json").read_text() for name in ("vm-create", "vm-update", "vmi-create")
+}
 REVIEWS = {name: json.loads(text) for name, text in REVIEW_TEXTS.items()}
 
 
 def fresh(name: str) -> dict[str, Any]:
     """A new copy of a sample review (parsing the text is faster than deepcopy)."""
     return dict(json.loads(REVIEW_TEXTS[name]))
+
+
 WHOLE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 WHOLE_PATH = re.compile(r"(/[A-Za-z0-9._+-]+)+")
 TALLY: Counter[str] = Counter()
@@ -64,29 +68,60 @@ TALLY: Counter[str] = Counter()
 # ================================================================================================
 # generated edits of the object
 # ================================================================================================
-SIDECAR_ENTRIES = st.lists(st.fixed_dictionaries(
-    {"image": st.sampled_from([POLICY.sidecar.image, "registry.example.com/qcow2-hook:0.1.0",
-                               "quay.io/kubevirt/example-hook-sidecar:v1", "evil.example.com/hook:1",
-                               "quay.io/kubevirt/example-hook-sidecar", POLICY.sidecar.image + "\n"])},
-    optional={"args": st.sampled_from([["serve", "--version", "v1alpha3"], ["--version", "v1alpha2"], ["sh"]]),
-              "command": st.just(["/bin/sh", "-c", "id"]), "imagePullPolicy": st.just("Always"),
-              "configMap": st.just({"name": "x", "key": "k", "hookPath": "/h"})}), max_size=3)
+SIDECAR_ENTRIES = st.lists(
+    st.fixed_dictionaries(
+        {
+            "image": st.sampled_from(
+                [
+                    POLICY.sidecar.image,
+                    "registry.example.com/qcow2-hook:0.1.0",
+                    "quay.io/kubevirt/example-hook-sidecar:v1",
+                    "evil.example.com/hook:1",
+                    "quay.io/kubevirt/example-hook-sidecar",
+                    POLICY.sidecar.image + "\n",
+                ]
+            )
+        },
+        optional={
+            "args": st.sampled_from([["serve", "--version", "v1alpha3"], ["--version", "v1alpha2"], ["sh"]]),
+            "command": st.just(["/bin/sh", "-c", "id"]),
+            "imagePullPolicy": st.just("Always"),
+            "configMap": st.just({"name": "x", "key": "k", "hookPath": "/h"}),
+        },
+    ),
+    max_size=3,
+)
 
 
 def _volume(name: str, kind: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    source = [{"containerDisk": {"image": "quay.io/containerdisks/fedora:41"}},
-              {"emptyDisk": {"capacity": "1Gi"}},
-              {"persistentVolumeClaim": {"claimName": "node1-nvme0"}},
-              {"hostDisk": {"path": f"/var/lib/diskhooks/vms/vms/pg01/{name}.qcow2", "type": "Disk"}},
-              {"hostDisk": {"path": "/etc/shadow", "type": "Disk"}}][kind % 5]
+    source = [
+        {"containerDisk": {"image": "quay.io/containerdisks/fedora:41"}},
+        {"emptyDisk": {"capacity": "1Gi"}},
+        {"persistentVolumeClaim": {"claimName": "node1-nvme0"}},
+        {"hostDisk": {"path": f"/var/lib/diskhooks/vms/vms/pg01/{name}.qcow2", "type": "Disk"}},
+        {"hostDisk": {"path": "/etc/shadow", "type": "Disk"}},
+    ][kind % 5]
     return {"name": name, **source}, {"name": name, "disk": {"bus": "virtio"}}
 
 
-EDITS = st.sampled_from([
-    "user-volume", "user-volume", "sidecars", "instancetype", "resources", "node", "plan", "copied-plan",
-    "name", "no-template-meta", "managed-label", "volumes-not-a-list", "annotations-not-strings",
-    "template-requests",
-])
+EDITS = st.sampled_from(
+    [
+        "user-volume",
+        "user-volume",
+        "sidecars",
+        "instancetype",
+        "resources",
+        "node",
+        "plan",
+        "copied-plan",
+        "name",
+        "no-template-meta",
+        "managed-label",
+        "volumes-not-a-list",
+        "annotations-not-strings",
+        "template-requests",
+    ]
+)
 
 CONFUSING = ("volumes-not-a-list", "annotations-not-strings")
 
@@ -105,20 +140,27 @@ def _edit(draw: st.DrawFn, obj: dict[str, Any], edit: str, *, vmi: bool) -> None
             volumes.append(volume)
             disks.append(disk)
     elif edit == "sidecars":
-        tmeta.setdefault("annotations", {})[K.ANN_HOOK_SIDECARS] = draw(st.one_of(
-            SIDECAR_ENTRIES.map(json.dumps), st.sampled_from(["", "{", "[1]", "null"])))
+        tmeta.setdefault("annotations", {})[K.ANN_HOOK_SIDECARS] = draw(
+            st.one_of(SIDECAR_ENTRIES.map(json.dumps), st.sampled_from(["", "{", "[1]", "null"]))
+        )
     elif edit == "instancetype" and not vmi:
         spec["instancetype"] = {"name": draw(st.sampled_from(["u1.medium", "x"]))}
     elif edit == "resources":
-        tspec.setdefault("domain", {})["resources"] = {"requests": {"memory": draw(st.sampled_from(
-            ["1Gi", "64Gi", "1", "x"]))}}
+        tspec.setdefault("domain", {})["resources"] = {
+            "requests": {"memory": draw(st.sampled_from(["1Gi", "64Gi", "1", "x"]))}
+        }
         tspec["domain"]["cpu"] = {"cores": draw(st.integers(-1, 100))}
     elif edit == "node":
-        meta.setdefault("annotations", {})[K.ANN_NODE] = draw(st.one_of(
-            st.sampled_from(["node-a", "node-b"]), name_like()))
+        meta.setdefault("annotations", {})[K.ANN_NODE] = draw(
+            st.one_of(st.sampled_from(["node-a", "node-b"]), name_like())
+        )
     elif edit == "plan":
-        tmeta.setdefault("annotations", {})[K.ANN_PLAN] = draw(st.one_of(
-            YAML_SOUP, st.sampled_from(['{"version":1}', '{"version":3,"auth":{"keyId":"k","hmac":"00"}}'])))
+        tmeta.setdefault("annotations", {})[K.ANN_PLAN] = draw(
+            st.one_of(
+                YAML_SOUP,
+                st.sampled_from(['{"version":1}', '{"version":3,"auth":{"keyId":"k","hmac":"00"}}']),
+            )
+        )
     elif edit == "copied-plan":  # a validly signed plan of another VM of the same namespace
         other = _admitted_vm_plan("other-vm")
         if other is not None:
@@ -134,7 +176,7 @@ def _edit(draw: st.DrawFn, obj: dict[str, Any], edit: str, *, vmi: bool) -> None
     elif edit == "annotations-not-strings":
         meta["annotations"] = draw(st.sampled_from([["x"], "x", {K.ANN_DISKS: 1}, {K.ANN_DISKS: None}]))
     elif edit == "template-requests" and not vmi:
-        tmeta.setdefault("annotations", {})[K.ANN_DISKS] = '[{name: x, size: 1Gi}]'
+        tmeta.setdefault("annotations", {})[K.ANN_DISKS] = "[{name: x, size: 1Gi}]"
 
 
 _COPIED: dict[str, str | None] = {}
@@ -156,8 +198,14 @@ ANNOTATION_SETS = st.one_of(
     st.builds(lambda d: {K.ANN_DISKS: d}, DISK_LISTS),
     st.builds(lambda d: {K.ANN_DISKS: d}, DISK_LISTS),
     st.builds(lambda d, s: {K.ANN_DISKS: d, **s}, DISK_LISTS, SIZING),
-    st.fixed_dictionaries({}, optional={K.ANN_DISKS: DISKS, K.ANN_PASSTHROUGH: PASSTHROUGH,
-                                        K.ANN_PERSIST_ROOT: st.sampled_from(["true", "false", "x"])}),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            K.ANN_DISKS: DISKS,
+            K.ANN_PASSTHROUGH: PASSTHROUGH,
+            K.ANN_PERSIST_ROOT: st.sampled_from(["true", "false", "x"]),
+        },
+    ),
     SIZING,
     st.just({}),
 )
@@ -207,29 +255,43 @@ def _mutated(review: dict[str, Any]) -> dict[str, Any] | None:
 # ================================================================================================
 # the properties
 # ================================================================================================
-def _core(review: Mapping[str, Any], route: str) -> object:
+def _core(review: Mapping[str, Any], route: Route) -> object:
     """The mutation core's own verdict: its Mutation, or the error it raised (anything else escapes)."""
     req = parse_request(review)
-    core = select_core(req, route)  # type: ignore[arg-type]
+    core = select_core(req, route)
     assert core is not None
     assert req.obj is not None
     try:
         if core == "vm":
-            return mutate_vm(req.obj, operation=req.operation, old_obj=req.old_obj, namespace=req.namespace,
-                             policy=POLICY, plan_keys=KEYS, cluster=CLUSTER, username=req.username)
+            return mutate_vm(
+                req.obj,
+                operation=req.operation,
+                old_obj=req.old_obj,
+                namespace=req.namespace,
+                policy=POLICY,
+                plan_keys=KEYS,
+                cluster=CLUSTER,
+                username=req.username,
+            )
         if core == "vmi":
-            return mutate_vmi(req.obj, operation=req.operation, namespace=req.namespace, policy=POLICY,
-                              plan_keys=KEYS, cluster=CLUSTER)
+            return mutate_vmi(
+                req.obj,
+                operation=req.operation,
+                namespace=req.namespace,
+                policy=POLICY,
+                plan_keys=KEYS,
+                cluster=CLUSTER,
+            )
         return mutate_pod(req.obj, namespace=req.namespace, policy=POLICY, plan_keys=KEYS)
     except DiskhooksError as exc:
         check_error(exc)
         return exc
 
 
-def check_review(review: dict[str, Any], route: str, group: str) -> dict[str, Any] | None:
+def check_review(review: dict[str, Any], route: Route, group: str) -> dict[str, Any] | None:
     """Run one review through the admission layer (and, for a denial, the core itself, whose
     exception names the field); the admitted object, or None."""
-    outcome = admit(review, route=route, policy=POLICY, plan_keys=KEYS, cluster=CLUSTER)  # type: ignore[arg-type]
+    outcome = admit(review, route=route, policy=POLICY, plan_keys=KEYS, cluster=CLUSTER)
     assert outcome.result != "error", repr(outcome.error)
     response = outcome.response["response"]
     if not response["allowed"]:
@@ -244,7 +306,7 @@ def check_review(review: dict[str, Any], route: str, group: str) -> dict[str, An
     admitted = jsonpatch.apply_patch(json.loads(json.dumps(obj)), patch_of(outcome.response), in_place=True)
     # idempotent: the admitted object sent again (reinvocation) is not changed again
     again = {**review, "request": {**review["request"], "object": admitted}}
-    second = admit(again, route=route, policy=POLICY, plan_keys=KEYS, cluster=CLUSTER)  # type: ignore[arg-type]
+    second = admit(again, route=route, policy=POLICY, plan_keys=KEYS, cluster=CLUSTER)
     assert second.response["response"]["allowed"] is True, second.response
     assert patch_of(second.response) == [], patch_of(second.response)
     return dict(admitted)
@@ -270,8 +332,11 @@ def _check_admitted_vm(review: dict[str, Any], admitted: dict[str, Any]) -> None
     tmeta = admitted["metadata"] if vmi else (admitted["spec"]["template"].get("metadata") or {})
     plan_text = (tmeta.get("annotations") or {}).get(K.ANN_PLAN)
     if plan_text is None or plan_text == (
-            (original["metadata"] if vmi else original["spec"]["template"].get("metadata") or {})
-            .get("annotations") or {}).get(K.ANN_PLAN):
+        (original["metadata"] if vmi else original["spec"]["template"].get("metadata") or {}).get(
+            "annotations"
+        )
+        or {}
+    ).get(K.ANN_PLAN):
         return
     plan = verify_plan(plan_text, KEYS, namespace=request["namespace"], vm=admitted["metadata"]["name"])
     TALLY["planned"] += 1
@@ -298,20 +363,53 @@ def test_generated_vm_and_vmi_reviews() -> None:
     TALLY.clear()
     _admission_property()
     # the inputs reached what the properties are about (not only refusals)
-    assert TALLY["planned"] >= 500 and TALLY["valid-admitted"] >= 1000 and TALLY["admission-denied"] >= 1000, TALLY
+    assert (
+        TALLY["planned"] >= 500 and TALLY["valid-admitted"] >= 1000 and TALLY["admission-denied"] >= 1000
+    ), TALLY
 
 
 # ------------------------------------------------------------------------------------------------
 # the envelope: anything that is not a well-formed AdmissionReview is Malformed naming the field
 # ------------------------------------------------------------------------------------------------
-ENVELOPE_PATHS = [(), ("apiVersion",), ("kind",), ("request",), ("request", "uid"), ("request", "kind"),
-                  ("request", "kind", "group"), ("request", "kind", "kind"), ("request", "kind", "version"),
-                  ("request", "operation"), ("request", "object"), ("request", "oldObject"),
-                  ("request", "namespace"), ("request", "name"), ("request", "userInfo"),
-                  ("request", "userInfo", "username"), ("request", "dryRun")]
-JUNK = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8), st.just([]), st.just({}),
-                 st.sampled_from(["admission.k8s.io/v1beta1", "AdmissionReview", "CREATE", "DELETE",
-                                  "CONNECT", "VirtualMachine", "Pod", "x" * 200]))
+ENVELOPE_PATHS = [
+    (),
+    ("apiVersion",),
+    ("kind",),
+    ("request",),
+    ("request", "uid"),
+    ("request", "kind"),
+    ("request", "kind", "group"),
+    ("request", "kind", "kind"),
+    ("request", "kind", "version"),
+    ("request", "operation"),
+    ("request", "object"),
+    ("request", "oldObject"),
+    ("request", "namespace"),
+    ("request", "name"),
+    ("request", "userInfo"),
+    ("request", "userInfo", "username"),
+    ("request", "dryRun"),
+]
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.text(max_size=8),
+    st.just([]),
+    st.just({}),
+    st.sampled_from(
+        [
+            "admission.k8s.io/v1beta1",
+            "AdmissionReview",
+            "CREATE",
+            "DELETE",
+            "CONNECT",
+            "VirtualMachine",
+            "Pod",
+            "x" * 200,
+        ]
+    ),
+)
 
 
 @st.composite
@@ -338,9 +436,10 @@ def envelopes(draw: st.DrawFn) -> tuple[str, Any]:
 @fuzz(1500)
 def _envelope_property(case: tuple[str, Any]) -> None:
     ran("admission")
-    route, review = case
+    route: Route = "mutate" if case[0] == "mutate" else "mutate-pod"
+    review = case[1]
     try:
-        outcome = admit(review, route=route, policy=POLICY, plan_keys=KEYS, cluster=CLUSTER)  # type: ignore[arg-type]
+        outcome = admit(review, route=route, policy=POLICY, plan_keys=KEYS, cluster=CLUSTER)
     except DiskhooksError as exc:
         if exc.field:
             check_error(exc)

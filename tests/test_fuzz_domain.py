@@ -37,14 +37,24 @@ from tests.conftest import SAMPLES
 from tests.fuzzing import NASTY, check_error, fuzz, plans, ran
 
 KEYS = PlanKeys(current=b"fuzz-domain-key-0123456789abcdef")
-SAMPLE_NAMES = ("01-vm-containerdisk-hostdisk-cloudinit", "02-vmi-two-hostdisks-disk", "03-vmi-pvc-cloudinit",
-                "05-vm-mixed-smbios")
-XML = {(n, which): (SAMPLES / f"{n}.domain{'.first-call' if which == 'first' else ''}.xml").read_bytes()
-       for n in SAMPLE_NAMES for which in ("first", "later")}
+SAMPLE_NAMES = (
+    "01-vm-containerdisk-hostdisk-cloudinit",
+    "02-vmi-two-hostdisks-disk",
+    "03-vmi-pvc-cloudinit",
+    "05-vm-mixed-smbios",
+)
+XML = {
+    (n, which): (SAMPLES / f"{n}.domain{'.first-call' if which == 'first' else ''}.xml").read_bytes()
+    for n in SAMPLE_NAMES
+    for which in ("first", "later")
+}
 VMI_TEXT = {n: (SAMPLES / f"{n}.launcher-vmi.json").read_text() for n in SAMPLE_NAMES}
 #: the samples' own hostDisk volumes, and names that are new to them
-VOLUMES = st.lists(st.sampled_from(["datadisk", "os", "pgdata", "root", "scratch", "shared", "logs", "new-1",
-                                    "new-2"]), max_size=4, unique=True)
+VOLUMES = st.lists(
+    st.sampled_from(["datadisk", "os", "pgdata", "root", "scratch", "shared", "logs", "new-1", "new-2"]),
+    max_size=4,
+    unique=True,
+)
 _PLAIN = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
 TALLY: Counter[str] = Counter()
 
@@ -55,12 +65,12 @@ TALLY: Counter[str] = Counter()
 def _disk_xml(alias: str, source: str, variant: int, indent: str) -> bytes:
     """A ``<disk>`` as KubeVirt would render it for ``alias``, or less so, decoded from ``variant``."""
     v = variant
-    v, kind = divmod(v, 8)      # 0-4: as KubeVirt renders a hostDisk; 5 block; 6 no type; 7 volume
-    v, device = divmod(v, 6)    # 0-3 disk; 4 lun; 5 cdrom
-    v, driver = divmod(v, 6)    # 0-2 raw; 3 qcow2; 4 none; 5 odd attributes
-    v, chain = divmod(v, 6)     # 0-2 none; 3 one level; 4 nested to /etc/shadow; 5 data store (CBT)
-    v, src = divmod(v, 5)       # 0-3 as given; 4 missing
-    v, extra = divmod(v, 4)     # 0-1 none; 2 address; 3 hostile attribute on the disk
+    v, kind = divmod(v, 8)  # 0-4: as KubeVirt renders a hostDisk; 5 block; 6 no type; 7 volume
+    v, device = divmod(v, 6)  # 0-3 disk; 4 lun; 5 cdrom
+    v, driver = divmod(v, 6)  # 0-2 raw; 3 qcow2; 4 none; 5 odd attributes
+    v, chain = divmod(v, 6)  # 0-2 none; 3 one level; 4 nested to /etc/shadow; 5 data store (CBT)
+    v, src = divmod(v, 5)  # 0-3 as given; 4 missing
+    v, extra = divmod(v, 4)  # 0-1 none; 2 address; 3 hostile attribute on the disk
     d = {0: "disk", 1: "disk", 2: "disk", 3: "disk", 4: "lun", 5: "cdrom"}[device]
     t = {5: "block", 6: None, 7: "volume"}.get(kind, "file")
     i1, i2, i3 = indent + "\t", indent + "\t\t", indent + "\t\t\t"
@@ -71,30 +81,42 @@ def _disk_xml(alias: str, source: str, variant: int, indent: str) -> bytes:
     if src != 4:
         inner = ""
         if chain == 5:
-            inner = (f"\n{i2}<dataStore type=\"file\"><format type=\"raw\"></format>"
-                     f"<source file={quoteattr(source)}></source></dataStore>\n{i1}")
+            inner = (
+                f'\n{i2}<dataStore type="file"><format type="raw"></format>'
+                f"<source file={quoteattr(source)}></source></dataStore>\n{i1}"
+            )
         key = "dev" if t == "block" else "file"
         parts.append(f"{i1}<source {key}={quoteattr(source)}>{inner}</source>")
     parts.append(f'{i1}<target bus="virtio" dev="vd{"bcdefghijk"[variant % 10]}"></target>')
     if driver < 4:
         kind_of = "qcow2" if driver == 3 else "raw"
-        parts.append(f'{i1}<driver cache="none" error_policy="stop" name="qemu" type="{kind_of}" '
-                     'discard="unmap"></driver>')
+        parts.append(
+            f'{i1}<driver cache="none" error_policy="stop" name="qemu" type="{kind_of}" '
+            'discard="unmap"></driver>'
+        )
     elif driver == 5:
-        parts.append(f'{i1}<driver name="qemu" type="raw" cache="writeback" io="native" iothread="1" '
-                     'copy_on_read="on"></driver>')
+        parts.append(
+            f'{i1}<driver name="qemu" type="raw" cache="writeback" io="native" iothread="1" '
+            'copy_on_read="on"></driver>'
+        )
     parts.append(f"{i1}<alias name={quoteattr(alias)}></alias>")
     if chain == 3:
-        parts.append(f'{i1}<backingStore type="file">\n{i2}<format type="qcow2"></format>\n'
-                     f'{i2}<source file="/var/run/kubevirt-private/diskhooks/images/other.qcow2"></source>\n'
-                     f"{i1}</backingStore>")
+        parts.append(
+            f'{i1}<backingStore type="file">\n{i2}<format type="qcow2"></format>\n'
+            f'{i2}<source file="/var/run/kubevirt-private/diskhooks/images/other.qcow2"></source>\n'
+            f"{i1}</backingStore>"
+        )
     elif chain == 4:
-        parts.append(f'{i1}<backingStore type="file">\n{i2}<format type="raw"></format>\n'
-                     f'{i2}<source file="/etc/shadow"></source>\n{i2}<backingStore type="file">\n'
-                     f'{i3}<format type="qcow2"></format>\n{i3}<source file="/dev/sda"></source>\n'
-                     f"{i2}</backingStore>\n{i1}</backingStore>")
+        parts.append(
+            f'{i1}<backingStore type="file">\n{i2}<format type="raw"></format>\n'
+            f'{i2}<source file="/etc/shadow"></source>\n{i2}<backingStore type="file">\n'
+            f'{i3}<format type="qcow2"></format>\n{i3}<source file="/dev/sda"></source>\n'
+            f"{i2}</backingStore>\n{i1}</backingStore>"
+        )
     if extra == 2:
-        parts.append(f'{i1}<address type="pci" domain="0x0000" bus="0x07" slot="0x00" function="0x0"></address>')
+        parts.append(
+            f'{i1}<address type="pci" domain="0x0000" bus="0x07" slot="0x00" function="0x0"></address>'
+        )
     parts.append(f"{indent}</disk>")
     return "\n".join(parts).encode()
 
@@ -111,17 +133,24 @@ def domains(draw: st.DrawFn) -> list[Case]:
     through hypothesis would cost ten times the call itself."""
     sample = draw(st.sampled_from(SAMPLE_NAMES))
     vmi_doc: dict[str, Any] = json.loads(VMI_TEXT[sample])
-    plan = draw(plans(namespace=vmi_doc["metadata"]["namespace"], vm=vmi_doc["metadata"]["name"], names=VOLUMES))
+    plan = draw(
+        plans(namespace=vmi_doc["metadata"]["namespace"], vm=vmi_doc["metadata"]["name"], names=VOLUMES)
+    )
     seed = draw(st.integers(0, 2**32 - 1))
     if plan.persist_root is not None and (sample != SAMPLE_NAMES[0] or seed % 4 == 3):
         plan = replace(plan, persist_root=None)  # only sample 01 boots from a containerDisk
     text = sign_plan(plan, KEYS)
     vmi_doc["metadata"].setdefault("annotations", {})[K.ANN_PLAN] = text
     if plan.persist_root is not None and seed % 3:
-        vmi_doc["spec"]["volumes"][0] = {"name": "rootdisk", "containerDisk": {"image": plan.persist_root.image}}
+        vmi_doc["spec"]["volumes"][0] = {
+            "name": "rootdisk",
+            "containerDisk": {"image": plan.persist_root.image},
+        }
     vmi = json.dumps(vmi_doc).encode()
-    return [(_render(XML[(sample, which)], plan, random.Random(seed)), vmi, text, plan)
-            for which in ("first", "later")]
+    return [
+        (_render(XML[(sample, which)], plan, random.Random(seed)), vmi, text, plan)
+        for which in ("first", "later")
+    ]
 
 
 def _name(rng: random.Random) -> str:
@@ -138,15 +167,21 @@ def _render(xml: bytes, plan: Plan, rng: random.Random) -> bytes:
         planned = next((d for d in plan.disks if d.name == volume), None)
         source = planned.launcher_path if planned else f"/dev/{volume}"
         if rng.random() < 0.15:
-            source = rng.choice(["/etc/shadow", f"/var/run/kubevirt-private/vmi-disks/{volume}/x.img",
-                                 source + "\n", "../" + source])
+            source = rng.choice(
+                [
+                    "/etc/shadow",
+                    f"/var/run/kubevirt-private/vmi-disks/{volume}/x.img",
+                    source + "\n",
+                    "../" + source,
+                ]
+            )
         start = xml.find(b'<alias name="' + alias + b'"')
         begin = xml.rindex(b"<disk ", 0, start) if start >= 0 else -1
         end = xml.index(b"</disk>", start) + len(b"</disk>") if start >= 0 else -1
         if start >= 0 and rng.random() < 0.5:  # KubeVirt's own disk: point it at the planned file
             old = xml[begin:end]
-            old_src = old[old.index(b'<source file="') + 14:]
-            old_src = old_src[:old_src.index(b'"')]
+            old_src = old[old.index(b'<source file="') + 14 :]
+            old_src = old_src[: old_src.index(b'"')]
             xml = xml[:begin] + old.replace(old_src, source.encode()) + xml[end:]
             continue
         if start >= 0:  # replaced by a generated one
@@ -155,12 +190,21 @@ def _render(xml: bytes, plan: Plan, rng: random.Random) -> bytes:
         # two in three as KubeVirt renders it (a file disk, or a block disk or lun for passthrough),
         # with or without an address; else anything
         good = (5 + 8 * (4 if pt.mode == "lun" else 0)) if pt else 0
-        variant = good + 2 * 8 * 6 * 6 * 6 * 5 * rng.randrange(2) if rng.random() < 0.67 else \
-            rng.randrange(8 * 6 * 6 * 6 * 5 * 4)
+        variant = (
+            good + 2 * 8 * 6 * 6 * 6 * 5 * rng.randrange(2)
+            if rng.random() < 0.67
+            else rng.randrange(8 * 6 * 6 * 6 * 5 * 4)
+        )
         new_disks.append(_disk_xml(alias.decode(), source, variant, "\t\t"))
     for _ in range(rng.randrange(3)):  # disks nobody planned, odd aliases included
-        new_disks.append(_disk_xml("ua-" + _name(rng), "/var/run/kubevirt-private/vmi-disks/x/x.img",
-                                   rng.randrange(10_000), "\t\t"))
+        new_disks.append(
+            _disk_xml(
+                "ua-" + _name(rng),
+                "/var/run/kubevirt-private/vmi-disks/x/x.img",
+                rng.randrange(10_000),
+                "\t\t",
+            )
+        )
     if rng.random() < 0.1 and new_disks:  # the same disk twice
         new_disks.append(new_disks[0])
     anchor = b'\t\t<serial type="unix">'
@@ -261,22 +305,33 @@ def test_generated_disks_in_kubevirts_domains() -> None:
 # ------------------------------------------------------------------------------------------------
 # hostile bytes
 # ------------------------------------------------------------------------------------------------
-ENTITY_BOMB = (b'<!DOCTYPE domain [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
-               b'<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]>')
+ENTITY_BOMB = (
+    b'<!DOCTYPE domain [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
+    b'<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;">]>'
+)
 PREFIXES = [
     ENTITY_BOMB,
     b'<!DOCTYPE domain [<!ENTITY x SYSTEM "file:///etc/shadow">]>',
     b'<!DOCTYPE domain [<!ENTITY % p SYSTEM "file:///etc/shadow"> %p;]>',
     b'<!DOCTYPE domain SYSTEM "http://127.0.0.1:1/x.dtd">',
-    b'<!doctype domain>', b'<! DOCTYPE domain>', b'<?xml version="1.0" encoding="ISO-8859-1"?>',
-    b'<?xml version="1.0" encoding="UTF-16"?>', b'<?xml version="1.0"?>', b"\xef\xbb\xbf", b"\xff\xfe",
-    b"\x00", b"<!-- a comment -->", b"<?pi x?>",
+    b"<!doctype domain>",
+    b"<! DOCTYPE domain>",
+    b'<?xml version="1.0" encoding="ISO-8859-1"?>',
+    b'<?xml version="1.0" encoding="UTF-16"?>',
+    b'<?xml version="1.0"?>',
+    b"\xef\xbb\xbf",
+    b"\xff\xfe",
+    b"\x00",
+    b"<!-- a comment -->",
+    b"<?pi x?>",
 ]
 
 
 def _spoil(case: Case, rng: random.Random) -> Case:
     xml, vmi, text, plan = case
-    how = rng.choice(["prefix", "entity-use", "utf16", "truncate", "byte", "deep", "huge", "nul", "root", "cdata"])
+    how = rng.choice(
+        ["prefix", "entity-use", "utf16", "truncate", "byte", "deep", "huge", "nul", "root", "cdata"]
+    )
     if how == "prefix":
         xml = rng.choice(PREFIXES) + xml
     elif how == "entity-use":
@@ -284,10 +339,10 @@ def _spoil(case: Case, rng: random.Random) -> Case:
     elif how == "utf16":
         xml = xml.decode().encode(rng.choice(["utf-16", "utf-16-le", "utf-32"]))
     elif how == "truncate":
-        xml = xml[:rng.randrange(len(xml) + 1)]
+        xml = xml[: rng.randrange(len(xml) + 1)]
     elif how == "byte":
         at = rng.randrange(len(xml))
-        xml = xml[:at] + bytes([rng.randrange(256)]) + xml[at + 1:]
+        xml = xml[:at] + bytes([rng.randrange(256)]) + xml[at + 1 :]
     elif how == "deep":
         depth = rng.choice([10, 255, 300, 5000, 50_000])
         xml = xml.replace(b"</metadata>", b"<a>" * depth + b"</a>" * depth + b"</metadata>", 1)

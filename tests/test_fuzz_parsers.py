@@ -45,18 +45,83 @@ CLEAN_PATH = re.compile(r"(/[A-Za-z0-9._+-]+)+")
 # ================================================================================================
 # yamlsafe
 # ================================================================================================
-YAML_TOKENS = st.sampled_from([
-    "- ", "-", ": ", ":", "? ", "[", "]", "{", "}", ",", "\n", "\n  ", "\n    ", " ", "&a ", "*a", "&b ",
-    "*b", "!!python/object:os.system ", "!!binary ", "!foo ", "<<: ", "'", '"', "#", "|", ">", "---\n",
-    "...\n", "%YAML 1.2\n", "%TAG ! tag:x,2000:\n", "null", "~", "true", "yes", "on", "0o17", "0x1F", "017",
-    "1e10", "1.5", ".inf", ".nan", "-.inf", "9" * 40, "2024-01-01", "1:20", "1_000", "a", "name", "size",
-    "20Gi", "\t", "\x00", "\u202e", "\ufeff", "\\", "\\u0000",
-])
+YAML_TOKENS = st.sampled_from(
+    [
+        "- ",
+        "-",
+        ": ",
+        ":",
+        "? ",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        "\n",
+        "\n  ",
+        "\n    ",
+        " ",
+        "&a ",
+        "*a",
+        "&b ",
+        "*b",
+        "!!python/object:os.system ",
+        "!!binary ",
+        "!foo ",
+        "<<: ",
+        "'",
+        '"',
+        "#",
+        "|",
+        ">",
+        "---\n",
+        "...\n",
+        "%YAML 1.2\n",
+        "%TAG ! tag:x,2000:\n",
+        "null",
+        "~",
+        "true",
+        "yes",
+        "on",
+        "0o17",
+        "0x1F",
+        "017",
+        "1e10",
+        "1.5",
+        ".inf",
+        ".nan",
+        "-.inf",
+        "9" * 40,
+        "2024-01-01",
+        "1:20",
+        "1_000",
+        "a",
+        "name",
+        "size",
+        "20Gi",
+        "\t",
+        "\x00",
+        "\u202e",
+        "\ufeff",
+        "\\",
+        "\\u0000",
+    ]
+)
 YAML_SOUP = st.lists(YAML_TOKENS, max_size=40).map("".join)
-JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(10**30), 10**30),
-                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12))
-JSON_VALUES = st.recursive(JSON_SCALARS, lambda kids: st.one_of(
-    st.lists(kids, max_size=5), st.dictionaries(st.text(max_size=6), kids, max_size=5)), max_leaves=40)
+JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**30), 10**30),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=5), st.dictionaries(st.text(max_size=6), kids, max_size=5)
+    ),
+    max_leaves=40,
+)
 
 
 def nested(depth: int, *, style: str) -> str:
@@ -69,7 +134,11 @@ def nested(depth: int, *, style: str) -> str:
     return "".join("  " * i + "- \n" for i in range(depth)) + "  " * depth + "x\n"  # block
 
 
-DEEP = st.builds(nested, st.one_of(st.integers(1, 40), st.sampled_from([200, 3000])), style=st.sampled_from(["json-list", "json-map", "flow", "block"]))
+DEEP = st.builds(
+    nested,
+    st.one_of(st.integers(1, 40), st.sampled_from([200, 3000])),
+    style=st.sampled_from(["json-list", "json-map", "flow", "block"]),
+)
 
 
 def _plain_and_bounded(value: Any) -> None:
@@ -92,8 +161,15 @@ def _plain_and_bounded(value: Any) -> None:
     assert nodes <= MAX_NODES
 
 
-@given(st.one_of(YAML_SOUP, st.text(max_size=200), DEEP, JSON_VALUES.map(json.dumps),
-                 JSON_VALUES.map(lambda v: yaml.safe_dump(v, default_flow_style=None))))
+@given(
+    st.one_of(
+        YAML_SOUP,
+        st.text(max_size=200),
+        DEEP,
+        JSON_VALUES.map(json.dumps),
+        JSON_VALUES.map(lambda v: yaml.safe_dump(v, default_flow_style=None)),
+    )
+)
 @fuzz(2800)
 def test_yamlsafe_returns_plain_bounded_data_or_refuses_naming_the_field(text: str) -> None:
     ran("parsers")
@@ -106,7 +182,11 @@ def test_yamlsafe_returns_plain_bounded_data_or_refuses_naming_the_field(text: s
     _plain_and_bounded(value)
 
 
-@given(st.one_of(st.lists(JSON_VALUES, max_size=4), st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=4)))
+@given(
+    st.one_of(
+        st.lists(JSON_VALUES, max_size=4), st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=4)
+    )
+)
 @fuzz(400)
 def test_yamlsafe_reads_json_as_json(value: Any) -> None:
     """JSON is YAML 1.2: a JSON document that is accepted reads exactly as ``json.loads`` reads it.
@@ -156,20 +236,33 @@ def test_quantities_are_exact_and_bounded_or_refused_with_a_reason(value: object
 # ================================================================================================
 # annotations
 # ================================================================================================
-GOOD_DISK: dict[str, Any] = {"name": "data", "size": "20Gi", "bus": "scsi", "cache": "writeback", "io": "threads",
-                             "discard": "unmap", "serial": "S-1", "bootOrder": 2, "backing": "almalinux-9"}
+GOOD_DISK: dict[str, Any] = {
+    "name": "data",
+    "size": "20Gi",
+    "bus": "scsi",
+    "cache": "writeback",
+    "io": "threads",
+    "discard": "unmap",
+    "serial": "S-1",
+    "bootOrder": 2,
+    "backing": "almalinux-9",
+}
 DISK_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "name": name_like(),
-    "size": st.one_of(st.sampled_from(["1Gi", "20Gi", "1Mi", "2Ti", "3Ti", "1e10", "1.5Gi", "0", "-1Gi", "1000"]),
-                      QUANTITY_TEXT, st.integers(-5, 2**45)),
+    "size": st.one_of(
+        st.sampled_from(["1Gi", "20Gi", "1Mi", "2Ti", "3Ti", "1e10", "1.5Gi", "0", "-1Gi", "1000"]),
+        QUANTITY_TEXT,
+        st.integers(-5, 2**45),
+    ),
     "bus": st.sampled_from(["virtio", "scsi", "sata", "usb", "VIRTIO", "virtio\n"]),
     "cache": st.sampled_from(["none", "writeback", "directsync", "unsafe", "bogus"]),
     "io": st.sampled_from(["native", "threads", "io_uring", "x"]),
     "discard": st.sampled_from(["unmap", "ignore", "y"]),
     "serial": st.one_of(st.from_regex(r"\A[A-Za-z0-9_.+-]{1,40}\Z"), name_like(), st.integers()),
     "bootOrder": st.one_of(st.integers(-2, 10_002), st.booleans(), st.text(max_size=3)),
-    "backing": st.one_of(st.sampled_from(["almalinux-9", "debian-12", "../etc/shadow", "a/b", "a..b"]),
-                         name_like()),
+    "backing": st.one_of(
+        st.sampled_from(["almalinux-9", "debian-12", "../etc/shadow", "a/b", "a..b"]), name_like()
+    ),
     "extra": st.just(1),
 }
 
@@ -177,7 +270,7 @@ DISK_VALUES: dict[str, st.SearchStrategy[Any]] = {
 @st.composite
 def _disk_item(draw: st.DrawFn, names: st.SearchStrategy[str]) -> dict[str, Any]:
     """A valid disk item with a few of its members left out or replaced by generated values."""
-    keep = draw(st.integers(0, 2**len(GOOD_DISK) - 1))
+    keep = draw(st.integers(0, 2 ** len(GOOD_DISK) - 1))
     item = {k: v for i, (k, v) in enumerate(GOOD_DISK.items()) if keep >> i & 1 or k == "size"}
     item["name"] = draw(names)
     for key in draw(st.lists(st.sampled_from(sorted(DISK_VALUES)), max_size=1)):
@@ -187,9 +280,12 @@ def _disk_item(draw: st.DrawFn, names: st.SearchStrategy[str]) -> dict[str, Any]
 
 def _passthrough_item() -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries(
-        {"name": st.one_of(LABELS, LABELS, name_like()),
-         "claim": st.one_of(LABELS, LABELS, name_like(), st.sampled_from(["a.b", "x" * 254, "a..b"]))},
-        optional={"mode": st.sampled_from(["disk", "lun", "cdrom"])})
+        {
+            "name": st.one_of(LABELS, LABELS, name_like()),
+            "claim": st.one_of(LABELS, LABELS, name_like(), st.sampled_from(["a.b", "x" * 254, "a..b"])),
+        },
+        optional={"mode": st.sampled_from(["disk", "lun", "cdrom"])},
+    )
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -220,34 +316,57 @@ def serialise(items: Any, style: int) -> str:
 STYLES = st.integers(0, 2)
 
 
-DISK_LISTS = st.builds(serialise, st.lists(st.one_of(_disk_item(LABELS), _disk_item(LABELS), _disk_item(name_like())),
-                                           min_size=1, max_size=3, unique_by=lambda d: str(d["name"])), STYLES)
+DISK_LISTS = st.builds(
+    serialise,
+    st.lists(
+        st.one_of(_disk_item(LABELS), _disk_item(LABELS), _disk_item(name_like())),
+        min_size=1,
+        max_size=3,
+        unique_by=lambda d: str(d["name"]),
+    ),
+    STYLES,
+)
 DISKS = st.one_of(DISK_LISTS, DISK_LISTS, DISK_LISTS, YAML_SOUP, DEEP)
-PASSTHROUGH = st.one_of(st.builds(serialise, st.lists(_passthrough_item(), min_size=1, max_size=3), STYLES), YAML_SOUP)
-SIZING = st.fixed_dictionaries({}, optional={
-    K.ANN_CPU: st.one_of(st.integers(-1, 70).map(str), st.sampled_from(["{sockets: 2, cores: 4}", "{cores: 65}",
-                                                                        "{sockets: 3}", "{x: 1}", "1.5"]),
-                         YAML_SOUP),
-    K.ANN_MEMORY: st.one_of(QUANTITY_TEXT, st.sampled_from(["4Gi", "300Gi", "1500Mi", "1.5Gi", "8Gi\n"])),
-    K.ANN_PROFILE: st.one_of(st.sampled_from(["small", "medium", "large", "huge", "small\n"]), name_like()),
-})
+PASSTHROUGH = st.one_of(
+    st.builds(serialise, st.lists(_passthrough_item(), min_size=1, max_size=3), STYLES), YAML_SOUP
+)
+SIZING = st.fixed_dictionaries(
+    {},
+    optional={
+        K.ANN_CPU: st.one_of(
+            st.integers(-1, 70).map(str),
+            st.sampled_from(["{sockets: 2, cores: 4}", "{cores: 65}", "{sockets: 3}", "{x: 1}", "1.5"]),
+            YAML_SOUP,
+        ),
+        K.ANN_MEMORY: st.one_of(QUANTITY_TEXT, st.sampled_from(["4Gi", "300Gi", "1500Mi", "1.5Gi", "8Gi\n"])),
+        K.ANN_PROFILE: st.one_of(
+            st.sampled_from(["small", "medium", "large", "huge", "small\n"]), name_like()
+        ),
+    },
+)
 ANNOTATIONS = st.one_of(
     st.builds(lambda d: {K.ANN_DISKS: d}, DISKS),
     st.builds(lambda d: {K.ANN_DISKS: d}, DISK_LISTS),
     st.builds(lambda p: {K.ANN_PASSTHROUGH: p}, PASSTHROUGH),
     SIZING,
-    st.fixed_dictionaries({}, optional={  # together, and the odd annotation diskhooks does not know
-        K.ANN_DISKS: DISKS, K.ANN_PASSTHROUGH: PASSTHROUGH,
-        K.ANN_PERSIST_ROOT: st.sampled_from(["true", "false", "True", "yes", "1", "", "true\n"]),
-        K.ANN_MEMORY: st.sampled_from(["4Gi", "8Gi\n"]),
-        K.PREFIX + "bogus": st.just("1"),
-    }),
+    st.fixed_dictionaries(
+        {},
+        optional={  # together, and the odd annotation diskhooks does not know
+            K.ANN_DISKS: DISKS,
+            K.ANN_PASSTHROUGH: PASSTHROUGH,
+            K.ANN_PERSIST_ROOT: st.sampled_from(["true", "false", "True", "yes", "1", "", "true\n"]),
+            K.ANN_MEMORY: st.sampled_from(["4Gi", "8Gi\n"]),
+            K.PREFIX + "bogus": st.just("1"),
+        },
+    ),
 )
 
 
 @given(ANNOTATIONS)
 @fuzz(2800)
-def test_annotations_give_valid_requests_or_a_refusal_naming_the_annotation(annotations: dict[str, str]) -> None:
+def test_annotations_give_valid_requests_or_a_refusal_naming_the_annotation(
+    annotations: dict[str, str],
+) -> None:
     ran("parsers")
     try:
         req = parse_requests(annotations, POLICY)
@@ -280,23 +399,65 @@ def test_annotations_give_valid_requests_or_a_refusal_naming_the_annotation(anno
 # policy
 # ================================================================================================
 POLICY_PATHS = [
-    ("hostDisks", "root"), ("hostDisks", "imageLibrary"), ("hostDisks", "maxDiskSize"),
-    ("hostDisks", "maxTotalPerVM"), ("hostDisks", "defaults", "io"), ("hostDisks", "defaults", "cache"),
-    ("hostDisks", "onlineExpand"), ("passthrough", "storageClasses"), ("passthrough", "allowLun"),
-    ("sizing", "profiles"), ("sizing", "profiles", "small", "cpu"), ("sizing", "maxCPU"),
-    ("sizing", "maxMemory"), ("sizing", "cpuAllocationRatio"), ("sizing", "maxSockets"),
-    ("sizing", "memoryOvercommitPercent"), ("sidecar", "image"), ("sidecar", "allowedImages"),
-    ("sidecar", "imagePullPolicy"), ("defaultProfile",), ("nodeAgent", "serviceAccount"), ("bogus",),
+    ("hostDisks", "root"),
+    ("hostDisks", "imageLibrary"),
+    ("hostDisks", "maxDiskSize"),
+    ("hostDisks", "maxTotalPerVM"),
+    ("hostDisks", "defaults", "io"),
+    ("hostDisks", "defaults", "cache"),
+    ("hostDisks", "onlineExpand"),
+    ("passthrough", "storageClasses"),
+    ("passthrough", "allowLun"),
+    ("sizing", "profiles"),
+    ("sizing", "profiles", "small", "cpu"),
+    ("sizing", "maxCPU"),
+    ("sizing", "maxMemory"),
+    ("sizing", "cpuAllocationRatio"),
+    ("sizing", "maxSockets"),
+    ("sizing", "memoryOvercommitPercent"),
+    ("sidecar", "image"),
+    ("sidecar", "allowedImages"),
+    ("sidecar", "imagePullPolicy"),
+    ("defaultProfile",),
+    ("nodeAgent", "serviceAccount"),
+    ("bogus",),
     ("hostDisks", "bogus"),
 ]
 POLICY_VALUES = st.one_of(
-    st.sampled_from(["/var/lib/diskhooks/vms", "/var/lib/diskhooks/images", "/etc", "/var/lib/../etc",
-                     "/var/lib/diskhooks/vms/", "relative/dir", "/var/lib/diskhooks//x", "/var/lib/kubelet/x",
-                     "1Ti", "0", "-1", "64", "2", "1.5", "1e400", "*", "registry.example.com/*", "a*b",
-                     "ghcr.io/diskhooks/diskhooks-sidecar:0.1.0", "medium", "small", "ns/name", "ns/", "/x"]),
-    st.tuples(st.sampled_from(["/var/lib/diskhooks/vms", "local-nvme", "ghcr.io/x:1", "ns/sa", "small"]),
-              st.sampled_from(NASTY)).map("".join),
-    JSON_VALUES, name_like(),
+    st.sampled_from(
+        [
+            "/var/lib/diskhooks/vms",
+            "/var/lib/diskhooks/images",
+            "/etc",
+            "/var/lib/../etc",
+            "/var/lib/diskhooks/vms/",
+            "relative/dir",
+            "/var/lib/diskhooks//x",
+            "/var/lib/kubelet/x",
+            "1Ti",
+            "0",
+            "-1",
+            "64",
+            "2",
+            "1.5",
+            "1e400",
+            "*",
+            "registry.example.com/*",
+            "a*b",
+            "ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
+            "medium",
+            "small",
+            "ns/name",
+            "ns/",
+            "/x",
+        ]
+    ),
+    st.tuples(
+        st.sampled_from(["/var/lib/diskhooks/vms", "local-nvme", "ghcr.io/x:1", "ns/sa", "small"]),
+        st.sampled_from(NASTY),
+    ).map("".join),
+    JSON_VALUES,
+    name_like(),
 )
 
 
@@ -329,8 +490,9 @@ def test_policy_loads_clean_or_refuses_naming_the_key(text: str) -> None:
     assert isinstance(policy, Policy)
     hd = policy.host_disks
     for path in (hd.root, hd.image_library):
-        assert path is None or (CLEAN_PATH.fullmatch(path) and "/../" not in path + "/"
-                                and "/./" not in path + "/"), repr(path)
+        assert path is None or (
+            CLEAN_PATH.fullmatch(path) and "/../" not in path + "/" and "/./" not in path + "/"
+        ), repr(path)
     for sc in policy.passthrough.storage_classes:
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", sc) and len(sc) <= 253, repr(sc)
     for name in policy.sizing.profiles:
@@ -342,8 +504,21 @@ def test_policy_loads_clean_or_refuses_naming_the_key(text: str) -> None:
 # ================================================================================================
 # plans
 # ================================================================================================
-PLAN_KEYS_TO_TAMPER = ["version", "namespace", "vm", "hostDir", "imageLibrary", "sidecarImage", "disks",
-                       "persistRoot", "passthrough", "detached", "node", "auth", "extra"]
+PLAN_KEYS_TO_TAMPER = [
+    "version",
+    "namespace",
+    "vm",
+    "hostDir",
+    "imageLibrary",
+    "sidecarImage",
+    "disks",
+    "persistRoot",
+    "passthrough",
+    "detached",
+    "node",
+    "auth",
+    "extra",
+]
 
 
 @st.composite
@@ -356,13 +531,16 @@ def tampered(draw: st.DrawFn) -> tuple[Plan, str]:
     elif how == "disk" and doc["disks"]:
         disk = doc["disks"][0]
         key = draw(st.sampled_from(["name", "sizeBytes", "bus", "backing", "serial", "bootOrder", "x"]))
-        disk[key] = draw(st.one_of(name_like(), st.integers(-1, 3), st.just({"image": "a", "file": "../x",
-                                                                                "format": "qcow2"})))
+        disk[key] = draw(
+            st.one_of(
+                name_like(), st.integers(-1, 3), st.just({"image": "a", "file": "../x", "format": "qcow2"})
+            )
+        )
     text = json.dumps(doc)
     if how == "text":
         text = draw(st.one_of(st.text(max_size=60), DEEP, YAML_SOUP))
     elif how == "truncate":
-        text = text[:draw(st.integers(0, len(text)))]
+        text = text[: draw(st.integers(0, len(text)))]
     return plan, text
 
 
@@ -391,8 +569,10 @@ def test_plans_parse_strictly_and_verify_only_as_signed(case: tuple[Plan, str]) 
     assert parsed is not None and verified == parsed
     # what verifies is exactly what was signed: any change to the body breaks the MAC
     assert verified == plan, "a tampered plan verified"
-    for other in ({"namespace": plan.namespace + "x", "vm": plan.vm}, {"namespace": plan.namespace,
-                                                                     "vm": plan.vm + "x"}):
+    for other in (
+        {"namespace": plan.namespace + "x", "vm": plan.vm},
+        {"namespace": plan.namespace, "vm": plan.vm + "x"},
+    ):
         try:
             verify_plan(text, KEYS, **other)
             raise AssertionError("a plan verified for another VM")

@@ -43,11 +43,24 @@ OTHER_KEYS = PlanKeys(current=b"not-the-webhooks-key-0123456789ab")
 SEEN: Counter[str] = Counter()
 
 POD_EDITS = [
-    "drop-volume", "volume-elsewhere", "volume-not-hostpath", "no-created-by", "no-domain", "domain-other",
-    "vm-label-other", "sidecar-image", "no-sidecar", "no-compute", "prepare-present", "unmanaged",
-    "containers-not-a-list", "compute-mount-moved",
+    "drop-volume",
+    "volume-elsewhere",
+    "volume-not-hostpath",
+    "no-created-by",
+    "no-domain",
+    "domain-other",
+    "vm-label-other",
+    "sidecar-image",
+    "no-sidecar",
+    "no-compute",
+    "prepare-present",
+    "unmanaged",
+    "containers-not-a-list",
+    "compute-mount-moved",
 ]
-VOLUME_NAMES = st.lists(st.sampled_from(["datadisk", "scratch", "wal", "fast0", "data-1"]), max_size=3, unique=True)
+VOLUME_NAMES = st.lists(
+    st.sampled_from(["datadisk", "scratch", "wal", "fast0", "data-1"]), max_size=3, unique=True
+)
 
 
 @st.composite
@@ -66,8 +79,11 @@ def _pod(plan: Plan, rng: random.Random, junk: str) -> dict[str, Any]:
     meta, spec = pod["metadata"], pod["spec"]
     how = rng.choice(["signed"] * 8 + ["other-vm", "other-key", "junk", "none"])
     texts: dict[str, str | None] = {
-        "signed": sign_plan(plan, KEYS), "other-vm": sign_plan(replace(plan, vm="other-vm"), KEYS),
-        "other-key": sign_plan(plan, OTHER_KEYS), "junk": junk, "none": None,
+        "signed": sign_plan(plan, KEYS),
+        "other-vm": sign_plan(replace(plan, vm="other-vm"), KEYS),
+        "other-key": sign_plan(plan, OTHER_KEYS),
+        "junk": junk,
+        "none": None,
     }
     text = texts[how]
     meta["labels"][K.LABEL_MANAGED] = K.LABEL_MANAGED_VALUE
@@ -76,7 +92,9 @@ def _pod(plan: Plan, rng: random.Random, junk: str) -> dict[str, Any]:
     # what KubeVirt renders for the plan: a hostPath volume per hostDisk, the sidecar container
     spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "datadisk"]
     for disk in plan.disks:
-        spec["volumes"].append({"name": disk.name, "hostPath": {"path": plan.host_dir, "type": "DirectoryOrCreate"}})
+        spec["volumes"].append(
+            {"name": disk.name, "hostPath": {"path": plan.host_dir, "type": "DirectoryOrCreate"}}
+        )
     for c in spec["containers"]:
         if c["name"] == "hook-sidecar-0":
             c["image"] = plan.sidecar_image
@@ -117,9 +135,14 @@ def _edit(rng: random.Random, pod: dict[str, Any], edit: str, plan: Plan) -> Non
     elif edit == "no-compute":
         spec["containers"] = [c for c in containers if c["name"] != "compute"]
     elif edit == "prepare-present":  # an init container already named like ours, doing something else
-        spec["initContainers"].append({"name": K.PREPARE_CONTAINER, "image": "evil.example.com/x:1",
-                                       "command": ["/bin/sh", "-c", "cat /etc/shadow"],
-                                       "securityContext": {"privileged": True}})
+        spec["initContainers"].append(
+            {
+                "name": K.PREPARE_CONTAINER,
+                "image": "evil.example.com/x:1",
+                "command": ["/bin/sh", "-c", "cat /etc/shadow"],
+                "securityContext": {"privileged": True},
+            }
+        )
     elif edit == "unmanaged":
         meta["labels"][K.LABEL_MANAGED] = rng.choice(["false", "True", ""])
     elif edit == "containers-not-a-list":
@@ -136,7 +159,11 @@ def _check_admitted_pod(before: dict[str, Any], after: dict[str, Any]) -> None:
     added = [v for v in after["spec"]["volumes"] if v not in before["spec"]["volumes"]]
     text = after["metadata"]["annotations"].get(K.ANN_PLAN)
     init = {c["name"]: c for c in after["spec"].get("initContainers") or []}
-    if added or K.PREPARE_CONTAINER in init and init[K.PREPARE_CONTAINER] not in before["spec"]["initContainers"]:
+    if (
+        added
+        or K.PREPARE_CONTAINER in init
+        and init[K.PREPARE_CONTAINER] not in before["spec"]["initContainers"]
+    ):
         # something was added: only for a Pod whose plan verifies for the VMI it names, and only
         # what that plan says
         plan = verify_plan(text, KEYS, namespace="vms", vm=after["metadata"]["annotations"][K.ANN_DOMAIN])
@@ -144,7 +171,8 @@ def _check_admitted_pod(before: dict[str, Any], after: dict[str, Any]) -> None:
         for volume in added:  # the VM's directory, the library, diskhooks' own state below the root
             path = volume["hostPath"]["path"]
             assert path in (plan.host_dir, plan.image_library) or (
-                path.startswith(f"{root}/.diskhooks/") and WHOLE_PATH.fullmatch(path)), volume
+                path.startswith(f"{root}/.diskhooks/") and WHOLE_PATH.fullmatch(path)
+            ), volume
         prepare = init[K.PREPARE_CONTAINER]
         assert prepare["image"] == plan.sidecar_image
         assert {e["name"]: e.get("value") for e in prepare["env"]}[K.ENV_PLAN] == text
@@ -154,7 +182,9 @@ def _check_admitted_pod(before: dict[str, Any], after: dict[str, Any]) -> None:
         for c in after["spec"]["containers"]:
             if c["name"].startswith("hook-sidecar-"):
                 for m in c.get("volumeMounts") or []:
-                    if m["mountPath"].startswith(K.DH_MOUNT_ROOT) or m["name"] in {d.name for d in plan.disks}:
+                    if m["mountPath"].startswith(K.DH_MOUNT_ROOT) or m["name"] in {
+                        d.name for d in plan.disks
+                    }:
                         assert m.get("readOnly") is True, (c["name"], m)
         SEEN["prepared"] += 1
         if SEEN["prepared"] % VALIDATE_EVERY == 1:

@@ -61,7 +61,9 @@ from tests.test_sidecar_server import (
 from webhook.admission import patch_of
 
 HOSTILE = DATA / "hostile"
-CASES = {p.name[: -len(".expect.json")]: json.loads(p.read_text()) for p in sorted(HOSTILE.glob("*.expect.json"))}
+CASES = {
+    p.name[: -len(".expect.json")]: json.loads(p.read_text()) for p in sorted(HOSTILE.glob("*.expect.json"))
+}
 ENTRIES = ("webhook", "policy", "sidecar-grpc", "sidecar-dry-run", "prepare")
 POD_VMI = "fedora-data"  # the sample launcher Pod's kubevirt.io/domain
 
@@ -92,6 +94,21 @@ def test_the_corpus_is_well_formed() -> None:
         assert stem in CASES, f"{path.name} belongs to no case"
 
 
+def test_security_md_maps_every_case_to_its_defence() -> None:
+    """docs/SECURITY.md's table has one row per case, naming the same defence as the case."""
+    rows = {
+        m.group(1): m.group(2)
+        for m in re.finditer(
+            r"^\| `([a-z0-9-]+)` \|[^|]*\|[^|]*\| (.*) \|$",
+            (ROOT / "docs" / "SECURITY.md").read_text(),
+            re.MULTILINE,
+        )
+    }
+    assert sorted(rows) == sorted(CASES)
+    for name, case in CASES.items():
+        assert rows[name] == case["defence"].replace("|", "/"), name
+
+
 # ================================================================================================
 # the served webhook
 # ================================================================================================
@@ -113,10 +130,18 @@ def _set(doc: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _pod_plan_text(how: str, keys: PlanKeys) -> str:
-    plan = Plan(namespace="vms", vm=POD_VMI, host_dir=f"/var/lib/diskhooks/vms/vms/{POD_VMI}", image_library=None,
-                sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
-                disks=(PlannedDisk(name="datadisk", size_bytes=10 << 30, bus="virtio", cache="none", io="native",
-                                   discard="unmap"),))
+    plan = Plan(
+        namespace="vms",
+        vm=POD_VMI,
+        host_dir=f"/var/lib/diskhooks/vms/vms/{POD_VMI}",
+        image_library=None,
+        sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
+        disks=(
+            PlannedDisk(
+                name="datadisk", size_bytes=10 << 30, bus="virtio", cache="none", io="native", discard="unmap"
+            ),
+        ),
+    )
     if how == "other-vm":
         return sign_plan(replace(plan, vm="other-vm"), keys)
     doc = json.loads(sign_plan(plan, keys))
@@ -137,19 +162,36 @@ def build_review(case: dict[str, Any], name: str, keys: PlanKeys) -> bytes:
     obj = review["request"]["object"]
     if "annotation" in inp:
         text = generated(inp["generate"]) if "generate" in inp else (payload(name) or b"").decode()
-        annotations = {k: v for k, v in (obj["metadata"].get("annotations") or {}).items()
-                       if not k.startswith(K.PREFIX)}
+        annotations = {
+            k: v for k, v in (obj["metadata"].get("annotations") or {}).items() if not k.startswith(K.PREFIX)
+        }
         obj["metadata"]["annotations"] = {**annotations, inp["annotation"]: text}
     for dotted, value in inp.get("set", {}).items():
         _set(review, dotted, value)
     how = inp.get("plan")
     if how == "forged-on-template":
-        forged = Plan(namespace="vms", vm=obj["metadata"]["name"], host_dir="/var/lib/diskhooks/vms/vms/x",
-                      image_library=None, sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
-                      disks=(PlannedDisk(name="pgdata", size_bytes=1 << 50, bus="virtio", cache="none", io="native",
-                                         discard="unmap"),), node="node-b")
+        forged = Plan(
+            namespace="vms",
+            vm=obj["metadata"]["name"],
+            host_dir="/var/lib/diskhooks/vms/vms/x",
+            image_library=None,
+            sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
+            disks=(
+                PlannedDisk(
+                    name="pgdata",
+                    size_bytes=1 << 50,
+                    bus="virtio",
+                    cache="none",
+                    io="native",
+                    discard="unmap",
+                ),
+            ),
+            node="node-b",
+        )
         tmeta = obj["spec"]["template"].setdefault("metadata", {})
-        tmeta.setdefault("annotations", {})[K.ANN_PLAN] = sign_plan(forged, PlanKeys(b"the-owners-own-key-0123456789"))
+        tmeta.setdefault("annotations", {})[K.ANN_PLAN] = sign_plan(
+            forged, PlanKeys(b"the-owners-own-key-0123456789")
+        )
     elif how is not None:  # a launcher Pod carrying a plan (the user can create Pods)
         obj["metadata"]["labels"][K.LABEL_MANAGED] = K.LABEL_MANAGED_VALUE
         obj["metadata"]["annotations"][K.ANN_PLAN] = _pod_plan_text(how, keys)
@@ -163,8 +205,12 @@ def test_webhook_case(server: Server, name: str) -> None:
     body = build_review(case, name, server.plan_keys)
     conn = server.connect()
     try:
-        conn.request("POST", f"{case['input']['route']}?timeout=10s", body=body,
-                     headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            f"{case['input']['route']}?timeout=10s",
+            body=body,
+            headers={"Content-Type": "application/json"},
+        )
         resp = conn.getresponse()
         status, answer = resp.status, json.loads(resp.read())
     finally:
@@ -185,8 +231,11 @@ def test_webhook_case(server: Server, name: str) -> None:
         return
     if expect.get("plan") == "recomputed":  # the owner's plan is gone; the webhook's verifies
         request = json.loads(body)["request"]
-        ops = [op for op in patch_of(response) if "diskhooks.io~1plan" in op["path"]
-               or op["path"].endswith("/metadata/annotations")]
+        ops = [
+            op
+            for op in patch_of(response)
+            if "diskhooks.io~1plan" in op["path"] or op["path"].endswith("/metadata/annotations")
+        ]
         assert ops, "the owner's plan was left in place"
         value = ops[-1]["value"]
         text = value if isinstance(value, str) else value[K.ANN_PLAN]
@@ -198,8 +247,13 @@ def test_webhook_case(server: Server, name: str) -> None:
         admitted = jsonpatch.apply_patch(json.loads(body)["request"]["object"], patch_of(response))
         entries = json.loads(admitted["metadata"]["annotations"][K.ANN_HOOK_SIDECARS])
         ours = [e for e in entries if e["image"] == "ghcr.io/diskhooks/diskhooks-sidecar:0.1.0"]
-        assert ours == [{"image": "ghcr.io/diskhooks/diskhooks-sidecar:0.1.0", "imagePullPolicy": "IfNotPresent",
-                         "args": ["serve", "--version", "v1alpha3"]}], entries
+        assert ours == [
+            {
+                "image": "ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
+                "imagePullPolicy": "IfNotPresent",
+                "args": ["serve", "--version", "v1alpha3"],
+            }
+        ], entries
 
 
 # ================================================================================================
@@ -248,8 +302,9 @@ def _domain(spec: Any, name: str, sample: PlannedSample) -> bytes:
 def _vmi(spec: str | None, sample: PlannedSample) -> bytes:
     if spec == "plan-swapped":  # validly signed, but not the plan the Pod webhook verified
         vmi = json.loads(sample.vmi)
-        vmi["metadata"]["annotations"][K.ANN_PLAN] = sign_plan(replace(sidecar_plan(), disks=sidecar_plan().disks[:1]),
-                                                               PLAN_KEYS)
+        vmi["metadata"]["annotations"][K.ANN_PLAN] = sign_plan(
+            replace(sidecar_plan(), disks=sidecar_plan().disks[:1]), PLAN_KEYS
+        )
         assert vmi["metadata"]["annotations"][K.ANN_PLAN] != PLAN_TEXT
         return json.dumps(vmi).encode()
     if spec == "plan-removed":
@@ -278,9 +333,24 @@ def test_sidecar_dry_run_case(tmp_path: Path, sample: PlannedSample, name: str) 
     case = CASES[name]
     (tmp_path / "vmi.json").write_bytes(sample.vmi)
     (tmp_path / "domain.xml").write_bytes(_domain(case["input"]["domain"], name, sample))
-    proc = subprocess.run([sys.executable, "-m", "hooksidecar.cli", "dry-run", "--vmi", str(tmp_path / "vmi.json"),
-                           "--domain", str(tmp_path / "domain.xml")], cwd=ROOT, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hooksidecar.cli",
+            "dry-run",
+            "--vmi",
+            str(tmp_path / "vmi.json"),
+            "--domain",
+            str(tmp_path / "domain.xml"),
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == case["expect"]["exit"], proc.stderr
     assert case["expect"]["message"] in proc.stderr, proc.stderr
     assert proc.stdout == ""
@@ -290,9 +360,20 @@ def test_sidecar_dry_run_case(tmp_path: Path, sample: PlannedSample, name: str) 
 # real prepare, real qemu-img
 # ================================================================================================
 def _plan(disks: list[dict[str, Any]]) -> Plan:
-    return make_plan(*(PlannedDisk(name=d["name"], size_bytes=parse_bytes(d["size"]), bus="virtio", cache="none",
-                                   io="native", discard="unmap",
-                                   backing=Backing(**d["backing"]) if "backing" in d else None) for d in disks))
+    return make_plan(
+        *(
+            PlannedDisk(
+                name=d["name"],
+                size_bytes=parse_bytes(d["size"]),
+                bus="virtio",
+                cache="none",
+                io="native",
+                discard="unmap",
+                backing=Backing(**d["backing"]) if "backing" in d else None,
+            )
+            for d in disks
+        )
+    )
 
 
 def _edit_plan(text: str, edits: dict[str, Any]) -> str:
@@ -323,11 +404,14 @@ def _expand(arg: str, node: Node, outside: Path) -> str:
             return str(node.path(K.launcher_disk_dir(name)).parent)
         assert kind == "disk", m.group(0)
         return str(node.path(f"{K.launcher_disk_dir(name)}/{K.disk_file_name(name)}"))
+
     return re.sub(r"\{([a-z-]+(?::[^}]*)?)\}", one, arg)
 
 
 def _state(d: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mode) for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mode) for p in sorted(d.rglob("*")) if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("name", cases("prepare"))
@@ -357,7 +441,9 @@ def test_prepare_case(tmp_path: Path, name: str) -> None:
             assert step[0] == "mkdir", step
             os.makedirs(args[0], exist_ok=True)
     before_node, before_outside = _state(node.root), _state(outside)
-    text = _edit_plan(sign_plan(plan, PlanKeys(b"prepare-tests-plan-key-0123456789")), inp.get("plan_edit", {}))
+    text = _edit_plan(
+        sign_plan(plan, PlanKeys(b"prepare-tests-plan-key-0123456789")), inp.get("plan_edit", {})
+    )
     proc = run_prepare(node, text)
     assert proc.returncode == expect["exit"], (proc.returncode, proc.stdout, proc.stderr)
     assert expect["message"] in proc.stderr, proc.stderr

@@ -23,15 +23,23 @@ from tests.conftest import EXAMPLE_POLICY
 from tests.kubevirt_schema import DNS_LABEL, QUANTITY, SERIAL
 
 POLICY = load_policy(EXAMPLE_POLICY.read_text())
-PLAN = Plan(namespace="vms", vm="pg01", host_dir="/var/lib/diskhooks/vms/vms/pg01", image_library=None,
-            sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0")
+PLAN = Plan(
+    namespace="vms",
+    vm="pg01",
+    host_dir="/var/lib/diskhooks/vms/vms/pg01",
+    image_library=None,
+    sidecar_image="ghcr.io/diskhooks/diskhooks-sidecar:0.1.0",
+)
 
 
-@pytest.mark.parametrize("item,field", [
-    ({"name": "data\n", "size": "1Gi"}, "diskhooks.io/disks[0].name"),
-    ({"name": "data", "size": "1Gi", "backing": "almalinux-9\n"}, "diskhooks.io/disks[0].backing"),
-    ({"name": "data", "size": "1Gi", "serial": "S1\n"}, "diskhooks.io/disks[0].serial"),
-])
+@pytest.mark.parametrize(
+    "item,field",
+    [
+        ({"name": "data\n", "size": "1Gi"}, "diskhooks.io/disks[0].name"),
+        ({"name": "data", "size": "1Gi", "backing": "almalinux-9\n"}, "diskhooks.io/disks[0].backing"),
+        ({"name": "data", "size": "1Gi", "serial": "S1\n"}, "diskhooks.io/disks[0].serial"),
+    ],
+)
 def test_an_annotation_value_with_a_trailing_newline_is_refused(item: dict[str, str], field: str) -> None:
     with pytest.raises(Refused) as info:
         parse_requests({K.ANN_DISKS: json.dumps([item])}, POLICY)
@@ -45,10 +53,15 @@ def test_a_passthrough_claim_with_a_trailing_newline_is_refused() -> None:
     assert info.value.field == "diskhooks.io/passthrough[0].claim"
 
 
-@pytest.mark.parametrize("member,value", [
-    ("hostDir", "/var/lib/diskhooks/vms/vms/pg01\n"), ("namespace", "vms\n"), ("vm", "pg01\n"),
-    ("node", "node-a\n"),
-])
+@pytest.mark.parametrize(
+    "member,value",
+    [
+        ("hostDir", "/var/lib/diskhooks/vms/vms/pg01\n"),
+        ("namespace", "vms\n"),
+        ("vm", "pg01\n"),
+        ("node", "node-a\n"),
+    ],
+)
 def test_a_plan_member_with_a_trailing_newline_does_not_parse(member: str, value: str) -> None:
     doc = json.loads(sign_plan(PLAN, PlanKeys(b"whole-match-test-key-0123")))
     doc[member] = value
@@ -61,8 +74,16 @@ def test_a_plan_member_with_a_trailing_newline_does_not_parse(member: str, value
 
 def test_a_plan_disk_or_base_file_with_a_trailing_newline_does_not_parse() -> None:
     doc = json.loads(sign_plan(PLAN, PlanKeys(b"whole-match-test-key-0123")))
-    doc["disks"] = [{"name": "data\n", "sizeBytes": 1 << 30, "bus": "virtio", "cache": "none", "io": "native",
-                     "discard": "unmap"}]
+    doc["disks"] = [
+        {
+            "name": "data\n",
+            "sizeBytes": 1 << 30,
+            "bus": "virtio",
+            "cache": "none",
+            "io": "native",
+            "discard": "unmap",
+        }
+    ]
     with pytest.raises(Malformed, match=r"disks\[0\]\.name"):
         parse_plan(json.dumps(doc))
     doc["disks"][0]["name"] = "data"
@@ -91,12 +112,16 @@ def test_the_schema_helper_the_tests_judge_by() -> None:
     assert not SERIAL.match("S1\n") and not QUANTITY.match("1Gi\n")
 
 
-@pytest.mark.parametrize("path,value,field", [
-    (("sidecar", "image"), "ghcr.io/diskhooks/diskhooks-sidecar:0.1.0\n", "sidecar.image"),
-    (("passthrough", "storageClasses"), ["local-nvme\n"], "passthrough.storageClasses[0]"),
-])
-def test_a_policy_value_with_a_trailing_newline_is_refused(path: tuple[str, str], value: object,
-                                                            field: str) -> None:
+@pytest.mark.parametrize(
+    "path,value,field",
+    [
+        (("sidecar", "image"), "ghcr.io/diskhooks/diskhooks-sidecar:0.1.0\n", "sidecar.image"),
+        (("passthrough", "storageClasses"), ["local-nvme\n"], "passthrough.storageClasses[0]"),
+    ],
+)
+def test_a_policy_value_with_a_trailing_newline_is_refused(
+    path: tuple[str, str], value: object, field: str
+) -> None:
     doc = yaml.safe_load(EXAMPLE_POLICY.read_text())
     doc[path[0]][path[1]] = value
     with pytest.raises(Refused) as info:
