@@ -286,6 +286,20 @@ class Setup:
             api.close()
         return vm
 
+    def alice_patch(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A merge patch as alice (through the webhook)."""
+        from kubernetes import client
+
+        api = _alice_api(self)
+        try:
+            custom: Any = client.CustomObjectsApi(api)
+            out: dict[str, Any] = custom.patch_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, "virtualmachines", name, body,
+                _content_type="application/merge-patch+json")
+        finally:
+            api.close()
+        return out
+
     def agent_patch(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         from kubernetes import client
 
@@ -508,3 +522,22 @@ def run_command(setup: Setup, *args: str, timeout: float = 180.0) -> subprocess.
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
     return subprocess.run([str(COMMAND), *args, "--kubeconfig", str(setup.alice_kubeconfig)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def start_command(setup: Setup, *args: str) -> subprocess.Popen[str]:
+    """``kubectl-diskhooks`` in the background (alice's kubeconfig); ``.communicate()`` to end."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
+    return subprocess.Popen([str(COMMAND), *args, "--kubeconfig", str(setup.alice_kubeconfig)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    return {f.name: sha256_file(f) for f in sorted(directory.iterdir()) if f.is_file()}
+
+
+def tmpfs_wrap(mountpoint: Path, size_mib: int) -> tuple[str, ...]:
+    """Run the agent in its own mount namespace with a ``size_mib`` tmpfs on ``mountpoint`` (a small
+    target filesystem; the machine's mounts are not touched)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    return ("unshare", "-m", "--propagation", "private", "sh", "-c",
+            f'mount -t tmpfs -o size={size_mib}M tmpfs "$0" && exec "$@"', str(mountpoint))

@@ -6,20 +6,27 @@ for what stands in for what: KubeVirt's controllers and the launcher do not run 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+
+import pytest
 
 from diskplan import keys as K
 from diskplan.homemarker import parse_marker
 from tests.migration_support import (
     Agents,
+    MiB,
     NodeFiles,
     Setup,
     allocated,
     compare_images,
+    file_hashes,
     make_base,
     make_vm_dir,
     run_command,
     sha256_file,
+    start_command,
+    tmpfs_wrap,
     wait_for,
 )
 from webhook.vm.home import REQUIRED, home_expression
@@ -87,3 +94,123 @@ def test_a_stopped_vm_moves_with_its_disks_to_another_node(migration_setup: Setu
     assert not source.exists()  # renamed aside, kept
     assert status["sourceKept"].endswith(kept_dir.name)
     assert not fb.staging(s.namespace, "pg01").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# faults
+# ------------------------------------------------------------------------------------------------
+def copying(s: Setup, name: str) -> bool:
+    status = s.status(name)
+    return status is not None and status["phase"] == "Copying" and status["bytes"] > 0
+
+
+def assert_still_at_home(s: Setup, name: str, a: str, fa: NodeFiles, fb: NodeFiles,
+                         before: dict[str, str]) -> None:
+    """Bound to node a, its images there untouched, nothing in place on node b."""
+    assert s.annotations(name)[K.ANN_NODE] == a
+    assert file_hashes(fa.vm_dir(s.namespace, name)) == before
+    assert not fb.vm_dir(s.namespace, name).exists()
+
+
+@pytest.mark.parametrize("victim", ["source", "target"])
+def test_an_agent_killed_mid_transfer_leaves_the_vm_at_home_and_the_move_resumes(
+        migration_setup: Setup, agents: Agents, tmp_path: Path, victim: str) -> None:
+    s = migration_setup
+    a, fa, b, fb = two_nodes(s, tmp_path)
+    homed_vm(s, agents, "pg02", a, fa, data_mib=160)
+    source = fa.vm_dir(s.namespace, "pg02")
+    before = file_hashes(source)
+    slow = ("--migration-bandwidth", "12")  # ~15 s for the images: time to kill it mid-way
+    agent_a = agents.start(a, fa, extra=slow)
+    agent_b = agents.start(b, fb)
+    wait_for("the home", lambda: s.annotations("pg02").get(K.ANN_NODE) == a, 60, agent_a)
+    command = start_command(s, "migrate", f"{s.namespace}/pg02", "--to", b, "--no-progress")
+    try:
+        wait_for("the copy under way", lambda: copying(s, "pg02"), 60, agent_a, agent_b)
+        staged = fb.staging(s.namespace, "pg02")
+        wait_for("bytes on the target", lambda: staged.exists() and allocated(staged) > 20 * MiB, 60,
+                 agent_a, agent_b)
+        agents.kill(agent_a if victim == "source" else agent_b)
+        assert_still_at_home(s, "pg02", a, fa, fb, before)
+        assert "diskhooks.io/migrate-to" in s.annotations("pg02")  # the request stands
+        time.sleep(3)  # the survivor notices (the source retries, the target's rsync ends)
+        assert_still_at_home(s, "pg02", a, fa, fb, before)
+        partial = allocated(staged)
+        assert partial > 20 * MiB  # the partial copy stays: the next attempt starts from it
+        if victim == "source":
+            agent_a = agents.start(a, fa, extra=slow)
+        else:
+            agent_b = agents.start(b, fb)
+        _, err = command.communicate(timeout=240)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
+    assert command.returncode == 0, err + agent_a.stderr_text()[-5000:] + agent_b.stderr_text()[-5000:]
+    target = fb.vm_dir(s.namespace, "pg02")
+    assert s.annotations("pg02")[K.ANN_NODE] == b
+    kept_dir = next(p for p in fa.kept(s.namespace).glob("pg02.*") if p.is_dir())
+    assert file_hashes(kept_dir) == before
+    after = file_hashes(target)
+    assert {k: v for k, v in after.items() if k != K.HOME_MARKER} == \
+        {k: v for k, v in before.items() if k != K.HOME_MARKER}
+    status = s.status("pg02")
+    assert status is not None and status["phase"] == "Succeeded"
+    if victim == "source":
+        assert status["attempt"] >= 2  # the restarted agent ran the same migration again
+    else:
+        assert "MigrationRetrying" in s.events("pg02")
+
+
+def test_a_target_too_small_refuses_before_any_byte_moves(migration_setup: Setup, agents: Agents,
+                                                          tmp_path: Path) -> None:
+    s = migration_setup
+    a, fa, b, fb = two_nodes(s, tmp_path)
+    homed_vm(s, agents, "pg03", a, fa, data_mib=160)
+    before = file_hashes(fa.vm_dir(s.namespace, "pg03"))
+    agent_a = agents.start(a, fa)
+    agent_b = agents.start(b, fb, wrap=tmpfs_wrap(fb.root, 96))
+    wait_for("the home", lambda: s.annotations("pg03").get(K.ANN_NODE) == a, 60, agent_a)
+    done = run_command(s, "migrate", f"{s.namespace}/pg03", "--to", b, "--no-progress")
+    assert done.returncode == 1, done.stderr + agent_a.stderr_text()[-4000:] + agent_b.stderr_text()[-4000:]
+    assert "failed" in done.stderr and "bytes free" in done.stderr and "nothing was copied" in done.stderr
+    status = s.status("pg03")
+    assert status is not None and status["phase"] == "Failed" and status["bytes"] == 0
+    assert_still_at_home(s, "pg03", a, fa, fb, before)
+    ann = s.annotations("pg03")
+    assert "diskhooks.io/migrate-to" not in ann  # the request is over: the VM may start again
+    assert not fb.staging(s.namespace, "pg03").exists()
+    assert "MigrationFailed" in s.events("pg03")
+    started = s.alice_patch("pg03", {"spec": {"runStrategy": "Always"}})  # the webhook admits a start
+    assert started["spec"]["runStrategy"] == "Always"
+
+
+def test_a_withdrawn_request_stops_the_copy_and_drops_the_targets_copy(migration_setup: Setup, agents: Agents,
+                                                                       tmp_path: Path) -> None:
+    s = migration_setup
+    a, fa, b, fb = two_nodes(s, tmp_path)
+    homed_vm(s, agents, "pg04", a, fa, data_mib=160)
+    before = file_hashes(fa.vm_dir(s.namespace, "pg04"))
+    agent_a = agents.start(a, fa, extra=("--migration-bandwidth", "12"))
+    agent_b = agents.start(b, fb)
+    wait_for("the home", lambda: s.annotations("pg04").get(K.ANN_NODE) == a, 60, agent_a)
+    command = start_command(s, "migrate", f"{s.namespace}/pg04", "--to", b, "--no-progress")
+    try:
+        wait_for("the copy under way", lambda: copying(s, "pg04"), 60, agent_a, agent_b)
+        with pytest.raises(Exception) as refused:  # while asked, the webhook refuses a start
+            s.alice_patch("pg04", {"spec": {"runStrategy": "Always"}})
+        assert "cannot start until the migration ends" in str(getattr(refused.value, "body", refused.value))
+        cancel = run_command(s, "migrate", "--cancel", f"{s.namespace}/pg04")
+        assert cancel.returncode == 0, cancel.stderr + agent_a.stderr_text()[-4000:]
+        assert "cancelled" in cancel.stderr.lower()
+        _, err = command.communicate(timeout=60)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
+    assert command.returncode == 1 and "cancelled" in err
+    assert_still_at_home(s, "pg04", a, fa, fb, before)
+    assert s.status("pg04")["phase"] == "Cancelled"  # type: ignore[index]
+    wait_for("the target's copy dropped", lambda: not fb.staging(s.namespace, "pg04").exists(), 30, agent_b)
+    assert "MigrationCancelled" in s.events("pg04")
+    assert s.alice_patch("pg04", {"spec": {"runStrategy": "Always"}})["spec"]["runStrategy"] == "Always"

@@ -539,12 +539,21 @@ class SourceMigration:
         self._event(patched, EVENT_CANCELLED, f"the move to node {status.target} was cancelled; the VM stays "
                     f"on node {self.node}", NORMAL)
 
-    def _abort_target(self, target: str, reason: str) -> None:
-        try:
-            self._call(self._request(OP_ABORT, target, reason=reason), timeout=60.0)
-        except (Transient, Permanent) as exc:
-            self.log.emit("migrate.abort-failed", level="warning", namespace=self.namespace, vm=self.name,
-                          target=target, error=str(exc))
+    def _abort_target(self, target: str, reason: str, *, attempts: int = 6) -> None:
+        """Ask the target to drop its copy; a busy target (its rsync still ending) is asked again."""
+        for attempt in range(attempts):
+            try:
+                self._call(self._request(OP_ABORT, target, reason=reason), timeout=60.0)
+                return
+            except Transient as exc:
+                if attempt + 1 == attempts or self.stopping.wait(1.0 + attempt):
+                    self.log.emit("migrate.abort-failed", level="warning", namespace=self.namespace,
+                                  vm=self.name, target=target, error=str(exc))
+                    return
+            except Permanent as exc:
+                self.log.emit("migrate.abort-failed", level="warning", namespace=self.namespace, vm=self.name,
+                              target=target, error=str(exc))
+                return
 
     def _retrying(self, reason: str, delay: float) -> None:
         self.log.emit("migrate.retry", level="info", namespace=self.namespace, vm=self.name, reason=reason,
