@@ -8,11 +8,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from diskplan import keys as K
 from diskplan.homemarker import parse_marker
+from diskplan.migration import FileEntry, WireRequest, request_json
+from nodeagent.migrate.connector import exchange, open_channel
+from nodeagent.migrate.tlsfiles import TlsFiles
 from tests.migration_support import (
     Agents,
     MiB,
@@ -214,3 +218,44 @@ def test_a_withdrawn_request_stops_the_copy_and_drops_the_targets_copy(migration
     wait_for("the target's copy dropped", lambda: not fb.staging(s.namespace, "pg04").exists(), 30, agent_b)
     assert "MigrationCancelled" in s.events("pg04")
     assert s.alice_patch("pg04", {"spec": {"runStrategy": "Always"}})["spec"]["runStrategy"] == "Always"
+
+
+def test_a_peer_with_a_valid_certificate_gets_only_what_the_cluster_asked_for(
+        migration_setup: Setup, agents: Agents, tmp_path: Path) -> None:
+    """The target checks every request against the VM in the API server and runs only its own
+    rsync --server command line: a certificate alone moves nothing anywhere."""
+    s = migration_setup
+    a, _, b, fb = two_nodes(s, tmp_path)
+    s.create_vm("pg05")
+    uid = s.vm("pg05")["metadata"]["uid"]
+    s.agent_patch("pg05", {"metadata": {"annotations": {K.ANN_NODE: a}}})
+    agent_b = agents.start(b, fb)
+    wait_for("the listener", lambda: agent_b.records("migrate.listening"), 30, agent_b)
+    tls = TlsFiles(str(s.tls_dir))
+
+    def ask(op: str, *, source: str = a, args: tuple[str, ...] = ()) -> dict[str, Any]:
+        channel = open_channel(s.nodes[b], s.port, tls)
+        try:
+            wire = WireRequest(op=op, id="00112233445566778899", namespace=s.namespace, vm="pg05", vm_uid=uid,
+                               source=source, target=b, rsync_args=args,
+                               files=(FileEntry("data.qcow2", 1 << 20, 1 << 20),))
+            reply, _ = exchange(channel, request_json(wire), timeout=30)
+            return reply
+        finally:
+            channel.sock.close()
+
+    refused = ask("preflight")
+    assert refused["ok"] is False and "does not ask to move" in refused["error"] and refused["permanent"]
+    s.alice_patch("pg05", {"metadata": {"annotations": {"diskhooks.io/migrate-to": b}}})
+    forged = ask("preflight", source="node-x")
+    assert forged["ok"] is False and "not the requesting node 'node-x'" in forged["error"]
+    assert ask("preflight")["ok"] is True
+    staging = fb.staging(s.namespace, "pg05")
+    assert staging.is_dir() and not any(staging.iterdir())
+    sender = ("rsync", "--server", "--sender", "-ogtprSe.LsfxCIvu", ".", "staging/")
+    elsewhere = ("rsync", "--server", "-ogtprSe.LsfxCIvu", "--inplace", ".", "/etc/")
+    for args in (sender, elsewhere, ("sh", "-c", "id")):
+        reply = ask("rsync", args=args)
+        assert reply["ok"] is False and "request.args" in reply["error"], reply
+    assert not any(staging.iterdir())
+    assert ask("abort")["ok"] is True and not staging.exists()
