@@ -230,6 +230,7 @@ class _Connection:
         self.stopping = False
         self.closed = False
         self.handled = False  # a handler ran in this receive()
+        self.served = False  # a handler ran on this connection
         self.last_busy = self.last_heard = 0.0
 
     def attach(self, sock: socket.socket) -> None:
@@ -275,6 +276,7 @@ class _Connection:
             self._receive()
             if self.handled:
                 self.last_busy = time.monotonic()  # idle from now on, not since it last waited
+                self.served = True
             if not self.closed:
                 self.pump()
         finally:
@@ -508,7 +510,8 @@ class _Worker:
                     if not self._step():
                         return
                 except Exception as exc:  # noqa: BLE001 - a bug must not cost the server a worker
-                    self.server.report("connection-error", error=f"internal error: {type(exc).__name__}: {exc}")
+                    self.server.report("connection-error",
+                                       error=f"internal error: {type(exc).__name__}: {exc}")
                     self.server.stopping.wait(ACCEPT_BACKOFF_SECONDS)
         finally:
             for conn in list(self.conns.values()):
@@ -529,8 +532,9 @@ class _Worker:
                 self._io(conn, conn.pump)
         if self.leading and not server.leads(self):  # the standby took over during a handler
             self._unlead()
-        if self.spare is None and not self.stopping:
-            self.spare = _Connection(server)  # prepared while idle
+        if self.spare is None and not self.stopping and all(c.served and not c.busy
+                                                            for c in self.conns.values()):
+            self.spare = _Connection(server)  # prepared while idle, not while a new client's call is due
         if not self.conns and not self.leading:
             if self.stopping or not server.await_lead(self):
                 self.stopping = True
@@ -604,8 +608,8 @@ class _Worker:
         except (ConnectionResetError, BrokenPipeError):
             conn.closed = True  # the client went away (gRPC clients close without a GOAWAY)
         except TimeoutError:
-            self.server.report("connection-error", error=f"client read nothing for {SEND_TIMEOUT_SECONDS:.0f} "
-                               "s of its answer; connection closed")
+            self.server.report("connection-error", error=f"client read nothing for "
+                               f"{SEND_TIMEOUT_SECONDS:.0f} s of its answer; connection closed")
             conn.closed = True
         except (OSError, h2.exceptions.ProtocolError) as exc:
             self.server.report("connection-error", error=f"{type(exc).__name__}: {exc}")

@@ -77,8 +77,8 @@ def test_changed_disks_ignores_white_space_and_lists_disks_that_come_or_go() -> 
     alias = etree.fromstring(first).find("alias").get("name")
     assert logfmt.changed_disks(xml, xml.replace(b"\n\t\t\t", b"\n    ")) == []
     assert logfmt.changed_disks(xml, xml[:start] + xml[end:]) == [alias]
-    assert logfmt.changed_disks(xml, xml[:start] + first.replace(b"<target ", b"<target  x=\"1\" ") + xml[end:]) \
-        == [alias]
+    edited = first.replace(b"<target ", b'<target  x="1" ')
+    assert logfmt.changed_disks(xml, xml[:start] + edited + xml[end:]) == [alias]
 
 
 def test_the_log_line_is_written_once_the_answer_is_on_its_way() -> None:
@@ -102,8 +102,10 @@ def test_the_log_line_is_written_once_the_answer_is_on_its_way() -> None:
     servicers.answered()
     assert len(stream.getvalue().splitlines()) == 3
     at = S05.xml().index(b">", S05.xml().index(b"<domain")) + 1  # a large domain: written at once
-    large = S05.xml()[:at] + b"<description>" + b"x" * srv.DEFERRED_LOG_BYTES + b"</description>" + S05.xml()[at:]
-    handle(srv.encode_bytes_field(srv.F_DOMAIN_XML, large) + srv.encode_bytes_field(srv.F_VMI, S05.vmi_json()))
+    pad = b"<description>" + b"x" * srv.DEFERRED_LOG_BYTES + b"</description>"
+    large = S05.xml()[:at] + pad + S05.xml()[at:]
+    handle(srv.encode_bytes_field(srv.F_DOMAIN_XML, large)
+           + srv.encode_bytes_field(srv.F_VMI, S05.vmi_json()))
     assert len(stream.getvalue().splitlines()) == 4
     assert json.loads(stream.getvalue().splitlines()[-1])["bytesIn"] == len(large)
 
