@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from diskplan import keys as K
-from diskplan.migration import ANN_MIGRATE_TO
 from diskplan.errors import Malformed, Refused
+from diskplan.migration import ANN_MIGRATE_TO
 from diskplan.plan import Plan, PlanKeys, sign_plan, verify_plan
 from diskplan.policy import Policy, load_policy
 from tests.conftest import ADMISSION, DATA, EXAMPLE_POLICY, ROOT
