@@ -310,9 +310,9 @@ def test_base_edited_while_the_agent_hashes_it_gets_no_entry(tmp_path: Path) -> 
     assert not (cat / K.catalog_entry_name("busy.raw")).exists()
     # the quiet rule: written a moment ago -> left for later (written again here, because the
     # pass above can take longer than the quiet period on a loaded machine)
-    with base.open("r+b") as fh:
-        fh.seek(101 * MiB)
-        fh.write(b"written again")
+    with base.open("r+b") as again:
+        again.seek(101 * MiB)
+        again.write(b"written again")
     assert refresh_catalog(str(lib), str(cat)).settling == ["busy.raw"]
     settle(base)
     assert refresh_catalog(str(lib), str(cat)).hashed == ["busy.raw"]
