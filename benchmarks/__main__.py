@@ -15,7 +15,8 @@ from collections.abc import Sequence
 BENCHMARKS = {"webhook": "benchmarks.webhook_bench", "sidecar": "benchmarks.sidecar_bench",
               "prepare": "benchmarks.prepare_bench", "expand": "benchmarks.expand_bench",
               "node": "benchmarks.node_bench", "capacity": "benchmarks.capacity_bench",
-              "soak": "benchmarks.soak", "qemucheck": "benchmarks.qemu_check_bench"}
+              "soak": "benchmarks.soak", "qemucheck": "benchmarks.qemu_check_bench",
+              "migrate": "benchmarks.migrate_bench"}
 #: run only when named (a soak runs for minutes): not part of ``all``
 ONLY_NAMED = ("soak",)
 

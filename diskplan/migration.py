@@ -377,11 +377,11 @@ DEST_PLACEHOLDER = "staging/"
 # --inplace: written straight into the staging copy, so an interrupted file stays there and is the
 # basis of the next attempt (resume: only what differs moves), and a resume needs no second copy's
 # space; --delete-during: the staging directory ends up exactly the source's file set; --exclude:
-# temporary files (leading dot) stay behind
+# temporary files (leading dot) stay behind; --stats: the bytes that went over the wire
 RSYNC_CLIENT_OPTIONS = ("-rtpogS", "--numeric-ids", "--inplace", "--delete-during", "--exclude=.*",
-                        "--info=progress2", "--no-inc-recursive")
+                        "--info=progress2", "--no-inc-recursive", "--stats")
 _SERVER_SHORT = re.compile(r"^-[ogtprS]+e\.[A-Za-z]*$")
-_SERVER_LONG = ("--delete-during", "--numeric-ids", "--inplace")
+_SERVER_LONG = ("--delete-during", "--numeric-ids", "--inplace", "--stats")
 _BWLIMIT = re.compile(r"^--bwlimit=[1-9][0-9]{0,8}$")  # KiB/s: the agents' --migration-bandwidth
 
 

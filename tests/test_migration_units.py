@@ -345,11 +345,14 @@ def test_the_bridge_moves_both_directions_and_ends_cleanly(tmp_path: Path) -> No
             got["server"] = b"".join(chunks)
             os.close(in_r)
 
-        def writer() -> None:
+        reader = threading.Thread(target=process)
+
+        def writer() -> None:  # as rsync --server: it ends (closes its output) after its input
             _write_all(out_w, down)
+            reader.join(30)
             os.close(out_w)
 
-        threads = [threading.Thread(target=process), threading.Thread(target=writer)]
+        threads = [reader, threading.Thread(target=writer)]
         for t in threads:
             t.start()
         pump(ch, out_r, in_w, until="local")

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from diskplan.errors import Malformed
 from diskplan.migration import parse_reply
-from nodeagent.migrate.bridge import BridgeError, TlsChannel, pump
+from nodeagent.migrate.bridge import BridgeError, TlsChannel, pump, widen_pipe
 from nodeagent.migrate.tlsfiles import PEER_NAME, TlsFiles, TlsFilesError
 
 ENV_CONNECT = "DISKHOOKS_MIGRATE_CONNECT"
@@ -92,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"connector: the target agent refused: {reply.get('error')}", file=sys.stderr)
         channel.sock.close()
         return EXIT_FAILED
+    for fd in (sys.stdin.fileno(), sys.stdout.fileno()):
+        widen_pipe(fd)
     try:
         pump(channel, sys.stdin.fileno(), sys.stdout.fileno(), until="peer", early=rest,
              idle_timeout=IDLE_TIMEOUT)

@@ -28,11 +28,15 @@ _PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
 NO_SPACE = "No space left on device"
 
 
+_SENT = re.compile(r"^Total bytes sent: ([\d,]+)")
+
+
 @dataclass(frozen=True)
 class RsyncResult:
     code: int
     stderr: str
     stopped: bool
+    sent: int | None = None  # bytes rsync sent over the connection (its --stats), when it said
 
     @property
     def no_space(self) -> bool:
@@ -77,6 +81,7 @@ def run_rsync(source_dir: str, *, address: str, port: int, tls_dir: str, request
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, close_fds=True)
     err: list[bytes] = []
+    sent: list[int] = []
     assert proc.stdout is not None and proc.stderr is not None
     out, errs = proc.stdout, proc.stderr
 
@@ -92,9 +97,13 @@ def run_rsync(source_dir: str, *, address: str, port: int, tls_dir: str, request
             pending += chunk
             *lines, pending = re.split(rb"[\r\n]", pending)
             for raw in lines:
-                value = parse_progress(raw.decode(errors="replace"))
+                line = raw.decode(errors="replace")
+                value = parse_progress(line)
                 if value is not None:
                     on_progress(value)
+                sent_match = _SENT.match(line)
+                if sent_match:
+                    sent.append(int(sent_match.group(1).replace(",", "")))
 
     threads = [threading.Thread(target=read_err, daemon=True), threading.Thread(target=read_progress,
                                                                                  daemon=True)]
@@ -111,4 +120,5 @@ def run_rsync(source_dir: str, *, address: str, port: int, tls_dir: str, request
                 proc.terminate()
     for t in threads:
         t.join(5)
-    return RsyncResult(code=code, stderr=b"".join(err).decode(errors="replace")[-2000:], stopped=stopped)
+    return RsyncResult(code=code, stderr=b"".join(err).decode(errors="replace")[-2000:], stopped=stopped,
+                       sent=sent[-1] if sent else None)

@@ -404,6 +404,8 @@ class SourceMigration:
                                 "is removed")
             raise Transient(f"rsync exited with status {result.code}: {tail}")
         self._progress(self.status.total, force=True)
+        self.log.emit("migrate.copied", level="info", namespace=self.namespace, vm=self.name, target=target,
+                      id=self.status.id, files=self.status.total, sent=result.sent)
 
     def _progress(self, value: int, *, force: bool = False) -> None:
         assert self.status is not None

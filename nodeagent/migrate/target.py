@@ -48,7 +48,7 @@ from diskplan.migration import (
 from nodeagent import home as H
 from nodeagent.kube import Kube, describe_error
 from nodeagent.migrate import vmdir
-from nodeagent.migrate.bridge import BridgeError, TlsChannel, pump
+from nodeagent.migrate.bridge import BridgeError, TlsChannel, pump, widen_pipe
 from nodeagent.migrate.tlsfiles import TlsFiles, TlsFilesError
 
 if TYPE_CHECKING:
@@ -322,6 +322,8 @@ class TargetServer:
         argv[0] = self.rsync
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
+        for fd in (in_w, out_r):
+            widen_pipe(fd)
         try:
             proc = subprocess.Popen(argv, stdin=in_r, stdout=out_w, stderr=subprocess.PIPE, cwd=staging,
                                     close_fds=True)

@@ -1,0 +1,283 @@
+"""Cold migration benchmark: the agents' data path against plain rsync of the same file, same run.
+
+Makes a qcow2 of ``--size`` (default 2 GiB) virtual with ``--allocated`` (default 50%) of it written
+with random data (incompressible, in 64 MiB extents spread over the disk), then, ``--rounds`` times
+each, alternating:
+
+(a) **plain rsync**: the same file to an ``rsync --daemon`` on 127.0.0.1 (plaintext, no TLS: the
+    baseline the issue names), with the migration's own rsync options;
+(b) **diskhooks**: the migration's data path as the agents run it: the source's
+    :func:`nodeagent.migrate.rsyncrun.run_rsync` (rsync, ``-e`` the TLS connector) to a
+    :class:`nodeagent.migrate.target.TargetServer` on 127.0.0.3 running its own ``rsync --server``
+    into a staging directory (mutual TLS 1.3 both ways, the real allowlist and bridge). What stands in:
+    the API server check of each request (the benchmark's target answers for the VM itself);
+
+then once the target's verification (``commit``: SHA-256 of the copy, the marker, ``fsync``, the
+rename) on the last copy. Prints each throughput (file bytes per second of wall time), the median
+ratio diskhooks / plain (the issue asks for at least 0.8), the bytes rsync sent against the bytes
+allocated by the image, and the copy's allocation against the source's.
+
+``--holes``: the image's file is written whole and then half of it discarded (qcow2 punches the
+freed clusters out of the file: a sparse file of twice its allocation, as after a guest's discards).
+
+Usage: ``python -m benchmarks migrate [--rounds 3] [--size 2Gi] [--allocated 50] [--holes] [--dir D]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # python benchmarks/migrate_bench.py
+    sys.path.insert(0, str(ROOT))
+
+from diskplan.migration import RSYNC_CLIENT_OPTIONS, FileEntry, WireRequest, request_json
+from diskplan.policy import load_policy
+from hooksidecar.logfmt import JsonLog
+from nodeagent.migrate import vmdir
+from nodeagent.migrate.connector import exchange, open_channel
+from nodeagent.migrate.rsyncrun import run_rsync
+from nodeagent.migrate.target import Refusal, TargetServer
+from nodeagent.migrate.tlsfiles import TlsFiles
+from nodeagent.reconcile import Paths
+from tests.migration_support import make_tls
+
+MiB, GiB = 1 << 20, 1 << 30
+NAMESPACE, VM, UID = "bench", "vm01", "bench-uid-1"
+SOURCE, TARGET = "node-a", "node-b"
+TARGET_ADDRESS = "127.0.0.3"
+EXTENT = 64 * MiB
+_SENT = re.compile(r"Total bytes sent: ([\d,]+)")
+
+
+class BenchTarget(TargetServer):
+    """The real target server; only the API server's answer about the VM is given here."""
+
+    def _vm(self, r: WireRequest) -> Mapping[str, Any]:
+        if (r.namespace, r.vm, r.vm_uid, r.source) != (NAMESPACE, VM, UID, SOURCE):
+            raise Refusal("not the benchmark's VM")
+        return {"metadata": {"uid": UID}}
+
+
+def _size(text: str) -> int:
+    units = {"Gi": GiB, "Mi": MiB, "": 1}
+    match = re.fullmatch(r"(\d+)(Gi|Mi|)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size such as 2Gi or 512Mi")
+    return int(match.group(1)) * units[match.group(2)]
+
+
+def make_image(path: Path, size: int, allocated_pct: int, *, holes: bool) -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
+    chunk = path.with_suffix(".chunk")
+    chunk.write_bytes(os.urandom(EXTENT))
+    extents = size // EXTENT
+    try:
+        wanted: list[int]
+        if holes:
+            wanted = list(range(extents))
+        else:
+            count = max(1, extents * allocated_pct // 100)
+            wanted = sorted({round(i * extents / count) for i in range(count)})
+        commands = []
+        for i in wanted:
+            commands += ["-c", f"write -s {chunk} {i * EXTENT} {EXTENT}"]
+        subprocess.run(["qemu-io", "-f", "qcow2", *commands, str(path)], check=True, capture_output=True)
+        if holes:
+            discard = extents - max(1, extents * allocated_pct // 100)
+            cmds = []
+            for i in range(discard):
+                cmds += ["-c", f"discard {(2 * i + 1) % extents * EXTENT} {EXTENT}"]
+            subprocess.run(["qemu-io", "-f", "qcow2", *cmds, str(path)], check=True, capture_output=True)
+    finally:
+        chunk.unlink()
+
+
+def _allocated(path: Path) -> int:
+    return sum(f.stat().st_blocks * 512 for f in (path.iterdir() if path.is_dir() else [path]) if f.is_file())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Daemon:
+    """A plaintext ``rsync --daemon`` on 127.0.0.1 writing into ``directory`` (the baseline)."""
+
+    def __init__(self, work: Path, directory: Path) -> None:
+        self.port = _free_port()
+        conf = work / "rsyncd.conf"
+        conf.write_text(f"use chroot = no\nuid = {os.getuid()}\ngid = {os.getgid()}\n[dst]\n"
+                        f"path = {directory}\nread only = no\n")
+        self.proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}",
+                                      f"--port={self.port}", "--address=127.0.0.1"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("migrate_bench: rsync --daemon did not start") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def plain_round(source_dir: Path, daemon: Daemon, dest: Path) -> tuple[float, int]:
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    options = [o for o in RSYNC_CLIENT_OPTIONS if not o.startswith("--info")]
+    began = time.perf_counter()
+    out = subprocess.run(["rsync", *options, f"{source_dir}/", f"rsync://127.0.0.1:{daemon.port}/dst/"],
+                         check=True, capture_output=True, text=True)
+    took = time.perf_counter() - began
+    match = _SENT.search(out.stdout)
+    return took, int(match.group(1).replace(",", "")) if match else -1
+
+
+def diskhooks_round(source_dir: Path, server: BenchTarget, tls: TlsFiles, port: int, root: Path,
+                    files: list[FileEntry]) -> tuple[float, int, str]:
+    vmdir.remove_tree(vmdir.staging_dir(str(root), NAMESPACE, VM))
+    vmdir.remove_tree(vmdir.vm_dir(str(root), NAMESPACE, VM))
+    vmdir.remove_file(vmdir.incoming_record(str(root), NAMESPACE, VM))
+    ident = os.urandom(8).hex()
+    _call(tls, port, WireRequest(op="preflight", id=ident, namespace=NAMESPACE, vm=VM, vm_uid=UID,
+                                 source=SOURCE, target=TARGET, files=tuple(files)))
+    wire = {"op": "rsync", "id": ident, "namespace": NAMESPACE, "vm": VM, "vmUID": UID, "source": SOURCE,
+            "target": TARGET}
+    began = time.perf_counter()
+    result = run_rsync(str(source_dir), address=TARGET_ADDRESS, port=port, tls_dir=tls.directory,
+                       request=wire, on_progress=lambda _: None, stop=threading.Event())
+    took = time.perf_counter() - began
+    if result.code != 0:
+        raise SystemExit(f"migrate_bench: the migration's rsync failed ({result.code}): {result.stderr}")
+    return took, result.sent if result.sent is not None else -1, ident
+
+
+def _call(tls: TlsFiles, port: int, request: WireRequest, timeout: float = 600.0) -> dict[str, Any]:
+    channel = open_channel(TARGET_ADDRESS, port, tls)
+    try:
+        reply, _ = exchange(channel, request_json(request), timeout=timeout)
+    finally:
+        channel.sock.close()
+    if not reply.get("ok"):
+        raise SystemExit(f"migrate_bench: {request.op} refused: {reply.get('error')}")
+    return reply
+
+
+def _rate(size: int, seconds: float) -> str:
+    return f"{size / seconds / MiB:7.1f} MiB/s ({seconds:6.2f} s)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks migrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--size", type=_size, default=2 * GiB, help="virtual size of the qcow2 (default 2Gi)")
+    p.add_argument("--allocated", type=int, default=50, help="percent of it written (default 50)")
+    p.add_argument("--holes", action="store_true", help="write it all, then discard the rest (a sparse file)")
+    p.add_argument("--dir", default=None, help="work directory (default: a temporary one; on a disk, not tmpfs)")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    for tool in ("rsync", "qemu-img", "qemu-io"):
+        if shutil.which(tool) is None:
+            print(f"migrate_bench: {tool} is missing (scripts/setup.sh installs it)", file=sys.stderr)
+            return 1
+    work = Path(tempfile.mkdtemp(prefix="migrate-bench-", dir=args.dir))
+    server: BenchTarget | None = None
+    daemon: Daemon | None = None
+    try:
+        source_dir = work / "source"
+        source_dir.mkdir()
+        image = source_dir / "data.qcow2"
+        began = time.perf_counter()
+        make_image(image, args.size, args.allocated, holes=args.holes)
+        file_size, file_alloc = image.stat().st_size, _allocated(image)
+        print(f"image: {args.size / GiB:.1f} GiB virtual, {args.allocated}% written"
+              f"{' then the rest discarded (holes)' if args.holes else ''}: file {file_size / MiB:.0f} MiB, "
+              f"allocated {file_alloc / MiB:.0f} MiB (made in {time.perf_counter() - began:.1f} s)", flush=True)
+        tls_dir = work / "tls"
+        make_tls(tls_dir)
+        tls = TlsFiles(str(tls_dir))
+        host = work / "target-node"
+        root = host / "var/lib/diskhooks/vms"
+        root.mkdir(parents=True)
+        policy = load_policy("hostDisks:\n  root: /var/lib/diskhooks/vms\nsidecar:\n  image: bench\n")
+        log_path = work / "target.log"
+        log_file = open(log_path, "w")  # noqa: SIM115 - open while the server runs
+        server = BenchTarget(node=TARGET, kube=None, policy=lambda: policy,  # type: ignore[arg-type]
+                             paths=Paths(host_prefix=str(host), kubelet_pods_dir="/var/lib/kubelet/pods"),
+                             tls=tls, address=TARGET_ADDRESS, port=0, log=JsonLog(log_file))
+        server.start()
+        daemon_dest = work / "plain-dest"
+        daemon_dest.mkdir()
+        daemon = Daemon(work, daemon_dest)
+        files = vmdir.list_files(str(source_dir))
+        plain: list[float] = []
+        ours: list[float] = []
+        sent_plain = sent_ours = -1
+        ident = ""
+        for i in range(args.rounds):
+            subprocess.run(["sync"], check=False)
+            t, sent_plain = plain_round(source_dir, daemon, daemon_dest)
+            plain.append(t)
+            print(f"round {i + 1}: plain rsync  {_rate(file_size, t)}", flush=True)
+            subprocess.run(["sync"], check=False)
+            t, sent_ours, ident = diskhooks_round(source_dir, server, tls, server.port, root, files)
+            ours.append(t)
+            print(f"round {i + 1}: diskhooks    {_rate(file_size, t)}", flush=True)
+        # the target's verification of the last copy (what a migration adds after the copy)
+        hashed = [FileEntry(f.name, f.size, f.allocated, vmdir.hash_file(f"{source_dir}/{f.name}").sha256)
+                  for f in files]
+        began = time.perf_counter()
+        _call(tls, server.port, WireRequest(op="commit", id=ident, namespace=NAMESPACE, vm=VM, vm_uid=UID,
+                                            source=SOURCE, target=TARGET, files=tuple(hashed)))
+        verify = time.perf_counter() - began
+        moved = Path(vmdir.vm_dir(str(root), NAMESPACE, VM))
+        target_alloc = _allocated(moved)
+        plain_med, ours_med = statistics.median(plain), statistics.median(ours)
+        summary = {
+            "fileBytes": file_size, "allocatedBytes": file_alloc,
+            "plainMiBps": round(file_size / plain_med / MiB, 1), "diskhooksMiBps": round(file_size / ours_med / MiB, 1),
+            "ratio": round(plain_med / ours_med, 3),
+            "sentPlain": sent_plain, "sentDiskhooks": sent_ours,
+            "sentPerAllocated": round(sent_ours / file_alloc, 3) if file_alloc else None,
+            "targetAllocatedPerSource": round(target_alloc / file_alloc, 3) if file_alloc else None,
+            "verifySeconds": round(verify, 2),
+        }
+        print(f"median: plain {_rate(file_size, plain_med)}, diskhooks {_rate(file_size, ours_med)}: "
+              f"ratio {summary['ratio']:.2f} (at least 0.8 wanted)")
+        print(f"bytes sent: diskhooks {sent_ours / MiB:.0f} MiB, plain {sent_plain / MiB:.0f} MiB, for "
+              f"{file_alloc / MiB:.0f} MiB allocated ({summary['sentPerAllocated']}x); copy allocates "
+              f"{target_alloc / MiB:.0f} MiB ({summary['targetAllocatedPerSource']}x the source)")
+        print(f"target verification (SHA-256 of the copy, fsync, rename): {verify:.2f} s")
+        print(json.dumps(summary))
+        return 0
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        if server is not None:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
