@@ -31,21 +31,20 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from diskplan import capacity as C
 from diskplan import keys as K
-from diskplan.plan import DNS_LABEL, DNS_SUBDOMAIN
 from hooksidecar.prepare.files import write_record
 from hooksidecar.prepare.imagefiles import DirScan, HeaderCache, scan_vm_dir
 from nodeagent import home as H
 from nodeagent.events import MAX_NOTE_BYTES, REPORTING_CONTROLLER, WARNING
 from nodeagent.kube import API_TIMEOUT, describe_error
 from nodeagent.nodestatus import NodeStatus
-from nodeagent.scan import MarkerError, MarkerPlace, read_marker
+from nodeagent.scan import MarkerError, MarkerPlace, read_marker, vm_dirs
 
 if TYPE_CHECKING:
     from diskplan.plan import PlanKeys
@@ -60,7 +59,6 @@ VM_CHECK_TTL = 300.0  # how long "this VM exists" is believed for a directory no
 MAX_LOOKUPS = 50  # VM lookups per pass (the rest stay "unknown" until the next)
 SUMMARY_REWRITE = 60.0  # rewrite an unchanged summary this often (prepare sees how fresh it is)
 DEBOUNCE = 0.5  # a poke waits this long for the next, so a burst of events makes one pass
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FINAL_PHASES = ("Succeeded", "Failed")
 
 
@@ -420,40 +418,16 @@ def _figures(account: C.NodeAccount) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # the node's directories (I/O)
 # ------------------------------------------------------------------------------------------------
-def _subdirs(fd: int) -> Iterable[str]:
-    with os.scandir(fd) as entries:
-        return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
-
-
 def scan_root(root: str, cache: HeaderCache | None = None) -> dict[tuple[str, str], DirScan]:
     """Every ``<namespace>/<vm>`` directory under ``root`` (Kubernetes names only; ``.diskhooks``
     and anything else is passed over; no link followed) and what it holds. A missing root holds
     nothing; a directory that cannot be read is passed over."""
     out: dict[tuple[str, str], DirScan] = {}
-    try:
-        root_fd = os.open(root, _DIR_FLAGS)
-    except FileNotFoundError:
-        return out
-    try:
-        for ns in _subdirs(root_fd):
-            if not DNS_LABEL.match(ns):
-                continue
-            try:
-                ns_fd = os.open(ns, _DIR_FLAGS, dir_fd=root_fd)
-            except OSError:
-                continue
-            try:
-                for vm in _subdirs(ns_fd):
-                    if not DNS_SUBDOMAIN.match(vm):
-                        continue
-                    try:
-                        out[(ns, vm)] = scan_vm_dir(dir_fd=ns_fd, name=vm, cache=cache)
-                    except OSError:
-                        continue
-            finally:
-                os.close(ns_fd)
-    finally:
-        os.close(root_fd)
+    for ns, vm, ns_fd in vm_dirs(root):
+        try:
+            out[(ns, vm)] = scan_vm_dir(dir_fd=ns_fd, name=vm, cache=cache)
+        except OSError:
+            continue
     return out
 
 

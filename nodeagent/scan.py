@@ -5,6 +5,8 @@ directory, to the VM's launcher (uid 107), so nothing read here is trusted: only
 that are Kubernetes names are entered (a namespace is a DNS label, a VM a DNS subdomain), no
 symbolic link is followed (``O_NOFOLLOW`` on every component, ``dir_fd``-relative opens), the marker
 must be a regular file and is read with a bound (``diskplan.homemarker.MAX_MARKER_BYTES``).
+:func:`vm_dirs` is that walk of ``<root>/<ns>/<vm>/``, shared with the capacity account
+(``nodeagent.capacity.scan_root``).
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ def _subdirs(fd: int) -> Iterator[str]:
                 yield entry.name
 
 
-def find_markers(root: str) -> Iterator[MarkerPlace]:
-    """Every ``<namespace>/<vm>`` under ``root`` (the node path of ``hostDisks.root``) that holds a
-    ``home.node.json`` entry, in no particular order. A missing ``root`` yields nothing; a
-    directory that cannot be read is passed over."""
+def vm_dirs(root: str) -> Iterator[tuple[str, str, int]]:
+    """Every ``<namespace>/<vm>`` directory under ``root`` whose names are Kubernetes names, sorted,
+    as ``(namespace, vm, ns_fd)``: ``ns_fd`` is the namespace directory's fd (opened with
+    ``O_NOFOLLOW``), valid until the next item; open the VM directory relative to it. No link is
+    followed; a missing ``root`` yields nothing; a namespace directory that cannot be read is passed
+    over."""
     try:
         root_fd = os.open(root, _DIR_FLAGS)
     except FileNotFoundError:
@@ -66,18 +70,25 @@ def find_markers(root: str) -> Iterator[MarkerPlace]:
                 continue
             try:
                 for vm in sorted(_subdirs(ns_fd)):
-                    if not DNS_SUBDOMAIN.match(vm):
-                        continue
-                    try:
-                        st = os.stat(f"{vm}/{K.HOME_MARKER}", dir_fd=ns_fd, follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if stat.S_ISREG(st.st_mode):
-                        yield MarkerPlace(ns, vm)
+                    if DNS_SUBDOMAIN.match(vm):
+                        yield ns, vm, ns_fd
             finally:
                 os.close(ns_fd)
     finally:
         os.close(root_fd)
+
+
+def find_markers(root: str) -> Iterator[MarkerPlace]:
+    """Every ``<namespace>/<vm>`` under ``root`` (the node path of ``hostDisks.root``) that holds a
+    ``home.node.json`` entry, in no particular order. A missing ``root`` yields nothing; a
+    directory that cannot be read is passed over."""
+    for ns, vm, ns_fd in vm_dirs(root):
+        try:
+            st = os.stat(f"{vm}/{K.HOME_MARKER}", dir_fd=ns_fd, follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            yield MarkerPlace(ns, vm)
 
 
 def read_marker(root: str, place: MarkerPlace) -> HomeMarker:
