@@ -433,3 +433,31 @@ def test_the_progress_line() -> None:
     assert line.startswith("Copying     [##........] 512.0 MiB / 2.0 GiB  25%  64.0 MiB/s  ETA 0:24")
     assert eta(s.advanced(rate=0)) == "--" and human(1023) == "1023 B"
     assert "retrying: x" in progress_line(s.advanced(error="retrying: x"))
+
+
+def test_the_target_takes_only_the_agents_certificate_from_a_shared_ca(tmp_path: Path) -> None:
+    """cert-manager's CA Issuer signs the webhook's certificate too: the target lets in only a client
+    whose certificate names diskhooks-node-migration (before anything else is read)."""
+    from hooksidecar.logfmt import JsonLog
+    from nodeagent.migrate.target import TargetServer
+    from nodeagent.reconcile import Paths
+
+    ca = make_tls(tmp_path / "agent")
+    make_tls(tmp_path / "other", name="diskhooks-webhook.diskhooks-system.svc", ca=ca)
+    (tmp_path / "other" / "ca.crt").write_bytes((tmp_path / "agent" / "ca.crt").read_bytes())
+    log_lines = tmp_path / "log"
+    with open(log_lines, "w") as log_file:
+        server = TargetServer(node="node-b", kube=None, policy=lambda: POLICY,  # type: ignore[arg-type]
+                              paths=Paths(host_prefix=str(tmp_path), kubelet_pods_dir="/pods"),
+                              tls=TlsFiles(str(tmp_path / "agent")), address="127.0.0.1", port=0,
+                              log=JsonLog(log_file))
+        server.start()
+        try:
+            channel = connect(server.port, TlsFiles(str(tmp_path / "other")))  # the server's name is fine
+            with pytest.raises(BridgeError):
+                channel.send_all(b'{"op": "abort"}\n')
+                channel.read_line(1000, 10)
+            channel.sock.close()
+        finally:
+            server.stop()
+    assert "not for diskhooks-node-migration" in log_lines.read_text()

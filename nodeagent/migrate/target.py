@@ -49,7 +49,7 @@ from nodeagent import home as H
 from nodeagent.kube import Kube, describe_error
 from nodeagent.migrate import vmdir
 from nodeagent.migrate.bridge import BridgeError, TlsChannel, pump, widen_pipe
-from nodeagent.migrate.tlsfiles import TlsFiles, TlsFilesError
+from nodeagent.migrate.tlsfiles import PEER_NAME, TlsFiles, TlsFilesError, peer_is_agent
 
 if TYPE_CHECKING:
     from diskplan.policy import Policy
@@ -137,6 +137,8 @@ class TargetServer:
             try:
                 channel = TlsChannel(conn, self.tls.server_context(), server_side=True)
                 channel.handshake(HANDSHAKE_TIMEOUT)
+                if not peer_is_agent(channel.obj.getpeercert()):
+                    raise BridgeError(f"the client's certificate is not for {PEER_NAME}")
                 line, rest = channel.read_line(MAX_HEADER_BYTES, HANDSHAKE_TIMEOUT)
             except (BridgeError, TlsFilesError) as exc:
                 self.log.emit("migrate.target.rejected", level="warning", peer=peer, reason=str(exc))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 PEER_NAME = "diskhooks-node-migration"
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
@@ -65,3 +67,13 @@ class TlsFiles:
         ctx = self._context(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = True
         return ctx
+
+
+def peer_is_agent(cert: Mapping[str, Any] | None) -> bool:
+    """Whether a verified peer certificate (``getpeercert()``) names :data:`PEER_NAME`: the CA may
+    sign other certificates too (cert-manager's CA Issuer signs the webhook's), and only the agents'
+    one gets in."""
+    if not cert:
+        return False
+    names = cert.get("subjectAltName") or ()
+    return any(kind == "DNS" and value == PEER_NAME for kind, value in names)
