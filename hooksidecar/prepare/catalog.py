@@ -21,7 +21,6 @@ import datetime
 import errno
 import fcntl
 import os
-import secrets
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,10 +33,12 @@ from diskplan import keys as K
 from diskplan.basecatalog import CatalogEntry
 from diskplan.errors import Malformed
 from hooksidecar.prepare.basehash import hash_fd
+from hooksidecar.prepare.files import TMP_INFIX as _TMP_INFIX
+from hooksidecar.prepare.files import replace_atomically
 
 ENTRY_MODE = 0o644
 LOCK_MODE = 0o600
-TMP_INFIX = ".tmp-"
+TMP_INFIX = _TMP_INFIX  # in the temporary names entries are made under
 #: How long prepare waits for another process (prepare or the agent) hashing the same base: a
 #: minute, plus the time to read the file at 25 MB/s (a holder at a 500m CPU limit on a slow disk).
 #: Past it, prepare hashes the base itself (without the lock, writing no entry).
@@ -111,30 +112,8 @@ def read_entry(catalog_dir: str, file: str) -> tuple[CatalogEntry | None, str | 
 
 def write_entry(catalog_dir: str, entry: CatalogEntry) -> None:
     """Publish ``entry`` atomically (temporary name, flushed, renamed, directory flushed)."""
-    data = basecatalog.entry_json(entry)
-    final = f"{catalog_dir}/{K.catalog_entry_name(entry.file)}"
-    tmp = f"{catalog_dir}/.{K.catalog_entry_name(entry.file)}{TMP_INFIX}{secrets.token_hex(8)}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     ENTRY_MODE)
-        try:
-            os.fchmod(fd, ENTRY_MODE)  # whatever the umask
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(catalog_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    replace_atomically(f"{catalog_dir}/{K.catalog_entry_name(entry.file)}", basecatalog.entry_json(entry),
+                       mode=ENTRY_MODE, seal=lambda fd: os.fchmod(fd, ENTRY_MODE))  # whatever the umask
 
 
 # ------------------------------------------------------------------------------------------------

@@ -51,12 +51,19 @@ def write_record(final: str, data: bytes, *, owner: tuple[int, int] | None) -> N
     ``O_NOFOLLOW``, mode 0660, ``owner`` when given), flushed, renamed over ``final`` atomically,
     then the directory flushed. On failure the temporary file is removed and ``final`` kept."""
     remove_stale_tmp(final)
+    replace_atomically(final, data, mode=IMAGE_MODE, seal=lambda fd: _give_new_fd_to_qemu(fd, owner, final))
+
+
+def replace_atomically(final: str, data: bytes, *, mode: int, seal: Callable[[int], None]) -> None:
+    """Publish ``data`` as ``final``: a new temporary file beside it (``O_EXCL``, ``O_NOFOLLOW``,
+    created with ``mode``), given its mode and owner by ``seal`` (called with the new file's fd
+    before anything is written), flushed, renamed over ``final`` atomically, then the directory
+    flushed. On failure the temporary file is removed and ``final`` kept."""
     tmp = _tmp_name(final)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     IMAGE_MODE)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
-            _give_new_fd_to_qemu(fd, owner, final)
+            seal(fd)
             os.write(fd, data)
             os.fsync(fd)
         finally:
