@@ -20,6 +20,7 @@ from diskplan import keys as K
 from diskplan.errors import Malformed
 from diskplan.homemarker import MAX_MARKER_BYTES, HomeMarker, parse_marker
 from diskplan.plan import DNS_LABEL, DNS_SUBDOMAIN
+from hooksidecar.prepare.files import read_bounded
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -107,12 +108,7 @@ def read_marker(root: str, place: MarkerPlace) -> HomeMarker:
         fds.append(fd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise MarkerError(f"{where}: not a regular file")
-        data = b""
-        while len(data) <= MAX_MARKER_BYTES:
-            chunk = os.read(fd, MAX_MARKER_BYTES + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
+        data = read_bounded(fd, MAX_MARKER_BYTES)
     except FileNotFoundError:
         raise MarkerError(f"{where}: gone") from None
     except OSError as exc:

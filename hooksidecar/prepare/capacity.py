@@ -43,6 +43,7 @@ from diskplan.capacitypolicy import CapacityPolicy
 from diskplan.errors import Malformed
 from diskplan.plan import Plan
 from hooksidecar.prepare.actions import Action, CreateImage, GrowImage, Unchanged
+from hooksidecar.prepare.files import read_bounded
 from hooksidecar.prepare.imagefiles import scan_vm_dir
 
 #: a summary older than this is still used (it is the best figure there is), with a note
@@ -82,12 +83,7 @@ def read_summary(path: str) -> NodeSummary:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise Malformed(K.CAPACITY_SUMMARY, "is not a regular file")
-        data = b""
-        while len(data) <= MAX_SUMMARY_BYTES:
-            chunk = os.read(fd, MAX_SUMMARY_BYTES + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
+        data = read_bounded(fd, MAX_SUMMARY_BYTES)
     finally:
         os.close(fd)
     return parse_summary(data)

@@ -6,6 +6,7 @@ through an fd opened with ``O_NOFOLLOW``, then published without replacing a fil
 meanwhile (records: replaced atomically), and the directory is flushed. Temporary names a killed run
 left beside a file are removed whenever that file is acted on. :func:`hand_to_qemu` gives an
 existing file to qemu's user (107:107, mode 0660 when running as root; mode 0660 only otherwise).
+:func:`read_bounded` reads a small file someone else wrote (a summary, a marker) with a bound.
 """
 
 from __future__ import annotations
@@ -92,6 +93,18 @@ def remove_stale_tmp(final: str) -> None:
                     os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+def read_bounded(fd: int, limit: int) -> bytes:
+    """What ``fd`` holds, read to its end but never more than ``limit + 1`` bytes (one past the
+    limit, so the caller can tell a file that is too large from one that fits)."""
+    data = b""
+    while len(data) <= limit:
+        chunk = os.read(fd, limit + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 class HandoverError(Exception):
