@@ -14,6 +14,9 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
 
 from tests.conftest import ROOT
 
@@ -82,26 +85,35 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_a_demo_stopped_midway_leaves_nothing_running() -> None:
-    """SIGTERM (Ctrl-C in a CI job, a timeout) while the webhook runs: the webhook's whole process
-    group is stopped and the temp directory removed, as the README promises."""
+@contextmanager
+def _demo_ended_by_sigterm() -> Iterator[tuple[subprocess.Popen[str], IO[str]]]:
+    """The demo started as a user would (no ``DISKHOOKS_`` settings; output unbuffered, stderr in
+    stdout): yields it and its output; when the block ends, SIGTERM and a wait for the end (killed
+    instead when the block fails or the demo outlives the wait)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DISKHOOKS_")}
     proc = subprocess.Popen([sys.executable, "-u", "-m", "scripts.demo"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
-        first = proc.stdout.readline()
-        work = first.rsplit("work directory ", 1)[-1].strip()
-        assert work.startswith("/") and "diskhooks-demo-" in work, first
-        for line in proc.stdout:  # wait until the webhook answers
-            if "webhook ready on" in line:
-                break
-        assert _processes_mentioning(work), "the webhook should be running now"
+        yield proc, proc.stdout
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_demo_stopped_midway_leaves_nothing_running() -> None:
+    """SIGTERM (Ctrl-C in a CI job, a timeout) while the webhook runs: the webhook's whole process
+    group is stopped and the temp directory removed, as the README promises."""
+    with _demo_ended_by_sigterm() as (proc, out):
+        first = out.readline()
+        work = first.rsplit("work directory ", 1)[-1].strip()
+        assert work.startswith("/") and "diskhooks-demo-" in work, first
+        for line in out:  # wait until the webhook answers
+            if "webhook ready on" in line:
+                break
+        assert _processes_mentioning(work), "the webhook should be running now"
     assert proc.returncode == 128 + signal.SIGTERM
     assert _processes_mentioning(work) == []
     assert not os.path.exists(work)
@@ -110,26 +122,17 @@ def test_a_demo_stopped_midway_leaves_nothing_running() -> None:
 def test_a_demo_stopped_while_the_vm_runs_leaves_nothing_running() -> None:
     """SIGTERM while the launcher's libvirt starts the domain: the daemon, its QEMU and the webhook
     end, and both temp directories are removed."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISKHOOKS_")}
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "scripts.demo"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()
+    with _demo_ended_by_sigterm() as (proc, out):
+        first = out.readline()
         work = first.rsplit("work directory ", 1)[-1].strip()
         launcher = None
-        for line in proc.stdout:  # the daemon answers; the domain is being started
+        for line in out:  # the daemon answers; the domain is being started
             found = re.search(r"libvirt-runtime/\S+ \((/tmp/dh-lv-\w+)\)", line)
             if found:
                 launcher = found.group(1)
                 break
         assert launcher is not None and work.startswith("/"), first
         assert _processes_mentioning(launcher), "the launcher's libvirt should be running now"
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
     assert _processes_mentioning(work) == []
     assert _processes_mentioning(launcher) == []
