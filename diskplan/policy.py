@@ -8,7 +8,8 @@ ignored setting. It reads no files and no environment: the transport (``webhook/
 reads the file and keeps the last good policy when a new one is refused.
 
 It also names the node agent's identity (``nodeAgent.serviceAccount``): the one user the webhook
-lets set or change a VM's home-node annotation, and how much disk a node may promise
+lets set or change a VM's home-node annotation; KubeVirt's (``kubevirt.controllerServiceAccount``):
+the one user whose launcher Pods get diskhooks' prepare step; and how much disk a node may promise
 (``hostDisks.capacity``: :class:`~diskplan.capacitypolicy.CapacityPolicy`, docs/CAPACITY.md).
 
 What the policy deliberately does not hold: the webhook's ``failurePolicy``, its timeout and the
@@ -41,9 +42,9 @@ SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run
 # An OCI image reference (registry/path:tag or @digest), conservatively.
 IMAGE_REF = re.compile(r"^[a-z0-9]([a-z0-9._:-]*[a-z0-9])?(/[a-z0-9]([a-z0-9._-]*[a-z0-9])?)*"
                        r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?\Z")
-__all__ = ["CapacityPolicy", "DriverDefaults", "HostDiskPolicy", "NodeAgentPolicy", "PassthroughPolicy", "Policy",
-           "Profile", "SidecarPolicy", "SizingPolicy", "image_repository", "load_policy", "parse_overcommit",
-           "parse_reserve"]
+__all__ = ["CapacityPolicy", "DriverDefaults", "HostDiskPolicy", "KubeVirtPolicy", "NodeAgentPolicy",
+           "PassthroughPolicy", "Policy", "Profile", "SidecarPolicy", "SizingPolicy", "image_repository",
+           "load_policy", "parse_overcommit", "parse_reserve", "service_account_username"]
 _CHART_KEYS = {
     "failurePolicy": "the webhook's failurePolicy is set in the Helm chart (values.yaml), "
                      "not in the policy",
@@ -190,6 +191,16 @@ class SidecarPolicy:
         return False
 
 
+def service_account_username(service_account: str | None) -> str | None:
+    """The user name the API server gives a ServiceAccount's requests (the AdmissionReview's
+    ``userInfo.username``): ``<namespace>/<name>`` -> ``system:serviceaccount:<namespace>:<name>``;
+    None for None. ``service_account`` is one the loader accepted."""
+    if service_account is None:
+        return None
+    namespace, name = service_account.split("/")
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
 @dataclass(frozen=True)
 class NodeAgentPolicy:
     """``nodeAgent``: who the node agent (``diskhooks-node``) is.
@@ -204,12 +215,27 @@ class NodeAgentPolicy:
 
     @property
     def username(self) -> str | None:
-        """The user name the API server gives the agent's requests (the AdmissionReview's
-        ``userInfo.username``): ``system:serviceaccount:<namespace>:<name>``; None without one."""
-        if self.service_account is None:
-            return None
-        namespace, name = self.service_account.split("/")
-        return f"system:serviceaccount:{namespace}:{name}"
+        """The agent's user name (:func:`service_account_username`); None without one."""
+        return service_account_username(self.service_account)
+
+
+@dataclass(frozen=True)
+class KubeVirtPolicy:
+    """``kubevirt``: who KubeVirt is.
+
+    - ``controller_service_account`` (``controllerServiceAccount``, ``<namespace>/<name>``, both DNS
+      labels; default none): virt-controller's ServiceAccount, the only user whose virt-launcher
+      Pods (label ``diskhooks.io/managed``) the Pod webhook prepares; a managed Pod anyone else
+      creates is refused. The Helm chart writes ``kubevirt/kubevirt-controller`` by default. Without
+      it the creator is not checked (docs/SECURITY.md).
+    """
+
+    controller_service_account: str | None = None
+
+    @property
+    def username(self) -> str | None:
+        """virt-controller's user name (:func:`service_account_username`); None without one."""
+        return service_account_username(self.controller_service_account)
 
 
 @dataclass(frozen=True)
@@ -217,7 +243,7 @@ class Policy:
     """The whole policy. ``default_profile`` (``defaultProfile``, default none) names a profile
     applied to VMs that have no sizing annotation and set no CPU/memory of their own (nor use an
     instancetype or preference), and likewise to bare VMIs (not made from a VM). ``node_agent``:
-    :class:`NodeAgentPolicy`."""
+    :class:`NodeAgentPolicy`; ``kubevirt``: :class:`KubeVirtPolicy`."""
 
     host_disks: HostDiskPolicy
     passthrough: PassthroughPolicy
@@ -225,6 +251,7 @@ class Policy:
     sidecar: SidecarPolicy
     default_profile: str | None = None
     node_agent: NodeAgentPolicy = field(default_factory=NodeAgentPolicy)
+    kubevirt: KubeVirtPolicy = field(default_factory=KubeVirtPolicy)
 
 
 def image_repository(image: str) -> str:
@@ -245,7 +272,7 @@ def load_policy(text: str) -> Policy:
     if doc is None:
         doc = {}
     top = _Section(doc, "", {"hostDisks", "passthrough", "sizing", "sidecar", "defaultProfile",
-                             "nodeAgent"})
+                             "nodeAgent", "kubevirt"})
     host_disks = _host_disks(top.section("hostDisks", {"root", "imageLibrary", "maxDiskSize",
                                                        "maxTotalPerVM", "defaults", "onlineExpand",
                                                        "capacity"}))
@@ -254,7 +281,10 @@ def load_policy(text: str) -> Policy:
                                             "memoryOvercommitPercent", "maxSockets"}))
     sidecar = _sidecar(top.section("sidecar", {"image", "imagePullPolicy", "allowedImages"},
                                    required=True))
-    node_agent = _node_agent(top.section("nodeAgent", {"serviceAccount"}))
+    node_agent = NodeAgentPolicy(service_account=_service_account(
+        top.section("nodeAgent", {"serviceAccount"}), "serviceAccount"))
+    kubevirt = KubeVirtPolicy(controller_service_account=_service_account(
+        top.section("kubevirt", {"controllerServiceAccount"}), "controllerServiceAccount"))
     default_profile = top.optional_str("defaultProfile")
     if default_profile == "":
         default_profile = None  # the chart renders "" for "none"
@@ -263,7 +293,7 @@ def load_policy(text: str) -> Policy:
         raise Refused("defaultProfile", f"{default_profile!r} is not a profile in sizing.profiles "
                       f"({known})")
     return Policy(host_disks=host_disks, passthrough=passthrough, sizing=sizing, sidecar=sidecar,
-                  default_profile=default_profile, node_agent=node_agent)
+                  default_profile=default_profile, node_agent=node_agent, kubevirt=kubevirt)
 
 
 class _Section:
@@ -489,15 +519,16 @@ def _sidecar(s: _Section) -> SidecarPolicy:
                          allowed_images=allowed)
 
 
-def _node_agent(s: _Section) -> NodeAgentPolicy:
-    value = s.optional_str("serviceAccount")
+def _service_account(s: _Section, key: str) -> str | None:
+    """An optional ``<namespace>/<name>`` of a ServiceAccount at ``key``."""
+    value = s.optional_str(key)
     if value is None:
-        return NodeAgentPolicy()
+        return None
     namespace, slash, name = value.partition("/")
     if not slash or not DNS_LABEL.fullmatch(namespace) or not DNS_LABEL.fullmatch(name):
-        raise Refused(s.where("serviceAccount"), f"{value[:120]!r} is not <namespace>/<name> of a "
-                      "ServiceAccount (both DNS labels: lowercase letters, digits, '-', at most 63)")
-    return NodeAgentPolicy(service_account=value)
+        raise Refused(s.where(key), f"{value[:120]!r} is not <namespace>/<name> of a ServiceAccount "
+                      "(both DNS labels: lowercase letters, digits, '-', at most 63)")
+    return value
 
 
 def _type(value: object) -> str:

@@ -304,6 +304,7 @@ def test_misspelt_key_is_refused(helm: Helm, values: dict[str, Any], named: str)
     ({"planKeys": {"generation": 0}}, "generation"),
     ({"policy": {"hostDisks": {"defaults": {"cache": "writeback"}}}}, "defaults"),  # io native
     ({"policy": {"sizing": {"cpuAllocationRatio": 0.5}}}, "cpuAllocationRatio"),
+    ({"kubevirt": {"controllerServiceAccount": "kubevirt-controller"}}, "controllerServiceAccount"),
 ])
 def test_out_of_range_value_is_refused(helm: Helm, values: dict[str, Any], named: str) -> None:
     out = helm.run("template", RELEASE, str(CHART), values=values)
@@ -815,7 +816,9 @@ def _key_paths(node: Any, prefix: str = "") -> set[str]:
 def test_policy_has_the_example_policy_keys_and_the_sidecar_image(helm: Helm) -> None:
     default = yaml.safe_load(_policy_text(helm.scenario("default")))
     example = yaml.safe_load(EXAMPLE_POLICY.read_text())
-    assert _key_paths(default) == _key_paths(example)
+    # kubevirt.controllerServiceAccount is left out of the example policy on purpose: the recorded
+    # sample reviews were made by a test user, not virt-controller (test_pod_creator.py covers it)
+    assert _key_paths(default) - {"kubevirt.controllerServiceAccount"} == _key_paths(example)
     assert default["sidecar"]["image"] == "ghcr.io/diskhooks/diskhooks-sidecar:0.1.0"
     assert default["sidecar"]["imagePullPolicy"] == "IfNotPresent"
     assert default["defaultProfile"] is None
@@ -1330,6 +1333,22 @@ def test_policy_names_the_node_agent_service_account(helm: Helm) -> None:
     assert out.returncode == 0, out.stderr
     moved = load_policy(yaml.safe_load(out.stdout)["data"]["policy.yaml"])
     assert moved.node_agent.username == "system:serviceaccount:platform-vms:dhk-node"
+
+
+def test_policy_names_kubevirts_controller_unless_switched_off(helm: Helm) -> None:
+    """The default render names KubeVirt's controller ServiceAccount (the only creator of managed
+    launcher Pods, webhook/pod_mutation.py) and the loader accepts it; "" leaves the key out."""
+    from diskplan.policy import load_policy
+
+    text = _policy_text(helm.scenario("default"))
+    assert yaml.safe_load(text)["kubevirt"] == {"controllerServiceAccount": "kubevirt/kubevirt-controller"}
+    assert load_policy(text).kubevirt.username == "system:serviceaccount:kubevirt:kubevirt-controller"
+    cnv = "openshift-cnv/kubevirt-controller"
+    moved = _policy_text(helm.template({"kubevirt": {"controllerServiceAccount": cnv}}))
+    assert load_policy(moved).kubevirt.username == "system:serviceaccount:openshift-cnv:kubevirt-controller"
+    off = _policy_text(helm.template({"kubevirt": {"controllerServiceAccount": ""}}))
+    assert "kubevirt" not in yaml.safe_load(off)
+    assert load_policy(off).kubevirt.username is None
 
 
 def test_node_agent_can_be_switched_off(helm: Helm) -> None:

@@ -93,7 +93,7 @@ class AdmissionRequest:
     obj: Mapping[str, Any] | None
     old_obj: Mapping[str, Any] | None
     dry_run: bool
-    username: str = ""  # userInfo.username: who asks (only the node agent may set the home node)
+    username: str = ""  # userInfo.username: who asks (the node agent's home node, virt-controller's Pods)
 
 
 @dataclass(frozen=True)
@@ -283,7 +283,8 @@ def _dispatch(req: AdmissionRequest, core: Core, *, namespace: str, policy: Poli
     if core == "vmi":
         return mutate_vmi(req.obj, operation=req.operation, namespace=namespace, policy=policy,
                           plan_keys=plan_keys, cluster=cluster)
-    return mutate_pod(req.obj, namespace=namespace, policy=policy, plan_keys=plan_keys)
+    return mutate_pod(req.obj, namespace=namespace, policy=policy, plan_keys=plan_keys,
+                      username=req.username)
 
 
 def _namespace(req: AdmissionRequest) -> str:

@@ -4,11 +4,13 @@ Pure core: a Pod (dict) in, a :class:`~webhook.mutation.Mutation` with a new Pod
 never modified, nothing is read from the environment, no I/O. The admission layer diffs the two.
 
 Only Pods carrying the label ``diskhooks.io/managed: "true"`` are touched (the Pod webhook's
-objectSelector picks exactly those, and fails closed for them). Such a Pod must carry a plan that
-verifies for its namespace and VM (the VMI name KubeVirt puts in the ``kubevirt.io/domain``
-annotation, which is therefore required): the prepare step writes files on the node as root, so a
-hand-made Pod with a forged, edited or borrowed-from-elsewhere plan is refused, never given the
-init container. Then, for a plan with images to prepare:
+objectSelector picks exactly those, and fails closed for them). With the policy's
+``kubevirt.controllerServiceAccount`` set, such a Pod must come from that user (virt-controller): a
+user with Pod ``create`` rights in the namespace gets no hostPath volumes by borrowing a VM's plan.
+Such a Pod must carry a plan that verifies for its namespace and VM (the VMI name KubeVirt puts in
+the ``kubevirt.io/domain`` annotation, which is therefore required): the prepare step writes files
+on the node as root, so a hand-made Pod with a forged, edited or borrowed-from-elsewhere plan is
+refused, never given the init container. Then, for a plan with images to prepare:
 
 - pod volumes ``diskhooks-vm-dir`` (hostPath ``plan.host_dir``, DirectoryOrCreate) and, when a disk
   has a backing base, ``diskhooks-image-library`` (hostPath ``plan.image_library``, Directory) and
@@ -77,17 +79,25 @@ PREPARE_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE"]
 
 
 def mutate_pod(pod: Mapping[str, Any], *, namespace: str, policy: Policy,
-               plan_keys: PlanKeys) -> Mutation:
+               plan_keys: PlanKeys, username: str = "") -> Mutation:
     """The launcher Pod with diskhooks' prepare init container and mounts; see the module doc.
 
-    Raises :class:`Refused` (naming the field) for a managed Pod whose plan does not verify or that
-    lacks what the plan needs; :class:`~diskplan.errors.Malformed` for a plan that is not JSON.
+    ``username`` is who creates the Pod (the AdmissionReview's ``userInfo.username``); with the
+    policy's ``kubevirt.controllerServiceAccount`` set, only that user's managed Pods are prepared.
+    Raises :class:`Refused` (naming the field) for a managed Pod of another creator, whose plan does
+    not verify or that lacks what the plan needs; :class:`~diskplan.errors.Malformed` for a plan
+    that is not JSON.
     """
     out: dict[str, Any] = copy.deepcopy(dict(pod))
     meta = _mapping(out.get("metadata"), "metadata")
     labels = _mapping(meta.get("labels"), "metadata.labels")
     if labels.get(K.LABEL_MANAGED) != K.LABEL_MANAGED_VALUE:
         return Mutation(out)
+    controller = policy.kubevirt.username
+    if controller is not None and username != controller:
+        who = repr(username[:120]) if username else "a request without a user name"
+        raise Refused("request.userInfo.username", f"only KubeVirt's virt-controller ({controller}) "
+                      f"creates virt-launcher Pods that carry a diskhooks plan; {who} may not")
     annotations = _mapping(meta.get("annotations"), "metadata.annotations")
     text = annotations.get(K.ANN_PLAN)
     if not isinstance(text, str) or not text:

@@ -34,6 +34,9 @@ result with the real loader, so the two cannot drift apart unnoticed.
 {{- if .Values.nodeAgent.enabled -}}
 {{- $_ := set $doc "nodeAgent" (dict "serviceAccount" (include "diskhooks.node.serviceAccount" .)) -}}
 {{- end -}}
+{{- with (.Values.kubevirt | default dict).controllerServiceAccount -}}
+{{- $_ := set $doc "kubevirt" (dict "controllerServiceAccount" .) -}}
+{{- end -}}
 {{- toYaml $doc }}
 defaultProfile: {{ if $p.defaultProfile }}{{ $p.defaultProfile | quote }}{{ else }}null{{ end }}
 {{- end -}}
