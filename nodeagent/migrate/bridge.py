@@ -25,6 +25,7 @@ from collections import deque
 from itertools import islice
 
 CHUNK = 1 << 20
+RECORD = 16384  # the most plaintext one TLS record holds: what one SSL read returns at most
 HIGH_WATER = 4 << 20
 WRITEV_CHUNKS = 64
 DRAIN_READS = 16  # reads per readiness event before the loop turns again
@@ -202,6 +203,8 @@ class _Pump:
         self.drained = False  # the last decrypt left nothing inside TLS
         self.sel = selectors.DefaultSelector()
         self.registered: dict[object, int] = {}
+        self.buf = bytearray(CHUNK)  # reads land here (no allocation per read); TLS copies it at once
+        self.view = memoryview(self.buf)
 
     # --- the selector ---------------------------------------------------------------------------
     def _want(self, target: object, events: int) -> None:
@@ -234,7 +237,7 @@ class _Pump:
         self.drained = False
         while len(self.to_out) < HIGH_WATER:
             try:
-                data = self.obj.read(CHUNK)
+                data = self.obj.read(RECORD)  # sized to a record: no 1 MiB allocation per call
             except ssl.SSLWantReadError:
                 self.drained = True  # nothing left inside TLS either
                 return
@@ -277,16 +280,16 @@ class _Pump:
         got = False
         for _ in range(DRAIN_READS):
             try:
-                data = self.sock.recv(CHUNK)
+                n = self.sock.recv_into(self.buf)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 raise BridgeError(f"receiving failed: {exc.strerror or exc}") from None
-            if not data:
+            if not n:
                 self.tcp_eof = True
                 self.ch.incoming.write_eof()
                 break
-            self.ch.incoming.write(data)
+            self.ch.incoming.write(self.view[:n])
             got = True
             if self.ch.incoming.pending >= HIGH_WATER:
                 break
@@ -306,14 +309,14 @@ class _Pump:
         """Take what ``in_fd`` holds (a few reads), encrypt it, send it."""
         for _ in range(DRAIN_READS):
             try:
-                data = os.read(self.in_fd, CHUNK)
+                n = os.readv(self.in_fd, [self.buf])
             except (BlockingIOError, InterruptedError):
                 break
-            if not data:
+            if not n:
                 self.in_open = False
                 break
             try:
-                self.obj.write(data)
+                self.obj.write(self.view[:n])
             except ssl.SSLError as exc:
                 raise BridgeError(f"TLS failed: {exc.reason or exc}") from None
             if self.ch.outgoing.pending + len(self.to_net) >= HIGH_WATER:

@@ -75,7 +75,11 @@ def run_rsync(source_dir: str, *, address: str, port: int, tls_dir: str, request
         argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C",
-           "PYTHONPATH": package_root,
+           "PYTHONPATH": package_root, "PYTHONDONTWRITEBYTECODE": "1",
+           # the connector allocates a buffer per TLS record: keep freed memory instead of giving it
+           # back and faulting it in again (about 100 000 page faults per GiB otherwise)
+           "MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_MMAP_THRESHOLD_": str(256 << 20),
+           "MALLOC_TOP_PAD_": str(64 << 20),
            ENV_CONNECT: json.dumps({"address": address, "port": port, "tlsDir": tls_dir,
                                     "request": dict(request)})}
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
