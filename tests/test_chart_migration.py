@@ -151,13 +151,17 @@ def test_an_existing_secret_is_used_as_it_is(tmp_path: Path) -> None:
     assert not [d for d in docs if "migration" in d["metadata"]["name"]]
 
 
-def test_the_webhook_may_look_up_nodes_and_vmis_and_nothing_more(tmp_path: Path) -> None:
-    docs = render(tmp_path)
-    role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-webhook"))
-    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): r["verbs"] for r in role["rules"]}
-    assert rules[(("",), ("nodes",))] == ["get"]
-    assert rules[(("kubevirt.io",), ("virtualmachineinstances",))] == ["get"]
-    assert all(verbs == ["get"] for verbs in rules.values())
+def test_with_migrations_the_webhook_may_look_up_nodes_and_vmis_and_nothing_more(tmp_path: Path) -> None:
+    def rules(docs: list[dict[str, Any]]) -> dict[tuple[Any, ...], list[str]]:
+        role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-webhook"))
+        return {(tuple(r["apiGroups"]), tuple(r["resources"])): r["verbs"] for r in role["rules"]}
+
+    on = rules(render(tmp_path, *ENABLED))
+    assert on[(("",), ("nodes",))] == ["get"]
+    assert on[(("kubevirt.io",), ("virtualmachineinstances",))] == ["get"]
+    assert all(verbs == ["get"] for verbs in on.values())
+    off = rules(render(tmp_path))  # no migrations: no lookups (a request is refused: 403 on the lookup)
+    assert (("",), ("nodes",)) not in off and (("kubevirt.io",), ("virtualmachineinstances",)) not in off
 
 
 @pytest.mark.parametrize("value, says", [

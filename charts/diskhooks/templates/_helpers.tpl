@@ -100,6 +100,11 @@ app.kubernetes.io/component: node-agent
 {{- printf "%s/%s" .Release.Namespace (include "diskhooks.node.name" .) -}}
 {{- end -}}
 
+{{/* The Secret with the agents' migration TLS files (ca.crt, tls.crt, tls.key). */}}
+{{- define "diskhooks.node.migrationSecretName" -}}
+{{- .Values.nodeAgent.migration.existingSecret | default (printf "%s-migration-tls" (include "diskhooks.node.name" .)) -}}
+{{- end -}}
+
 {{/* ---------------------------------------------------------------- TLS component */}}
 {{- define "diskhooks.tls.secretName" -}}
 {{- printf "%s-webhook-tls" (include "diskhooks.fullname" .) -}}
