@@ -259,3 +259,50 @@ def test_a_peer_with_a_valid_certificate_gets_only_what_the_cluster_asked_for(
         assert reply["ok"] is False and "request.args" in reply["error"], reply
     assert not any(staging.iterdir())
     assert ask("abort")["ok"] is True and not staging.exists()
+
+
+def test_the_command_says_when_no_agent_answers_and_refusals_reach_the_user(migration_setup: Setup,
+                                                                           tmp_path: Path) -> None:
+    """No agent runs: the request is admitted, nothing answers, the command says what may be wrong
+    and gives up at its timeout (exit 1; the request stands). The webhook's refusals reach the user
+    as they are."""
+    import io
+
+    from kubernetes import config
+
+    from nodeagent.migrate.command import Migrate, Vms, parser
+
+    s = migration_setup
+    a, b = sorted(s.nodes)
+    s.create_vm("pg06")
+    s.agent_patch("pg06", {"metadata": {"annotations": {K.ANN_NODE: a}}})
+    api = config.new_client_from_config(config_file=str(s.alice_kubeconfig))
+    try:
+        out = io.StringIO()
+        args = parser().parse_args(["migrate", f"{s.namespace}/pg06", "--to", b, "--timeout", "4"])
+        from nodeagent.migrate.command import CommandError
+
+        with pytest.raises(CommandError, match="timed out after 4 s"):
+            Migrate(Vms(api), args, out, silent_after=1.0).run()
+        assert "no agent has answered" in out.getvalue() and "nodeAgent.migration.enabled" in out.getvalue()
+        assert s.annotations("pg06")["diskhooks.io/migrate-to"] == b
+        other = parser().parse_args(["migrate", f"{s.namespace}/pg06", "--to", a])
+        with pytest.raises(CommandError, match="under way"):
+            Migrate(Vms(api), other, out).run()
+        cancel = parser().parse_args(["migrate", "--cancel", f"{s.namespace}/pg06"])
+        assert Migrate(Vms(api), cancel, out).run() == 0
+        assert "diskhooks.io/migrate-to" not in s.annotations("pg06")
+        nowhere = parser().parse_args(["migrate", f"{s.namespace}/pg06", "--to", "node-nowhere"])
+        with pytest.raises(CommandError, match="no Node named 'node-nowhere'"):  # the webhook's words
+            Migrate(Vms(api), nowhere, out).run()
+        s.alice_patch("pg06", {"spec": {"runStrategy": "Always"}})
+        running = parser().parse_args(["migrate", f"{s.namespace}/pg06", "--to", b])
+        with pytest.raises(CommandError, match="not stopped .*add --stop"):
+            Migrate(Vms(api), running, out).run()
+        stopping = parser().parse_args(["migrate", f"{s.namespace}/pg06", "--to", b, "--stop", "--timeout", "2"])
+        with pytest.raises(CommandError, match="timed out"):  # stopped (no VMI here), asked, no agent
+            Migrate(Vms(api), stopping, out, silent_after=60).run()
+        vm = s.vm("pg06")
+        assert vm["spec"]["runStrategy"] == "Halted" and vm["metadata"]["annotations"]["diskhooks.io/migrate-to"] == b
+    finally:
+        api.close()

@@ -41,6 +41,7 @@ from nodeagent.migrate.options import add_migrate_arguments
 PROG = "kubectl diskhooks"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 POLL = 0.5
+SILENT_AGENT = 60.0  # no status this long after the request: say what may be wrong
 GROUP, VERSION = "kubevirt.io", "v1"
 
 
@@ -143,7 +144,8 @@ def split_name(value: str) -> tuple[str, str]:
 
 class Migrate:
     def __init__(self, vms: Vms, args: argparse.Namespace, out: TextIO, *,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 silent_after: float = SILENT_AGENT) -> None:
         self.vms, self.args, self.out = vms, args, out
         self.clock, self.sleep = clock, sleep
         self.namespace, self.name = split_name(args.vm)
@@ -151,6 +153,7 @@ class Migrate:
         self.tty = bool(getattr(out, "isatty", lambda: False)()) and not args.no_progress
         self._last_line = ""
         self._last_print = 0.0
+        self.silent_after = silent_after
 
     def say(self, text: str) -> None:
         self._end_bar()
@@ -231,6 +234,8 @@ class Migrate:
 
     def _follow(self, target: str, before: MigrationStatus | None) -> int:
         shown_phase = ""
+        asked_at = self.clock()
+        warned = False
         while True:
             vm = self._vm()
             ann = _annotations(vm)
@@ -247,6 +252,11 @@ class Migrate:
                 return EXIT_OK
             elif migrate_to_of(ann) is None and status == before:
                 raise CommandError("the migration request was withdrawn before it started")
+            elif not warned and self.clock() - asked_at > self.silent_after:
+                warned = True
+                self.say(f"no agent has answered for {self.silent_after:.0f} s: is the diskhooks node agent "
+                         f"running on node {home} with migrations on (chart value "
+                         "nodeAgent.migration.enabled)? still waiting")
             left = self._left()
             if left is not None and left <= 0:
                 raise self._timed_out("waiting for the migration")
