@@ -13,12 +13,15 @@ each, alternating:
     the API server check of each request (the benchmark's target answers for the VM itself);
 
 then once the target's verification (``commit``: SHA-256 of the copy, the marker, ``fsync``, the
-rename) on the last copy. Prints each throughput (file bytes per second of wall time), the median
-ratio diskhooks / plain (the issue asks for at least 0.8), the bytes rsync sent against the bytes
-allocated by the image, and the copy's allocation against the source's.
+rename) on the last copy. Prints each throughput (file bytes per second of wall time) and the CPU
+seconds of all the processes of each path (plain: rsync and the daemon; diskhooks: both rsyncs, the
+connector and the target's bridge), the median ratio diskhooks / plain (the issue asks for at least
+0.8), the bytes rsync sent against the bytes allocated by the image, and the copy's allocation
+against the source's.
 
 ``--holes``: the image's file is written whole and then half of it discarded (qcow2 punches the
-freed clusters out of the file: a sparse file of twice its allocation, as after a guest's discards).
+freed clusters out of the file: a sparse file of twice its allocation, as after a guest's discards);
+the source then compresses (zstd, :func:`diskplan.migration.wants_compression`), plain rsync not.
 
 Usage: ``python -m benchmarks migrate [--rounds 3] [--size 2Gi] [--allocated 50] [--holes] [--dir D]``.
 """
@@ -29,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -45,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # python benchmarks/migrate_bench.py
     sys.path.insert(0, str(ROOT))
 
-from diskplan.migration import RSYNC_CLIENT_OPTIONS, FileEntry, WireRequest, request_json
+from diskplan.migration import RSYNC_CLIENT_OPTIONS, FileEntry, WireRequest, request_json, wants_compression
 from diskplan.policy import load_policy
 from hooksidecar.logfmt import JsonLog
 from nodeagent.migrate import vmdir
@@ -143,20 +147,39 @@ class Daemon:
         self.proc.wait(10)
 
 
-def plain_round(source_dir: Path, daemon: Daemon, dest: Path) -> tuple[float, int]:
+def _cpu_children() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_of(pid: int) -> float:
+    """CPU seconds of a process and of its children it has reaped (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def plain_round(source_dir: Path, daemon: Daemon, dest: Path) -> tuple[float, int, float]:
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir()
     options = [o for o in RSYNC_CLIENT_OPTIONS if not o.startswith("--info")]
+    cpu = _cpu_children() + _cpu_of(daemon.proc.pid)
     began = time.perf_counter()
     out = subprocess.run(["rsync", *options, f"{source_dir}/", f"rsync://127.0.0.1:{daemon.port}/dst/"],
                          check=True, capture_output=True, text=True)
     took = time.perf_counter() - began
+    time.sleep(0.2)  # the daemon reaps its connection's process
+    cpu = _cpu_children() + _cpu_of(daemon.proc.pid) - cpu
     match = _SENT.search(out.stdout)
-    return took, int(match.group(1).replace(",", "")) if match else -1
+    return took, int(match.group(1).replace(",", "")) if match else -1, cpu
 
 
 def diskhooks_round(source_dir: Path, server: BenchTarget, tls: TlsFiles, port: int, root: Path,
-                    files: list[FileEntry]) -> tuple[float, int, str]:
+                    files: list[FileEntry]) -> tuple[float, int, str, float]:
     vmdir.remove_tree(vmdir.staging_dir(str(root), NAMESPACE, VM))
     vmdir.remove_tree(vmdir.vm_dir(str(root), NAMESPACE, VM))
     vmdir.remove_file(vmdir.incoming_record(str(root), NAMESPACE, VM))
@@ -165,13 +188,17 @@ def diskhooks_round(source_dir: Path, server: BenchTarget, tls: TlsFiles, port: 
                                  source=SOURCE, target=TARGET, files=tuple(files)))
     wire = {"op": "rsync", "id": ident, "namespace": NAMESPACE, "vm": VM, "vmUID": UID, "source": SOURCE,
             "target": TARGET}
+    cpu = _cpu_children() + _cpu_self()
     began = time.perf_counter()
     result = run_rsync(str(source_dir), address=TARGET_ADDRESS, port=port, tls_dir=tls.directory,
-                       request=wire, on_progress=lambda _: None, stop=threading.Event())
+                       request=wire, on_progress=lambda _: None, stop=threading.Event(),
+                       compress=wants_compression(files))  # as the source agent decides
     took = time.perf_counter() - began
+    time.sleep(0.2)  # the target reaps its rsync --server
+    cpu = _cpu_children() + _cpu_self() - cpu
     if result.code != 0:
         raise SystemExit(f"migrate_bench: the migration's rsync failed ({result.code}): {result.stderr}")
-    return took, result.sent if result.sent is not None else -1, ident
+    return took, result.sent if result.sent is not None else -1, ident, cpu
 
 
 def _call(tls: TlsFiles, port: int, request: WireRequest, timeout: float = 600.0) -> dict[str, Any]:
@@ -233,17 +260,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         files = vmdir.list_files(str(source_dir))
         plain: list[float] = []
         ours: list[float] = []
+        cpu_plain: list[float] = []
+        cpu_ours: list[float] = []
         sent_plain = sent_ours = -1
         ident = ""
         for i in range(args.rounds):
             subprocess.run(["sync"], check=False)
-            t, sent_plain = plain_round(source_dir, daemon, daemon_dest)
+            t, sent_plain, cpu = plain_round(source_dir, daemon, daemon_dest)
             plain.append(t)
-            print(f"round {i + 1}: plain rsync  {_rate(file_size, t)}", flush=True)
+            cpu_plain.append(cpu)
+            print(f"round {i + 1}: plain rsync  {_rate(file_size, t)}, CPU {cpu:5.2f} s", flush=True)
             subprocess.run(["sync"], check=False)
-            t, sent_ours, ident = diskhooks_round(source_dir, server, tls, server.port, root, files)
+            t, sent_ours, ident, cpu = diskhooks_round(source_dir, server, tls, server.port, root, files)
             ours.append(t)
-            print(f"round {i + 1}: diskhooks    {_rate(file_size, t)}", flush=True)
+            cpu_ours.append(cpu)
+            print(f"round {i + 1}: diskhooks    {_rate(file_size, t)}, CPU {cpu:5.2f} s", flush=True)
         # the target's verification of the last copy (what a migration adds after the copy)
         hashed = [FileEntry(f.name, f.size, f.allocated, vmdir.hash_file(f"{source_dir}/{f.name}").sha256)
                   for f in files]
@@ -262,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sentPerAllocated": round(sent_ours / file_alloc, 3) if file_alloc else None,
             "targetAllocatedPerSource": round(target_alloc / file_alloc, 3) if file_alloc else None,
             "verifySeconds": round(verify, 2),
+            "cpuPlainSeconds": round(statistics.median(cpu_plain), 2),
+            "cpuDiskhooksSeconds": round(statistics.median(cpu_ours), 2),
+            "cpus": os.cpu_count(), "loadAverage": os.getloadavg()[0],
         }
         print(f"median: plain {_rate(file_size, plain_med)}, diskhooks {_rate(file_size, ours_med)}: "
               f"ratio {summary['ratio']:.2f} (at least 0.8 wanted)")
@@ -269,6 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{file_alloc / MiB:.0f} MiB allocated ({summary['sentPerAllocated']}x); copy allocates "
               f"{target_alloc / MiB:.0f} MiB ({summary['targetAllocatedPerSource']}x the source)")
         print(f"target verification (SHA-256 of the copy, fsync, rename): {verify:.2f} s")
+        print(f"CPU (all processes of each path, median): plain {summary['cpuPlainSeconds']} s, diskhooks "
+              f"{summary['cpuDiskhooksSeconds']} s; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
         print(json.dumps(summary))
         return 0
     finally:

@@ -27,6 +27,7 @@ from tests.migration_support import (
     file_hashes,
     make_base,
     make_vm_dir,
+    qio,
     run_command,
     sha256_file,
     start_command,
@@ -56,6 +57,9 @@ def test_a_stopped_vm_moves_with_its_disks_to_another_node(migration_setup: Setu
     a, fa, b, fb = two_nodes(s, tmp_path)
     homed_vm(s, agents, "pg01", a, fa)
     source = fa.vm_dir(s.namespace, "pg01")
+    data = source / "data.qcow2"
+    qio(data, f"discard 0 {12 * MiB}", f"discard {256 * MiB} {12 * MiB}")  # a guest's discards: holes
+    assert allocated(source) < 0.75 * sum(f.stat().st_size for f in source.iterdir())  # mostly holes
     before = {f.name: sha256_file(f) for f in source.iterdir()}
     source_allocated = allocated(source)
     total = sum(f.stat().st_size for f in source.iterdir())
@@ -94,7 +98,9 @@ def test_a_stopped_vm_moves_with_its_disks_to_another_node(migration_setup: Setu
     assert marker.node == b and marker.vm == "pg01"
     target_allocated = allocated(target)
     assert abs(target_allocated - source_allocated) <= 0.1 * source_allocated, \
-        (source_allocated, target_allocated)
+        (source_allocated, target_allocated)  # holes stayed holes
+    copied = agent_a.records("migrate.copied")[-1]
+    assert copied["sent"] < 1.1 * source_allocated  # zeros of the holes did not cross (compressed)
     assert not source.exists()  # renamed aside, kept
     assert status["sourceKept"].endswith(kept_dir.name)
     assert not fb.staging(s.namespace, "pg01").exists()

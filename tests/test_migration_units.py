@@ -25,6 +25,7 @@ from diskplan.migration import (
     ANN_MIGRATION_STATUS,
     DEST_PLACEHOLDER,
     RSYNC_CLIENT_OPTIONS,
+    RSYNC_COMPRESS_OPTIONS,
     Base,
     FileEntry,
     MigrationStatus,
@@ -36,6 +37,7 @@ from diskplan.migration import (
     request_json,
     status_json,
     stop_problem,
+    wants_compression,
 )
 from diskplan.policy import load_policy
 from nodeagent.migrate.bridge import BridgeError, TlsChannel, pump
@@ -138,9 +140,15 @@ def server_args_of(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_the_target_accepts_the_source_rsyncs_command_line(tmp_path: Path) -> None:
-    for extra in ((), ("--bwlimit=12288",)):
+    for extra in ((), ("--bwlimit=12288",), RSYNC_COMPRESS_OPTIONS, ("--bwlimit=1", *RSYNC_COMPRESS_OPTIONS)):
         args = server_args_of(tmp_path, *extra)
         assert check_server_args(args, "/staging/vms/pg01") == [*args[:-1], "/staging/vms/pg01/"]
+
+
+def test_only_a_mostly_sparse_directory_is_compressed() -> None:
+    dense = [FileEntry("data.qcow2", 1 << 30, 1 << 30), FileEntry(K.HOME_MARKER, 200, 4096)]
+    holes = [FileEntry("data.qcow2", 1 << 30, 1 << 28), FileEntry(K.HOME_MARKER, 200, 4096)]
+    assert not wants_compression(dense) and wants_compression(holes) and not wants_compression([])
 
 
 @pytest.mark.parametrize("change", [
@@ -150,6 +158,8 @@ def test_the_target_accepts_the_source_rsyncs_command_line(tmp_path: Path) -> No
     lambda a: a.insert(3, "--remove-source-files"),
     lambda a: a.insert(3, "--log-file=/etc/passwd"),
     lambda a: a.insert(3, "--bwlimit=fast"),
+    lambda a: a.insert(3, "--compress-choice=zlib"),
+    lambda a: a.insert(3, "--compress-level=22"),
     lambda a: a.insert(3, "--numeric-ids"),  # twice
     lambda a: a.__setitem__(-1, "/etc/"),  # the destination is the target's choice
     lambda a: a.__setitem__(0, "sh"),

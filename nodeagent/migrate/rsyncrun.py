@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from diskplan.migration import DEST_PLACEHOLDER, RSYNC_CLIENT_OPTIONS
+from diskplan.migration import DEST_PLACEHOLDER, RSYNC_CLIENT_OPTIONS, RSYNC_COMPRESS_OPTIONS
 from nodeagent.migrate.connector import ENV_CONNECT
 
 _PROGRESS = re.compile(r"^\s*([\d,]+)\s+\d+%")
@@ -63,11 +63,14 @@ def parse_progress(line: str) -> int | None:
 
 def run_rsync(source_dir: str, *, address: str, port: int, tls_dir: str, request: Mapping[str, Any],
               on_progress: Callable[[int], None], stop: threading.Event, rsync: str = "rsync",
-              bwlimit_kib: int = 0, poll: float = 0.5) -> RsyncResult:
+              bwlimit_kib: int = 0, compress: bool = False, poll: float = 0.5) -> RsyncResult:
     """Copy ``source_dir``'s content to the target agent; returns rsync's exit status and the end of
     its error output. ``stop`` set: rsync is terminated (``stopped`` in the result).
-    ``bwlimit_kib``: rsync's ``--bwlimit`` (KiB/s; 0: none)."""
+    ``bwlimit_kib``: rsync's ``--bwlimit`` (KiB/s; 0: none). ``compress``: zstd on the wire
+    (:func:`diskplan.migration.wants_compression`)."""
     limit = [f"--bwlimit={bwlimit_kib}"] if bwlimit_kib > 0 else []
+    if compress:
+        limit += RSYNC_COMPRESS_OPTIONS
     argv = [rsync, *RSYNC_CLIENT_OPTIONS, *limit, "-e", connector_command(), f"{source_dir.rstrip('/')}/",
             f"target:{DEST_PLACEHOLDER}"]
     setpriv = shutil.which("setpriv")

@@ -67,6 +67,7 @@ from diskplan.migration import (
     status_json,
     status_of,
     stop_problem,
+    wants_compression,
 )
 from diskplan.plan import is_node_name
 from nodeagent import home as H
@@ -286,7 +287,7 @@ class SourceMigration:
         hasher = threading.Thread(target=hash_all, name="migrate-hash", daemon=True)
         hasher.start()
         try:
-            self._copy(target, source_dir)
+            self._copy(target, source_dir, compress=wants_compression(files))
         finally:
             if self.stopping.is_set():
                 hash_stop.set()
@@ -340,7 +341,7 @@ class SourceMigration:
         return reply
 
     # --- copying -------------------------------------------------------------------------------
-    def _copy(self, target: str, source_dir: str) -> None:
+    def _copy(self, target: str, source_dir: str, *, compress: bool) -> None:
         assert self.status is not None
         self.status = self.status.advanced(phase=COPYING, updated_at=_now_text())
         self._patch_status()
@@ -384,7 +385,8 @@ class SourceMigration:
         try:
             result = run_rsync(source_dir, address=self._address, port=self.settings.port,
                                tls_dir=self.settings.tls.directory, request=wire, on_progress=on_progress,
-                               stop=stop, rsync=self.settings.rsync, bwlimit_kib=self.settings.bwlimit_kib)
+                               stop=stop, rsync=self.settings.rsync, bwlimit_kib=self.settings.bwlimit_kib,
+                               compress=compress)
         finally:
             stop.set()
             watcher.join()
