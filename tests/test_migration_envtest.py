@@ -312,3 +312,82 @@ def test_the_command_says_when_no_agent_answers_and_refusals_reach_the_user(migr
         assert vm["spec"]["runStrategy"] == "Halted" and vm["metadata"]["annotations"]["diskhooks.io/migrate-to"] == b
     finally:
         api.close()
+
+
+def test_a_copy_committed_but_never_handed_over_is_taken_back_or_cleaned_up(
+        migration_setup: Setup, agents: Agents, tmp_path: Path) -> None:
+    """A crash between the target's commit and the source's handover leaves the target's copy in
+    place while the VM stays on the source: the next attempt's preflight takes it back as its
+    staging basis; a copy whose migration ended without the VM coming is removed by housekeeping."""
+    import os
+    import threading
+
+    from hooksidecar.logfmt import JsonLog
+    from nodeagent.kube import Kube, load_client
+    from nodeagent.migrate import vmdir
+    from nodeagent.migrate.service import MigrationConfig, Migrations
+    from nodeagent.reconcile import Paths
+    from webhook.reload import watch_policy
+
+    s = migration_setup
+    a, fa, b, fb = two_nodes(s, tmp_path)
+    homed_vm(s, agents, "pg07", a, fa)
+    source = fa.vm_dir(s.namespace, "pg07")
+    uid = s.vm("pg07")["metadata"]["uid"]
+    s.agent_patch("pg07", {"metadata": {"annotations": {K.ANN_NODE: a}}})
+    s.alice_patch("pg07", {"metadata": {"annotations": {"diskhooks.io/migrate-to": b}}})
+    agent_b = agents.start(b, fb)
+    wait_for("the listener", lambda: agent_b.records("migrate.listening"), 30, agent_b)
+    tls = TlsFiles(str(s.tls_dir))
+    files = tuple(FileEntry(f.name, f.size, f.allocated, vmdir.hash_file(str(f.path)).sha256)
+                  for f in (_entry(p) for p in sorted(source.iterdir())))
+
+    def ask(op: str, ident: str) -> dict[str, Any]:
+        channel = open_channel(s.nodes[b], s.port, tls)
+        try:
+            wire = WireRequest(op=op, id=ident, namespace=s.namespace, vm="pg07", vm_uid=uid, source=a,
+                               target=b, files=files)
+            reply, _ = exchange(channel, request_json(wire), timeout=60)
+            return reply
+        finally:
+            channel.sock.close()
+
+    assert ask("preflight", "aaaaaaaaaaaaaaaa")["ok"]
+    staging = fb.staging(s.namespace, "pg07")
+    for f in source.iterdir():  # the bytes, as rsync would leave them
+        (staging / f.name).write_bytes(f.read_bytes())
+    assert ask("commit", "aaaaaaaaaaaaaaaa")["ok"]
+    live = fb.vm_dir(s.namespace, "pg07")
+    assert live.is_dir() and not staging.exists()
+    # the source never handed over (it crashed); a new attempt (another id) takes the copy back
+    again = ask("preflight", "bbbbbbbbbbbbbbbb")
+    assert again["ok"] and again["staged"] > 0
+    assert staging.is_dir() and not live.exists()
+    assert sorted(p.name for p in staging.iterdir()) == sorted(f.name for f in files)
+
+    # the request is withdrawn and nothing comes back: housekeeping removes the copy
+    s.alice_patch("pg07", {"metadata": {"annotations": {"diskhooks.io/migrate-to": None}}})
+    policy = watch_policy(s.policy)
+    api = load_client(str(s.agent_kubeconfig))
+    lines = tmp_path / "housekeeping.log"
+    with open(lines, "w") as log_file:
+        migrations = Migrations(node=b, kube=Kube(api), policy=policy.get,
+                                paths=Paths(host_prefix=str(fb.prefix), kubelet_pods_dir="/pods"),
+                                log=JsonLog(log_file), stopping=threading.Event(),
+                                config=MigrationConfig(tls_dir=str(s.tls_dir), address="127.0.0.1", port=0,
+                                                       stale_seconds=0.0))
+        try:
+            assert migrations.housekeeping() == {"incoming": 1, "stranded": 0}
+        finally:
+            migrations.server.stop()
+            api.close()
+    assert not staging.exists() and not live.exists()
+    assert not os.path.exists(vmdir.incoming_record(str(fb.root), s.namespace, "pg07"))
+    assert file_hashes(source) == {f.name: f.sha256 for f in files}  # the source untouched throughout
+
+
+def _entry(path: Path) -> Any:
+    from types import SimpleNamespace
+
+    st = path.stat()
+    return SimpleNamespace(name=path.name, size=st.st_size, allocated=st.st_blocks * 512, path=path)

@@ -103,7 +103,8 @@ class TargetServer:
             procs = list(self._procs)
         for p in procs:
             p.terminate()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
