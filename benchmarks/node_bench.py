@@ -331,8 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     assets = os.environ.get(ASSETS_ENV, "")
     if not assets:
         print(f"node_bench: {ASSETS_ENV} is not set: it names the directory with etcd and kube-apiserver "
-              "(controller-runtime's setup-envtest; in this repository: export "
-              "KUBEBUILDER_ASSETS=$(../shared/envtest/setup.sh .tools/envtest))", file=sys.stderr)
+              "(KUBEBUILDER_ASSETS=$(setup-envtest use 1.36 -p path) with controller-runtime's "
+              "setup-envtest; this project's CI unpacks them in .ci/run)", file=sys.stderr)
         return 2
     if os.geteuid() != 0:
         print("node_bench: run as root (it starts a uid-107 libvirt daemon, as the tests do)", file=sys.stderr)

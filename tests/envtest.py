@@ -49,8 +49,8 @@ CRDS = Path(__file__).resolve().parent / "data" / "kubevirt" / "crds" / "kubevir
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 25.0  # the API server can take ~20 s to exit on SIGTERM
 SKIP_REASON = (f"{ASSETS_ENV} is not set: it names a directory with the envtest binaries etcd, "
-               "kube-apiserver and kube-scheduler (controller-runtime's setup-envtest, or in this "
-               "repository: export KUBEBUILDER_ASSETS=$(../shared/envtest/setup.sh .tools/envtest))")
+               "kube-apiserver and kube-scheduler: KUBEBUILDER_ASSETS=$(setup-envtest use 1.36 -p path) "
+               "with controller-runtime's setup-envtest; this project's CI unpacks them in .ci/run)")
 
 
 class EnvtestError(RuntimeError):
