@@ -74,16 +74,23 @@ class Kube:
 
     def get_vm(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The VirtualMachine, or None when it does not exist."""
+        return self._get(VMS, namespace, name)
+
+    def get_vmi(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The VirtualMachineInstance, or None when it does not exist."""
+        return self._get(VMIS, namespace, name)
+
+    def _get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            vm: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, VMS, name, _request_timeout=API_TIMEOUT)
+            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, _request_timeout=API_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return vm
+        return obj
 
     def patch_vm_metadata(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         """Apply a JSON merge patch (``application/merge-patch+json``) to the VM; a

@@ -1,7 +1,7 @@
-"""The few API calls a migration adds to the agent's (:class:`nodeagent.kube.Kube`): a VMI by name
-and a Node's address. Nodes are read with a raw GET (``call_api``): loading ``CoreV1Api`` costs the
-agent ~20 MiB (see :mod:`nodeagent.events`). Grants: ``get`` on ``virtualmachineinstances`` and on
-``nodes`` (the chart's ClusterRole has both).
+"""The API call a migration adds to the agent's (:class:`nodeagent.kube.Kube`, which also reads
+the VMI by name): a Node's address. Nodes are read with a raw GET (``call_api``): loading
+``CoreV1Api`` costs the agent ~20 MiB (see :mod:`nodeagent.events`). Grants: ``get`` on
+``virtualmachineinstances`` and on ``nodes`` (the chart's ClusterRole has both).
 """
 
 from __future__ import annotations
@@ -10,22 +10,9 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
-from nodeagent.kube import API_TIMEOUT, GROUP, VERSION, VMIS, Kube
+from nodeagent.kube import API_TIMEOUT, Kube
 
 ADDRESS_ORDER = ("InternalIP", "ExternalIP")
-
-
-def get_vmi(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        vmi: dict[str, Any] = kube.custom.get_namespaced_custom_object(
-            GROUP, VERSION, namespace, VMIS, name, _request_timeout=API_TIMEOUT)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return vmi
 
 
 def get_node(kube: Kube, name: str) -> dict[str, Any] | None:

@@ -74,7 +74,7 @@ from nodeagent import home as H
 from nodeagent.events import NORMAL, WARNING
 from nodeagent.kube import Conflict, Kube, describe_error
 from nodeagent.migrate import vmdir
-from nodeagent.migrate.cluster import get_node, get_vmi, node_address
+from nodeagent.migrate.cluster import get_node, node_address
 from nodeagent.migrate.connector import ConnectError, exchange, open_channel
 from nodeagent.migrate.rsyncrun import run_rsync
 from nodeagent.migrate.tlsfiles import TlsFiles
@@ -207,7 +207,7 @@ class SourceMigration:
         if problem is not None:
             raise Permanent(f"the VM is not stopped ({problem}); nothing was moved", abort=True)
         try:
-            vmi = get_vmi(self.kube, self.namespace, self.name)
+            vmi = self.kube.get_vmi(self.namespace, self.name)
         except Exception as exc:  # noqa: BLE001
             raise Transient(f"cannot look up the VM's VMI: {describe_error(exc)}") from None
         if vmi is not None:
