@@ -24,7 +24,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from diskplan import keys as K
 from diskplan.homemarker import HomeMarker, marker_json
 from nodeagent.migrate.tlsfiles import PEER_NAME
 from tests.envtest import ControlPlane, free_port
-from tests.node_agent_support import AGENT_NAMESPACE, AGENT_SA, AgentProcess
+from tests.node_agent_support import AGENT_NAMESPACE, AGENT_SA, AgentProcess, start_agent_process
 
 ROOT = Path(__file__).resolve().parent.parent
 VMS_ROOT = "/var/lib/diskhooks/vms"
@@ -463,18 +462,7 @@ class Agents:
                 "--metrics-port", "0", "--plan-keys-dir", str(s.keys_dir),
                 "--migration-tls-dir", str(tls_dir or s.tls_dir), "--migration-address", s.nodes[node],
                 "--migration-port", str(s.port), *extra]
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        lines: list[str] = []
-        assert proc.stderr is not None
-        stream = proc.stderr
-
-        def pump() -> None:
-            for line in stream:
-                lines.append(line.rstrip("\n"))
-
-        threading.Thread(target=pump, daemon=True).start()
-        agent = AgentProcess(proc, lines, node)
+        agent = start_agent_process(argv, env, node, new_session=True)
         self.started.append(agent)
         return agent
 

@@ -323,8 +323,14 @@ def spawn_agent(setup: AgentSetup, node: str, *, host_prefix: Path | None = None
             "--metrics-port", "0", "--plan-keys-dir", str(setup.keys_dir)]
     if kubelet_pods_dir is not None:
         argv += ["--kubelet-pods-dir", kubelet_pods_dir]
+    return start_agent_process(argv, env, node)
+
+
+def start_agent_process(argv: list[str], env: dict[str, str], node: str, *,
+                        new_session: bool = False) -> AgentProcess:
+    """Start an agent command line, its stderr lines collected by a thread."""
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=new_session)
     lines: list[str] = []
     assert proc.stderr is not None
     stream = proc.stderr
