@@ -12,6 +12,7 @@ import ssl
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +390,58 @@ def test_the_bridge_moves_both_directions_and_ends_cleanly(tmp_path: Path) -> No
     t.join(10)
     assert not errors
     assert b"".join(chunks) == down and got["server"] == up
+
+
+def test_the_bridge_half_closes_only_when_nothing_is_in_flight(tmp_path: Path) -> None:
+    """Our side's input ends while the peer's records still wait, undecrypted, in the TLS object's
+    input (the output pipe is slow): sending close_notify then (OpenSSL reads on for the peer's
+    close_notify and drops the records it meets) lost data and broke the stream. The half-close
+    waits until what arrived is decrypted."""
+    ca = make_tls(tmp_path / "a")
+    make_tls(tmp_path / "b", ca=ca)
+    down = os.urandom(12 << 20)
+    sent = threading.Event()
+
+    def server(ch: TlsChannel) -> None:  # sends everything at once, then ends after the client
+        out_r, out_w = os.pipe()
+        in_r, in_w = os.pipe()
+        def write() -> None:
+            _write_all(out_w, down)
+            sent.set()
+            os.close(out_w)
+
+        writer = threading.Thread(target=write)
+        drain = threading.Thread(target=lambda: list(iter(lambda: os.read(in_r, 65536), b"")))
+        writer.start()
+        drain.start()
+        pump(ch, out_r, in_w, until="local")
+        os.close(out_r)
+        writer.join(10)
+        drain.join(10)
+        os.close(in_r)
+
+    port, t, errors = serve_once(TlsFiles(str(tmp_path / "a")), server)
+    channel = connect(port, TlsFiles(str(tmp_path / "b")))
+    c_in_r, c_in_w = os.pipe()
+    os.close(c_in_w)  # nothing to send: our input ends at once
+    c_out_r, c_out_w = os.pipe()
+    chunks: list[bytes] = []
+
+    def slow_reader() -> None:
+        sent.wait(10)
+        time.sleep(0.3)  # the records pile up in the socket and in TLS's input meanwhile
+        chunks.extend(iter(lambda: os.read(c_out_r, 65536), b""))
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    time.sleep(0.3)  # the first records are in our socket before the loop starts
+    pump(channel, c_in_r, c_out_w, until="peer", idle_timeout=20)
+    reader.join(20)
+    t.join(20)
+    os.close(c_in_r)
+    os.close(c_out_r)
+    assert not errors
+    assert b"".join(chunks) == down
 
 
 def _write_all(fd: int, data: bytes) -> None:

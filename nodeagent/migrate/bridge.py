@@ -8,8 +8,8 @@ everything: socket -> decrypt -> ``out_fd``, ``in_fd`` -> encrypt -> socket, nev
 one side while the other has work. Each direction buffers at most :data:`HIGH_WATER` bytes before it
 stops reading (backpressure).
 
-End of stream: when ``in_fd`` ends, the loop sends TLS ``close_notify`` and shuts the socket's
-write side (TLS 1.3 half-close); when the peer's ``close_notify`` arrives, ``out_fd`` is closed.
+End of stream: when ``in_fd`` ends and the peer's records that arrived are decrypted, the loop
+sends TLS ``close_notify`` and shuts the socket's write side (TLS 1.3 half-close); when the peer's ``close_notify`` arrives, ``out_fd`` is closed.
 The loop ends when both directions are done. A TCP end without ``close_notify`` (a truncation) is
 an error (:class:`BridgeError`), never a clean end.
 """
@@ -31,6 +31,7 @@ WRITEV_CHUNKS = 64
 DRAIN_READS = 16  # reads per readiness event before the loop turns again
 PIPE_SIZE = 1 << 20  # asked for the pipes to and from rsync (F_SETPIPE_SZ; best effort)
 HANDSHAKE_TIMEOUT = 20.0
+LINGER = 10.0  # "local": how long our side waits for the peer's end after its own
 
 
 class BridgeError(Exception):
@@ -176,7 +177,8 @@ def pump(channel: TlsChannel, in_fd: int, out_fd: int, *, until: str, early: byt
     (rsync's client side, as ssh does: over when the peer's stream ended and all of it is written
     to ``out_fd``; the client rsync waits for its remote shell to exit before it closes its own
     end) or ``"local"`` (the server side: over when ``in_fd`` ended, i.e. ``rsync --server``
-    exited, and everything is sent with ``close_notify``). ``early``: bytes already decrypted (read
+    exited, and everything is sent with ``close_notify``; it then waits up to :data:`LINGER` for
+    the peer's end before it returns). ``early``: bytes already decrypted (read
     with the header line) that go to ``out_fd`` first. Closes ``out_fd``; ``in_fd`` is left to the
     caller. Raises :class:`BridgeError`."""
     _Pump(channel, in_fd, out_fd, until=until, early=early).run(idle_timeout)
@@ -201,6 +203,7 @@ class _Pump:
         self.shut_wr = False
         self.tcp_eof = False
         self.drained = False  # the last decrypt left nothing inside TLS
+        self.linger_until: float | None = None  # "local": when to stop waiting for the peer's end
         self.sel = selectors.DefaultSelector()
         self.registered: dict[object, int] = {}
         self.buf = bytearray(CHUNK)  # reads land here (no allocation per read); TLS copies it at once
@@ -329,7 +332,7 @@ class _Pump:
         if not self.net_open and not self.to_out and not self.out_closed:
             os.close(self.out_fd)
             self.out_closed = True
-        if not self.in_open and not self.to_net and not self.shut_wr:
+        if not self.in_open and not self.to_net and not self.shut_wr and self._nothing_in_flight():
             try:
                 self.obj.unwrap()
             except (ssl.SSLWantReadError, ssl.SSLError):
@@ -345,7 +348,26 @@ class _Pump:
             if not self.shut_wr:
                 _goodbye(self.ch)
             return True
-        return self.until == "local" and self.shut_wr
+        if self.until == "local" and self.shut_wr:
+            # Over once the peer has ended too (or stayed silent for LINGER): a socket closed
+            # before the peer's close_notify is read would answer it with a reset, and a reset
+            # throws away what the peer has not read yet of our stream.
+            if self.linger_until is None:
+                self.linger_until = time.monotonic() + LINGER
+            return not self.net_open or time.monotonic() >= self.linger_until
+        return False
+
+    def _nothing_in_flight(self) -> bool:
+        """True when the TLS object holds no undecrypted bytes. Our ``close_notify`` must wait for
+        that: sending it (``SSL_shutdown``) makes OpenSSL read on for the peer's ``close_notify``
+        and fail on (and drop) the application records it meets, so the rest of the peer's stream
+        would be lost. A partial record is no harm: OpenSSL has taken it out of the buffer, and
+        ``SSL_read`` goes on with it after the half-close."""
+        if not self.net_open:
+            return True  # the peer's close_notify is in: OpenSSL reads nothing more
+        if self.ch.incoming.pending:
+            self._decrypt()
+        return not self.ch.incoming.pending
 
     def run(self, idle_timeout: float | None) -> None:
         os.set_blocking(self.in_fd, False)
@@ -357,8 +379,14 @@ class _Pump:
                 self._arm()
                 if not self.registered:
                     raise BridgeError("nothing left to wait for")  # never spin
-                events = self.sel.select(idle_timeout)
+                timeout = idle_timeout
+                if self.linger_until is not None:
+                    left = max(0.0, self.linger_until - time.monotonic())
+                    timeout = left if timeout is None else min(timeout, left)
+                events = self.sel.select(timeout)
                 if not events:
+                    if self.linger_until is not None:
+                        continue  # _finish_states ends it
                     raise BridgeError(f"no data moved for {idle_timeout:.0f} s")
                 for key, mask in events:
                     if key.fileobj is self.sock:
