@@ -21,8 +21,10 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Generator
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -48,8 +50,14 @@ if PROFILE not in ("ci", "long"):
     raise ValueError(f"DISKHOOKS_FUZZ={PROFILE!r}: use ci (the default) or long")
 settings.load_profile(PROFILE)
 
-#: inputs run per target group in this process (what the session summary prints)
+#: inputs run per target group in this process
 COUNTS: Counter[str] = Counter()
+#: inputs run per target group as the test reports tell it (what the session summary prints): with
+#: parallel workers (pytest-xdist) the counting happens in the workers, and each test's report
+#: carries its own count back to the controller as a user property
+REPORTED: Counter[str] = Counter()
+_SEEN: Counter[str] = Counter()
+PROPERTY = "fuzz_inputs"
 GROUPS = ("parsers", "admission", "pod", "domain")
 
 
@@ -246,12 +254,29 @@ def plans(
 # ------------------------------------------------------------------------------------------------
 # the session summary
 # ------------------------------------------------------------------------------------------------
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not COUNTS:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Generator[None, Any, None]:
+    outcome = yield
+    if call.when != "call":
         return
-    line = ", ".join(f"{g} {COUNTS[g]}" for g in GROUPS if COUNTS[g])
+    new = COUNTS - _SEEN
+    if new:
+        _SEEN.update(new)
+        outcome.get_result().user_properties.append((PROPERTY, dict(new)))
+
+
+def pytest_runtest_logreport(report: Any) -> None:
+    for name, value in report.user_properties:
+        if name == PROPERTY:
+            REPORTED.update(value)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not REPORTED:
+        return
+    line = ", ".join(f"{g} {REPORTED[g]}" for g in GROUPS if REPORTED[g])
     terminalreporter.write_line(f"fuzz inputs run (profile {PROFILE}): {line}")
     report = os.environ.get("DISKHOOKS_FUZZ_REPORT")
     if report:
         with open(report, "w", encoding="utf-8") as fh:
-            json.dump({"profile": PROFILE, "inputs": dict(COUNTS)}, fh, indent=1, sort_keys=True)
+            json.dump({"profile": PROFILE, "inputs": dict(REPORTED)}, fh, indent=1, sort_keys=True)

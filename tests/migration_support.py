@@ -342,7 +342,7 @@ def _webhook(work: Path, policy: Path, keys: Path, nodes: dict[str, str]) -> tup
     proc = subprocess.Popen(
         [sys.executable, "-m", "webhook.cli", "serve", "--config", str(policy), "--self-signed",
          "--tls-dir", str(tls), "--bind-address", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--plan-keys-dir", str(keys), "--cluster-objects", str(objects)],
+         "--plan-keys-dir", str(keys), "--cluster-objects", str(objects), "--drain-seconds", "0"],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while not (tls / "ca.crt").exists():
