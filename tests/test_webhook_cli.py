@@ -103,6 +103,24 @@ def test_dry_run_denial_exits_1_with_the_reason(tmp_path: Path) -> None:
     assert "diskhooks.io/disks[0].size" in out.stderr
 
 
+def test_dry_run_as_the_node_agent_may_set_the_home_node(tmp_path: Path, keys_dir: Path) -> None:
+    """``--as`` puts a userInfo.username in the review: the home-node annotation is the node agent's
+    alone, so a manifest carrying it is denied for nobody in particular and admitted as the agent."""
+    obj: dict[str, Any] = json.loads((ADMISSION / "vm-create.json").read_text())["request"]["object"]
+    obj["metadata"]["annotations"][K.ANN_NODE] = "node-a"
+    path = tmp_path / "vm.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    agent = "system:serviceaccount:diskhooks-system:diskhooks-node"  # examples/policy.yaml's nodeAgent
+    denied = run("dry-run", "--config", EXAMPLE_POLICY, "--plan-keys-dir", keys_dir, path)
+    assert denied.returncode == 1 and f"metadata.annotations[{K.ANN_NODE}]: only the diskhooks node agent" in denied.stderr
+    other = run("dry-run", "--config", EXAMPLE_POLICY, "--plan-keys-dir", keys_dir, "--as", "alice", path)
+    assert other.returncode == 1 and f"metadata.annotations[{K.ANN_NODE}]: only the diskhooks node agent" in other.stderr
+    admitted = run("dry-run", "--config", EXAMPLE_POLICY, "--plan-keys-dir", keys_dir, "--as", agent, path)
+    assert admitted.returncode == 0, admitted.stderr
+    vm = yaml.safe_load(admitted.stdout)
+    assert vm["metadata"]["labels"][K.LABEL_NODE] == "node-a"
+
+
 def test_dry_run_denies_a_vmi_running_other_code_with_the_diskhooks_image(tmp_path: Path) -> None:
     entry = {"image": SIDECAR_IMAGE, "command": ["python3", "-c", "import os; os.system('id')"]}
     vmi = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",

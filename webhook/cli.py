@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     dry.add_argument("--plan-keys-dir", type=Path, metavar="DIR",
                      help="plan keys (to verify plans already on the object, and sign with the "
                           "real key); default: an ephemeral key")
+    dry.add_argument("--as", dest="as_user", default="", metavar="USERNAME",
+                     help="who asks, as the API server would say in userInfo.username (e.g. "
+                          "system:serviceaccount:diskhooks-system:diskhooks-node to try what the node "
+                          "agent may change); default: nobody in particular")
     dry.add_argument("--show-patch", action="store_true",
                      help="print the JSONPatch (as the API server would get it) instead of the object")
     return parser
@@ -167,15 +171,15 @@ def dry_run(args: argparse.Namespace) -> int:
     plan_keys = _dry_run_keys(args.plan_keys_dir)
     cluster = _make_cluster(args.cluster_objects, in_cluster=False)
 
-    review = {
-        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-        "request": {
-            "uid": "dry-run", "kind": {"group": "kubevirt.io", "version": "v1", "kind": kind},
-            "namespace": namespace, "name": str(meta.get("name", "")),
-            "operation": "UPDATE" if old is not None else "CREATE",
-            "object": obj, "oldObject": old, "dryRun": True,
-        },
+    request: dict[str, Any] = {
+        "uid": "dry-run", "kind": {"group": "kubevirt.io", "version": "v1", "kind": kind},
+        "namespace": namespace, "name": str(meta.get("name", "")),
+        "operation": "UPDATE" if old is not None else "CREATE",
+        "object": obj, "oldObject": old, "dryRun": True,
     }
+    if args.as_user:
+        request["userInfo"] = {"username": args.as_user}
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": request}
     try:
         outcome = admit(review, route="mutate", policy=policy, plan_keys=plan_keys, cluster=cluster)
     except Malformed as exc:
