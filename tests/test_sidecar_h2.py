@@ -34,6 +34,7 @@ from hooksidecar import h2grpc
 from hooksidecar import server as srv
 from hooksidecar._pb import v1alpha3_pb2
 from hooksidecar.h2grpc import H2GrpcServer, RpcStatus, StatusCode
+from hooksidecar.h2grpc.connection import Outgoing
 from tests.conftest import ROOT
 from tests.test_sidecar_server import (
     PLAN_TEXT,
@@ -412,7 +413,7 @@ def test_percent_encode() -> None:
 def test_outgoing_chunks_rebuild_the_framed_message() -> None:
     """The answer is sent without copying it behind its prefix: any chunking gives the same bytes."""
     for size in (1, 2, 4, 5, 6, 7, 1000):
-        out = h2grpc._Outgoing(b"abcdefghij", 0, [])
+        out = Outgoing(b"abcdefghij", 0, [])
         pieces = []
         while out.offset < out.total:
             piece = out.chunk(size)

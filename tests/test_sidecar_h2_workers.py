@@ -25,7 +25,7 @@ import h2.settings
 import pytest
 
 from hooksidecar import h2grpc
-from hooksidecar.h2grpc import H2GrpcServer
+from hooksidecar.h2grpc import H2GrpcServer, limits
 from tests.test_sidecar_h2 import RawClient
 
 
@@ -162,7 +162,7 @@ def test_a_client_that_does_not_read_its_answer_holds_nobody_else(
     """The leader blocked sending an answer the client does not read (its windows let the server
     send it all, more than the socket buffers hold): a client that comes meanwhile is served by the
     standby, and the stuck connection is dropped after the send timeout."""
-    monkeypatch.setattr(h2grpc, "SEND_TIMEOUT_SECONDS", 3.0)
+    monkeypatch.setattr(limits, "SEND_TIMEOUT_SECONDS", 3.0)
     server, path, _ = served
     reports: list[dict[str, object]] = []
     monkeypatch.setattr(server, "report", lambda event, **fields: reports.append({"event": event, **fields}))

@@ -1,0 +1,331 @@
+"""One client connection of :class:`~hooksidecar.h2grpc.server.H2GrpcServer`: the ``h2`` state and
+the gRPC calls on it (requests buffered within bounds, handlers run inline, answers sent within the
+peer's flow-control windows, idle and stalled connections closed)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from hooksidecar.h2grpc import limits
+from hooksidecar.h2grpc.grpcwire import (
+    PREFIX_BYTES,
+    RESPONSE_HEADERS,
+    Handler,
+    RpcStatus,
+    StatusCode,
+    check_prefix,
+    is_grpc_content_type,
+    status_headers,
+    unframe_request,
+)
+
+if TYPE_CHECKING:
+    from hooksidecar.h2grpc.server import H2GrpcServer
+
+
+@dataclass
+class Stream:
+    path: str
+    handler: Handler | None
+    body: bytearray = field(default_factory=bytearray)
+    expected: int | None = None  # message length once the prefix arrived
+
+
+@dataclass
+class Outgoing:
+    data: bytes  # the message, without its prefix (not copied to prepend the 5 bytes)
+    offset: int  # counts the prefix: 0..PREFIX_BYTES are prefix bytes
+    trailers: list[tuple[bytes, bytes]]
+
+    @property
+    def total(self) -> int:
+        return PREFIX_BYTES + len(self.data)
+
+    def chunk(self, size: int) -> bytes:
+        """The next ``size`` bytes of prefix + message."""
+        if self.offset < PREFIX_BYTES:
+            head = b"\x00" + len(self.data).to_bytes(4, "big")
+            return (head[self.offset:] + self.data[:size - (PREFIX_BYTES - self.offset)])[:size]
+        start = self.offset - PREFIX_BYTES
+        return self.data[start:start + size]
+
+
+class Connection:
+    """One client connection: the ``h2`` state and the calls on it. The worker that holds it
+    (:class:`Worker`) waits for its socket and calls :meth:`receive` (handlers run inline, there)
+    and, at every turn, :meth:`pump`.
+
+    Made before a client arrives: building an ``h2`` connection and its opening SETTINGS costs about
+    as much as answering the request and is the same for every client, so a worker prepares the
+    next one while it is idle, and a client that connects gets the server preface at once.
+    """
+
+    sock: socket.socket
+
+    def __init__(self, server: H2GrpcServer) -> None:
+        self.server = server
+        # outbound validation and normalisation are off: every header block sent here is one of
+        # ours (constant names and values, a status number, a percent-encoded printable ASCII
+        # message). Inbound headers, the client's, are validated as by default.
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                           validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.MAX_STREAMS,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.WINDOW_BYTES,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.MAX_HEADER_LIST_BYTES,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        })
+        self.h2.initiate_connection()  # queued: sent as soon as a client is there
+        self.h2.increment_flow_control_window(limits.WINDOW_BYTES - 65535)
+        self.streams: dict[int, Stream] = {}
+        self.buffered = 0  # request bytes held across self.streams
+        self.outgoing: dict[int, Outgoing] = {}
+        self.stopping = False
+        self.closed = False
+        self.handled = False  # a handler ran in this receive()
+        self.served = False  # a handler ran on this connection
+        self.last_busy = self.last_heard = 0.0
+
+    def attach(self, sock: socket.socket) -> None:
+        """Take the accepted client ``sock`` and send it the server preface."""
+        self.sock = sock
+        self.last_busy = self.last_heard = time.monotonic()
+        if sock.gettimeout() is not None:
+            sock.setblocking(True)  # recv only runs when readable; see _send for sends
+        self._send()
+
+    @property
+    def busy(self) -> bool:
+        """A call is open: a request being received or an answer waiting for flow-control room."""
+        return bool(self.streams or self.outgoing)
+
+    def pump(self) -> None:
+        """Send what is ready; close an idle connection that is stopping or idle for too long, and
+        one whose client stalled in the middle of a call."""
+        if self.outgoing:
+            self._flush_outgoing()
+        self._send()
+        now = time.monotonic()
+        if self.busy:
+            self.last_busy = now
+            if now - self.last_heard >= limits.IDLE_SECONDS:  # a request or a WINDOW_UPDATE that does not come
+                self.server.report("connection-error", error=f"client stalled for {limits.IDLE_SECONDS:.0f} s "
+                                   "in the middle of a call; connection closed")
+                self.goaway()
+        elif self.stopping or now - self.last_busy >= limits.IDLE_SECONDS:
+            self.goaway()
+
+    def deadline(self) -> float:
+        """When :meth:`pump` may have something to close (``time.monotonic()``); it also runs after
+        every :meth:`receive`, and once the stop began."""
+        return (self.last_heard if self.busy else self.last_busy) + limits.IDLE_SECONDS
+
+    def receive(self) -> None:
+        """Read what the client sent (the socket is readable), run the calls it completes, send
+        their answers, then call the server's ``answered``."""
+        self.last_heard = time.monotonic()
+        self.handled = False
+        try:
+            self._receive()
+            if self.handled:
+                self.last_busy = time.monotonic()  # idle from now on, not since it last waited
+                self.served = True
+            if not self.closed:
+                self.pump()
+        finally:
+            if self.handled and self.server.answered is not None:
+                self.server.answered()
+
+    def _send(self) -> None:
+        """Send what h2 has queued: at once when the socket buffer has room (an answer of a few KiB
+        always does), else within ``limits.SEND_TIMEOUT_SECONDS``, the server's bell rung meanwhile."""
+        data = self.h2.data_to_send()
+        if not data:
+            return
+        try:
+            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            with self.server.bell():
+                self.sock.settimeout(limits.SEND_TIMEOUT_SECONDS)  # the whole rest, not each send
+                try:
+                    self.sock.sendall(memoryview(data)[sent:])
+                finally:
+                    self.sock.setblocking(True)
+
+    def goaway(self) -> None:
+        try:
+            self.h2.close_connection()
+            self._send()
+        except (OSError, h2.exceptions.ProtocolError):
+            pass
+        self.closed = True
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _receive(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            self.closed = True
+            return
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._send()  # h2 queued the GOAWAY that names the error
+            self.server.report("connection-error", error=f"HTTP/2 protocol error: {exc}")
+            self.closed = True
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self._on_headers(event)
+            elif isinstance(event, h2.events.DataReceived):
+                self._on_data(event)
+            elif isinstance(event, h2.events.StreamEnded):
+                self._on_end(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self._drop(event.stream_id or 0)
+                self.outgoing.pop(event.stream_id, None)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.closed = True
+            # PING, SETTINGS, WINDOW_UPDATE, PRIORITY: h2 answers or accounts for them itself
+
+    # -- requests ----------------------------------------------------------------------------------
+    def _on_headers(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        assert sid is not None
+        if self.stopping:
+            self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        headers: dict[bytes, bytes] = {}
+        for name, value in event.headers or ():
+            headers[bytes(name)] = bytes(value)
+        if headers.get(b":method") != b"POST":
+            self._http_error(sid, b"405", ended=event.stream_ended is not None)
+            return
+        if not is_grpc_content_type(headers.get(b"content-type", b"")):
+            self._http_error(sid, b"415", ended=event.stream_ended is not None)
+            return
+        path = headers.get(b":path", b"").decode("utf-8", "replace")
+        self.streams[sid] = Stream(path=path, handler=self.server.methods.get(path))
+        if self.streams[sid].handler is None:
+            self._fail(sid, RpcStatus(StatusCode.UNIMPLEMENTED, f"unknown method {path}"),
+                       ended=event.stream_ended is not None)
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        sid = event.stream_id
+        assert sid is not None
+        self.h2.acknowledge_received_data(event.flow_controlled_length or 0, sid)
+        stream = self.streams.get(sid)
+        if stream is None or not event.data:
+            return
+        stream.body += event.data
+        self.buffered += len(event.data)
+        limit = self.server.max_message_bytes
+        try:
+            if self.buffered > limit + limits.SPARE_BUFFER_BYTES:
+                raise RpcStatus(StatusCode.RESOURCE_EXHAUSTED, "too many request bytes buffered on this "
+                                f"connection (over {limit + limits.SPARE_BUFFER_BYTES})")
+            if stream.expected is None and len(stream.body) >= PREFIX_BYTES:
+                stream.expected = check_prefix(bytes(stream.body[:PREFIX_BYTES]), limit=limit)
+            if len(stream.body) > PREFIX_BYTES + limit:
+                raise RpcStatus(StatusCode.RESOURCE_EXHAUSTED,
+                                f"received message larger than max ({len(stream.body) - PREFIX_BYTES} vs. "
+                                f"{limit})")
+        except RpcStatus as exc:
+            if exc.code == StatusCode.RESOURCE_EXHAUSTED and self.server.oversize_note:
+                exc = RpcStatus(exc.code, f"{exc.message}; {self.server.oversize_note}")
+            self._fail(sid, exc, ended=event.stream_ended is not None)
+
+    def _drop(self, sid: int) -> Stream | None:
+        stream = self.streams.pop(sid, None)
+        if stream is not None:
+            self.buffered -= len(stream.body)
+        return stream
+
+    def _on_end(self, sid: int) -> None:
+        stream = self._drop(sid)
+        if stream is None or stream.handler is None:
+            return
+        handler = stream.handler
+        try:
+            request = unframe_request(stream.body, limit=self.server.max_message_bytes)
+            del stream
+            self.handled = True
+            with self.server.bell():
+                response = handler(request)
+            if len(response) > self.server.max_message_bytes:
+                raise RpcStatus(StatusCode.RESOURCE_EXHAUSTED, f"response larger than max ({len(response)} "
+                                f"vs. {self.server.max_message_bytes})")
+        except RpcStatus as exc:
+            self._answer_status(sid, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug in a handler still answers
+            self._answer_status(sid, RpcStatus(StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
+            return
+        try:
+            self.h2.send_headers(sid, RESPONSE_HEADERS)
+        except h2.exceptions.StreamClosedError:
+            return  # the client gave up meanwhile
+        self.outgoing[sid] = Outgoing(response, 0, status_headers(StatusCode.OK, ""))
+
+    def _answer_status(self, sid: int, status: RpcStatus) -> None:
+        try:
+            self.h2.send_headers(sid, RESPONSE_HEADERS + status_headers(status.code, status.message),
+                                 end_stream=True)
+        except h2.exceptions.StreamClosedError:
+            pass
+
+    def _fail(self, sid: int, status: RpcStatus, *, ended: bool) -> None:
+        """Answer now with ``status``; a request still arriving is cut (RST_STREAM NO_ERROR)."""
+        self._drop(sid)
+        self._answer_status(sid, status)
+        if not ended:
+            self._reset(sid)
+
+    def _http_error(self, sid: int, status: bytes, *, ended: bool) -> None:
+        self.h2.send_headers(sid, [(b":status", status)], end_stream=True)
+        if not ended:
+            self._reset(sid)
+
+    def _reset(self, sid: int) -> None:
+        try:
+            self.h2.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
+        except h2.exceptions.StreamClosedError:
+            pass
+
+    # -- answers -----------------------------------------------------------------------------------
+    def _flush_outgoing(self) -> None:
+        """Hand h2 as much of each pending answer as the peer's windows allow, then the trailers."""
+        for sid in list(self.outgoing):
+            out = self.outgoing[sid]
+            try:
+                while out.offset < out.total:
+                    room = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size,
+                               out.total - out.offset)
+                    if room <= 0:
+                        break  # wait for WINDOW_UPDATE
+                    self.h2.send_data(sid, out.chunk(room))
+                    out.offset += room
+                if out.offset >= out.total:
+                    self.h2.send_headers(sid, out.trailers, end_stream=True)
+                    del self.outgoing[sid]
+            except h2.exceptions.StreamClosedError:
+                del self.outgoing[sid]
