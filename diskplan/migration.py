@@ -52,7 +52,11 @@ _UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
 STATUS_MEMBERS = ("id", "phase", "source", "target", "bytes", "total", "rate", "error", "startedAt",
-                  "updatedAt", "sourceKept", "attempt")
+                  "updatedAt", "sourceKept", "attempt", "targetStarted")
+
+# what the source node does with its copy once the VM has moved (policy nodeAgent.migration.keepSource)
+KEEP_UNTIL_STARTED, KEEP_FOREVER = "untilStarted", "forever"
+KEEP_SOURCE_CHOICES = (KEEP_UNTIL_STARTED, KEEP_FOREVER)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -63,7 +67,8 @@ class MigrationStatus:
     """``diskhooks.io/migration-status``: one migration's progress and outcome, written by the
     agents only. ``bytes``/``total``: bytes of the VM directory's files copied so far and in all;
     ``rate``: bytes per second over the last interval; ``source_kept``: where the source node keeps
-    its copy after a success (None: deleted, or not yet)."""
+    its copy after a success (None: deleted, or not yet); ``target_started`` (``targetStarted``):
+    when the target's agent first saw the VM running there after a success (None: not yet)."""
 
     id: str
     phase: str
@@ -77,6 +82,7 @@ class MigrationStatus:
     updated_at: str = ""
     source_kept: str | None = None
     attempt: int = 1
+    target_started: str | None = None
 
     @property
     def done(self) -> bool:
@@ -96,6 +102,8 @@ def status_json(status: MigrationStatus) -> str:
         doc["error"] = status.error[:MAX_ERROR_CHARS]
     if status.source_kept is not None:
         doc["sourceKept"] = status.source_kept
+    if status.target_started is not None:
+        doc["targetStarted"] = status.target_started
     text = json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
     _check_status(json.loads(text))
     return text
@@ -132,7 +140,7 @@ def _check_status(doc: dict[str, Any]) -> MigrationStatus:
             raise Malformed(f"{where}.{member}", "must be a node name")
         nodes.append(str(value))
     times = []
-    for member in ("startedAt", "updatedAt"):
+    for member in ("startedAt", "updatedAt", "targetStarted"):
         value = doc.get(member, "")
         if not isinstance(value, str) or (value and not _TIME.match(value)):
             raise Malformed(f"{where}.{member}", "must be an RFC 3339 time in UTC")
@@ -147,7 +155,7 @@ def _check_status(doc: dict[str, Any]) -> MigrationStatus:
     return MigrationStatus(id=ident, phase=str(phase), source=nodes[0], target=nodes[1],
                            bytes=count("bytes"), total=count("total"), rate=count("rate"), error=error,
                            started_at=times[0], updated_at=times[1], source_kept=kept,
-                           attempt=max(1, attempt))
+                           attempt=max(1, attempt), target_started=times[2] or None)
 
 
 def status_of(annotations: Mapping[str, Any] | None) -> MigrationStatus | None:
@@ -159,6 +167,11 @@ def status_of(annotations: Mapping[str, Any] | None) -> MigrationStatus | None:
         return parse_status(value)
     except Malformed:
         return None
+
+
+def is_migration_id(value: object) -> bool:
+    """Whether ``value`` is a migration's ``id`` (8 to 32 lower-case hex digits)."""
+    return isinstance(value, str) and bool(_ID.match(value))
 
 
 def migrate_to_of(annotations: Mapping[str, Any] | None) -> str | None:

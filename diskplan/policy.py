@@ -27,6 +27,7 @@ from typing import Any
 
 from diskplan.capacitypolicy import CapacityPolicy, parse_overcommit, parse_reserve
 from diskplan.errors import Refused
+from diskplan.migration import KEEP_SOURCE_CHOICES, KEEP_UNTIL_STARTED
 from diskplan.plan import BUSES, CACHES, DISCARDS, DNS_LABEL, IOS, is_clean_abs_path
 from diskplan.quantity import parse_bytes
 from diskplan.yamlsafe import load_document
@@ -42,7 +43,8 @@ SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run
 # An OCI image reference (registry/path:tag or @digest), conservatively.
 IMAGE_REF = re.compile(r"^[a-z0-9]([a-z0-9._:-]*[a-z0-9])?(/[a-z0-9]([a-z0-9._-]*[a-z0-9])?)*"
                        r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?\Z")
-__all__ = ["CapacityPolicy", "DriverDefaults", "HostDiskPolicy", "KubeVirtPolicy", "NodeAgentPolicy",
+__all__ = ["CapacityPolicy", "DriverDefaults", "HostDiskPolicy", "KubeVirtPolicy", "MigrationPolicy",
+           "NodeAgentPolicy",
            "PassthroughPolicy", "Policy", "Profile", "SidecarPolicy", "SizingPolicy", "image_repository",
            "load_policy", "parse_overcommit", "parse_reserve", "service_account_username"]
 _CHART_KEYS = {
@@ -202,16 +204,33 @@ def service_account_username(service_account: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
+class MigrationPolicy:
+    """``nodeAgent.migration``: what the agents do around a cold migration (docs/MIGRATION.md).
+
+    - ``keep_source`` (``keepSource``, default ``untilStarted``): the source node's copy of a moved
+      VM, renamed aside after the handover (unless the request said ``--delete-source``), is deleted
+      by the source's agent once the VM has run on its new node (``untilStarted``: the target's
+      agent saw it running there and wrote ``targetStarted`` in the migration status), or kept until
+      an operator deletes it (``forever``). Read when the source's housekeeping looks (every few
+      minutes), so a change applies to copies already kept.
+    """
+
+    keep_source: str = KEEP_UNTIL_STARTED
+
+
+@dataclass(frozen=True)
 class NodeAgentPolicy:
-    """``nodeAgent``: who the node agent (``diskhooks-node``) is.
+    """``nodeAgent``: who the node agent (``diskhooks-node``) is, and what it does after migrations.
 
     - ``service_account`` (``serviceAccount``, ``<namespace>/<name>``, both DNS labels; default
       none): the agent's ServiceAccount, the only user allowed to set or change a VM's
       ``diskhooks.io/node`` annotation. The Helm chart writes it when it installs the agent. Without
       it nobody may (no VM gets a home node).
+    - ``migration``: :class:`MigrationPolicy`.
     """
 
     service_account: str | None = None
+    migration: MigrationPolicy = field(default_factory=MigrationPolicy)
 
     @property
     def username(self) -> str | None:
@@ -281,8 +300,12 @@ def load_policy(text: str) -> Policy:
                                             "memoryOvercommitPercent", "maxSockets"}))
     sidecar = _sidecar(top.section("sidecar", {"image", "imagePullPolicy", "allowedImages"},
                                    required=True))
-    node_agent = NodeAgentPolicy(service_account=_service_account(
-        top.section("nodeAgent", {"serviceAccount"}), "serviceAccount"))
+    agent_section = top.section("nodeAgent", {"serviceAccount", "migration"})
+    migration = agent_section.section("migration", {"keepSource"})
+    node_agent = NodeAgentPolicy(
+        service_account=_service_account(agent_section, "serviceAccount"),
+        migration=MigrationPolicy(keep_source=migration.string("keepSource", KEEP_UNTIL_STARTED,
+                                                               choices=KEEP_SOURCE_CHOICES)))
     kubevirt = KubeVirtPolicy(controller_service_account=_service_account(
         top.section("kubevirt", {"controllerServiceAccount"}), "controllerServiceAccount"))
     default_profile = top.optional_str("defaultProfile")

@@ -158,6 +158,8 @@ class Agent:
         owner = H.owner_vm(vmi)
         if owner is not None:  # a VMI that starts or changes may make a grown plan applicable
             self.queue.add((VM, namespace, owner[0]))
+            if self.migrations is not None:  # the first start of a VM that moved here
+                self.migrations.offer_start(self.vms.get(namespace, owner[0]), vmi)
 
     def _on_vm(self, kind: str, vm: Mapping[str, Any]) -> None:
         namespace, name = H.object_key(vm)
@@ -169,6 +171,7 @@ class Agent:
         self.queue.add((VM, namespace, name))
         if self.migrations is not None:
             self.migrations.on_vm(kind, vm)
+            self.migrations.offer_start(vm, self.vmis.get(namespace, name))
 
     # --- threads -------------------------------------------------------------------------------
     def _work(self) -> None:

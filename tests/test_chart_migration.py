@@ -164,8 +164,25 @@ def test_with_migrations_the_webhook_may_look_up_nodes_and_vmis_and_nothing_more
     assert (("",), ("nodes",)) not in off and (("kubevirt.io",), ("virtualmachineinstances",)) not in off
 
 
+def _policy(docs: list[dict[str, Any]]) -> Any:
+    from diskplan.policy import load_policy
+
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and "policy.yaml" in d.get("data", {}))
+    return load_policy(config["data"]["policy.yaml"])
+
+
+def test_keep_source_goes_into_the_policy_the_agents_read(tmp_path: Path) -> None:
+    assert _policy(render(tmp_path, *ENABLED)).node_agent.migration.keep_source == "untilStarted"
+    forever = render(tmp_path, *ENABLED, "--set", "nodeAgent.migration.keepSource=forever")
+    assert _policy(forever).node_agent.migration.keep_source == "forever"
+    off = render(tmp_path, "--set", "nodeAgent.migration.keepSource=forever")  # no migrations: not written
+    assert "migration" not in yaml.safe_load(next(d for d in off if d["kind"] == "ConfigMap" and "policy.yaml"
+                                                  in d.get("data", {}))["data"]["policy.yaml"])["nodeAgent"]
+
+
 @pytest.mark.parametrize("value, says", [
     ("nodeAgent.migration.port=80", "port"),
+    ("nodeAgent.migration.keepSource=never", "keepSource"),
     ("nodeAgent.migration.bandwidthMiB=-1", "bandwidthMiB"),
     ("nodeAgent.migration.tls=x", "tls"),
 ])

@@ -377,7 +377,7 @@ def test_a_copy_committed_but_never_handed_over_is_taken_back_or_cleaned_up(
                                 config=MigrationConfig(tls_dir=str(s.tls_dir), address="127.0.0.1", port=0,
                                                        stale_seconds=0.0))
         try:
-            assert migrations.housekeeping() == {"incoming": 1, "stranded": 0}
+            assert migrations.housekeeping() == {"incoming": 1, "stranded": 0, "released": 0}
         finally:
             migrations.server.stop()
             api.close()

@@ -87,6 +87,13 @@ def test_the_node_agent_keys() -> None:
     off = load_policy("hostDisks: {onlineExpand: false}\n" + MINIMAL)
     assert off.host_disks.online_expand is False
     assert off.host_disks == HostDiskPolicy(online_expand=False)
+    # what the source node does with its copy of a moved VM: kept until the VM ran on its new node
+    assert minimal.node_agent.migration.keep_source == "untilStarted"
+    assert example.node_agent.migration.keep_source == "untilStarted"
+    forever = load_policy("nodeAgent: {migration: {keepSource: forever}}\n" + MINIMAL)
+    assert forever.node_agent.migration.keep_source == "forever"
+    assert load_policy("nodeAgent: {migration: null}\n" + MINIMAL).node_agent.migration.keep_source == \
+        "untilStarted"
 
 
 def test_helpers_of_the_model() -> None:
@@ -202,6 +209,12 @@ BAD = [
     (f"nodeAgent: {{serviceAccount: ns/{'a' * 64}}}\n" + MINIMAL, "nodeAgent.serviceAccount",
      "at most 63"),
     ("nodeAgent: {serviceAccount: [ns, node]}\n" + MINIMAL, "nodeAgent.serviceAccount", "string"),
+    ("nodeAgent: {migration: {keepSource: never}}\n" + MINIMAL, "nodeAgent.migration.keepSource",
+     "must be one of untilStarted, forever"),
+    ("nodeAgent: {migration: {keepSource: ''}}\n" + MINIMAL, "nodeAgent.migration.keepSource", "empty"),
+    ("nodeAgent: {migration: {keepSource: true}}\n" + MINIMAL, "nodeAgent.migration.keepSource", "string"),
+    ("nodeAgent: {migration: {keep: forever}}\n" + MINIMAL, "nodeAgent.migration.keep", "unknown key"),
+    ("nodeAgent: {migration: forever}\n" + MINIMAL, "nodeAgent.migration", "mapping"),
 ]
 
 

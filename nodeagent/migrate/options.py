@@ -7,6 +7,8 @@ command's arguments (shared by ``diskhooks-node migrate`` and ``kubectl-diskhook
 - ``--migration-port N`` (default :data:`~diskplan.migration.DEFAULT_PORT`): the same on every node
   (the source connects to the target Node's InternalIP on it).
 - ``--migration-bandwidth MIB_S`` (default 0: none): rsync's ``--bwlimit`` for each outgoing move.
+- ``--migration-housekeeping D`` (default 5m): how often the agent finishes what a crash left and
+  deletes kept copies of VMs that started on their new node (policy ``nodeAgent.migration.keepSource``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ def _bandwidth(value: str) -> float:
     return mib
 
 
+def _interval(value: str) -> float:
+    seconds = duration(value)
+    if not 5 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{value[:20]} is out of range (5s to 1h)")
+    return seconds
+
+
 def duration(value: str) -> float:
     """``90``, ``90s``, ``15m``, ``1h30m``: seconds (0: no limit)."""
     text = value.strip()
@@ -80,6 +89,9 @@ def add_serve_options(p: argparse.ArgumentParser) -> None:
                    help=f"port of the migration listener, the same on every node (default {DEFAULT_PORT})")
     p.add_argument("--migration-bandwidth", default=0.0, type=_bandwidth, metavar="MIB_S",
                    help="limit each outgoing migration to this many MiB/s (default 0: no limit)")
+    p.add_argument("--migration-housekeeping", default=300.0, type=_interval, metavar="D",
+                   help="how often leftovers of migrations are cleaned up and kept copies of VMs that "
+                   "started on their new node deleted (5s to 1h; default 5m)")
 
 
 def migration_config(args: argparse.Namespace, log: JsonLog) -> MigrationConfig | None:
@@ -91,7 +103,8 @@ def migration_config(args: argparse.Namespace, log: JsonLog) -> MigrationConfig 
                  reason="no migration TLS directory: this node neither sends nor receives VMs")
         return None
     return MigrationConfig(tls_dir=directory, address=args.migration_address, port=args.migration_port,
-                           bandwidth_mib=args.migration_bandwidth)
+                           bandwidth_mib=args.migration_bandwidth,
+                           housekeeping_interval=args.migration_housekeeping)
 
 
 def add_migrate_arguments(p: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ from diskplan.migration import DEFAULT_PORT, SUCCEEDED, migrate_to_of, status_of
 from nodeagent import home as H
 from nodeagent.kube import Kube, describe_error
 from nodeagent.migrate import vmdir
+from nodeagent.migrate.keptcopy import StartRecorder, keep_aside, release_started
 from nodeagent.migrate.source import PROGRESS_INTERVAL, RETRY_WINDOW, SourceMigration, SourceSettings
 from nodeagent.migrate.target import COMMITTED, TargetServer
 from nodeagent.migrate.tlsfiles import TlsFiles
@@ -84,11 +85,13 @@ class Migrations:
         self._running: dict[tuple[str, str], SourceMigration] = {}
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="migrate-housekeeping",
                                              daemon=True)
+        self.starts = StartRecorder(node=node, kube=kube, log=log, stopping=stopping)
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         self.server.start()
         self._housekeeper.start()
+        self.starts.start()
         self.log.emit("migrate.listening", level="info", address=self.server.address, port=self.server.port,
                       tlsDir=self.config.tls_dir, missing=self.tls.missing() or None)
 
@@ -99,15 +102,19 @@ class Migrations:
             running = list(self._running.values())
         for r in running:
             r.thread.join(max(0.1, deadline - time.monotonic()))
-        if self._housekeeper.ident is not None:
-            self._housekeeper.join(max(0.1, deadline - time.monotonic()))
-        return not any(r.alive for r in running) and not self._housekeeper.is_alive()
+        for thread in (self._housekeeper, self.starts.thread):
+            if thread.ident is not None:
+                thread.join(max(0.1, deadline - time.monotonic()))
+        return not any(r.alive for r in running) and not self._housekeeper.is_alive() \
+            and not self.starts.thread.is_alive()
 
     def health(self) -> str | None:
         if not self.server.alive:
             return "migration listener"
         if self._housekeeper.ident is not None and not self._housekeeper.is_alive():
             return "migration housekeeping"
+        if self.starts.thread.ident is not None and not self.starts.thread.is_alive():
+            return "migration start recorder"
         return None
 
     def running(self) -> list[tuple[str, str]]:
@@ -130,6 +137,12 @@ class Migrations:
             self._running[(namespace, name)] = runner
         runner.start()
 
+    def offer_start(self, vm: Mapping[str, Any] | None, vmi: Mapping[str, Any] | None) -> None:
+        """From the watch threads (their cached copies): a VMI of a VM that moved here may show its
+        first start here (:class:`~nodeagent.migrate.keptcopy.StartRecorder`)."""
+        if not self.stopping.is_set():
+            self.starts.offer(vm, vmi)
+
     def _ended(self, runner: SourceMigration) -> None:
         with self._lock:
             if self._running.get((runner.namespace, runner.name)) is runner:
@@ -147,7 +160,10 @@ class Migrations:
 
     def housekeeping(self) -> dict[str, int]:
         root = self.paths.on_host(self.policy().host_disks.root)
-        done = {"incoming": self._incoming(root), "stranded": self._stranded(root)}
+        done = {"incoming": self._incoming(root), "stranded": self._stranded(root),
+                "released": release_started(root=root, node_root=self.policy().host_disks.root, node=self.node,
+                                            kube=self.kube, policy=self.policy(), log=self.log,
+                                            event=self._event)}
         self.log.emit("migrate.housekeeping", level="info", **done)
         return done
 
@@ -215,9 +231,17 @@ class Migrations:
                 continue
             if status.source_kept is None:
                 vmdir.remove_tree(directory)
-            else:
-                vmdir.rename_no_replace(directory, self.paths.on_host(status.source_kept))
+            else:  # the path made from the names, never the status's text
+                keep_aside(root, directory, namespace=place.namespace, vm=place.vm,
+                           vm_uid=str((vm.get("metadata") or {}).get("uid") or ""), target=status.target,
+                           ident=status.id)
             self.log.emit("migrate.source-released", level="info", namespace=place.namespace, vm=place.vm,
                           kept=status.source_kept)
             count += 1
         return count
+
+    def _event(self, vm: Mapping[str, Any], reason: str, message: str, event_type: str) -> None:
+        try:
+            self.kube.create_event(vm, reason=reason, message=message, event_type=event_type, node=self.node)
+        except Exception as exc:  # noqa: BLE001 - an Event is a report: its loss is logged
+            self.log.emit("event.failed", level="warning", reason=reason, error=describe_error(exc))

@@ -76,6 +76,7 @@ from nodeagent.kube import Conflict, Kube, describe_error
 from nodeagent.migrate import vmdir
 from nodeagent.migrate.cluster import get_node, node_address
 from nodeagent.migrate.connector import ConnectError, exchange, open_channel
+from nodeagent.migrate.keptcopy import keep_aside
 from nodeagent.migrate.rsyncrun import run_rsync
 from nodeagent.migrate.tlsfiles import TlsFiles
 
@@ -472,11 +473,8 @@ class SourceMigration:
             if delete:
                 vmdir.remove_tree(source_dir)
             else:
-                aside = vmdir.kept_dir(root, self.namespace, self.name, self.status.id)
-                vmdir.rename_no_replace(source_dir, aside)
-                vmdir.write_record(aside + ".json", {
-                    "namespace": self.namespace, "vm": self.name, "vmUID": self._vm_uid,
-                    "target": self.status.target, "id": self.status.id, "migratedAt": _now_text()})
+                keep_aside(root, source_dir, namespace=self.namespace, vm=self.name, vm_uid=self._vm_uid,
+                           target=self.status.target, ident=self.status.id)
         except OSError as exc:
             self.log.emit("migrate.source-left", level="warning", namespace=self.namespace, vm=self.name,
                           path=source_dir, error=str(exc))

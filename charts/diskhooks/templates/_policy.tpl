@@ -32,7 +32,12 @@ result with the real loader, so the two cannot drift apart unnoticed.
 {{- $sidecar := dict "image" (include "diskhooks.sidecar.image" .) "imagePullPolicy" .Values.sidecar.image.pullPolicy "allowedImages" $allowed -}}
 {{- $doc := dict "hostDisks" ($p.hostDisks | default dict) "passthrough" ($p.passthrough | default dict) "sizing" ($p.sizing | default dict) "sidecar" $sidecar -}}
 {{- if .Values.nodeAgent.enabled -}}
-{{- $_ := set $doc "nodeAgent" (dict "serviceAccount" (include "diskhooks.node.serviceAccount" .)) -}}
+{{- $agent := dict "serviceAccount" (include "diskhooks.node.serviceAccount" .) -}}
+{{- $mig := .Values.nodeAgent.migration | default dict -}}
+{{- if $mig.enabled -}}
+{{- $_ := set $agent "migration" (dict "keepSource" ($mig.keepSource | default "untilStarted")) -}}
+{{- end -}}
+{{- $_ := set $doc "nodeAgent" $agent -}}
 {{- end -}}
 {{- with (.Values.kubevirt | default dict).controllerServiceAccount -}}
 {{- $_ := set $doc "kubevirt" (dict "controllerServiceAccount" .) -}}
