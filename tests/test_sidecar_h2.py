@@ -1,13 +1,14 @@
 """The h2 transport (:mod:`hooksidecar.h2grpc`) against independent HTTP/2 implementations.
 
 Interop: grpcio's client (gRPC's C core, its own HTTP/2 stack) with default options calls the real
-sidecar (``python -m hooksidecar.cli serve``, h2 is its default transport) as virt-launcher does, on
+sidecar (``python -m hooksidecar.cli serve``, its own HTTP/2 layer, transport ``h2``, is the default)
+as virt-launcher does, on
 several sequential connections and from four threads at once, and with a ~1 MiB domain XML that only
 gets through if both sides honour HTTP/2 flow control. ``tests/test_sidecar_server.py`` runs its whole
 suite against the same default transport.
 
 Wire details (compressed flag, wrong content type, PING, GOAWAY on stop, percent-encoded messages)
-are checked with ``h2`` playing the client over a real unix socket against :class:`H2GrpcServer` in
+are checked with the ``h2`` package playing the client over a real unix socket against :class:`H2GrpcServer` in
 this process. Those tests serve a small table of handlers written here (an echo and a failing one),
 the stand-in for the hook API, because what they check is the wire, not the hook.
 """
@@ -413,7 +414,7 @@ def test_percent_encode() -> None:
 def test_outgoing_chunks_rebuild_the_framed_message() -> None:
     """The answer is sent without copying it behind its prefix: any chunking gives the same bytes."""
     for size in (1, 2, 4, 5, 6, 7, 1000):
-        out = Outgoing(b"abcdefghij", 0, [])
+        out = Outgoing(b"abcdefghij", 0, b"")
         pieces = []
         while out.offset < out.total:
             piece = out.chunk(size)
@@ -424,9 +425,10 @@ def test_outgoing_chunks_rebuild_the_framed_message() -> None:
 
 
 # ================================================================================================
-# serving without grpcio (the sidecar image does not ship it)
+# serving without grpcio or h2 (the sidecar image ships neither)
 # ================================================================================================
-NO_GRPC = ("import sys; sys.modules['grpc'] = None; "  # any `import grpc` now fails
+NO_GRPC = ("import sys; sys.modules['grpc'] = sys.modules['h2'] = sys.modules['hyperframe'] = None; "
+           # any `import grpc` (or h2, hyperframe) now fails
            "from hooksidecar.cli import main; raise SystemExit(main(sys.argv[1:]))")
 
 
@@ -439,7 +441,7 @@ def _run_without_grpc(sock_dir: Path, *args: str) -> Sidecar:
     return Sidecar(proc, sock_dir / "diskhooks.sock", log_path)
 
 
-def test_serves_without_grpcio_installed(sock_dir: Path, sample: PlannedSample) -> None:
+def test_serves_without_grpcio_or_h2_installed(sock_dir: Path, sample: PlannedSample) -> None:
     sidecar = _run_without_grpc(sock_dir, "--path-prefix", str(sample.prefix))
     try:
         wait_ready(sidecar)

@@ -1,9 +1,11 @@
-"""A unary-only gRPC server on a unix socket, built on the pure-Python ``h2`` HTTP/2 state machine.
+"""A unary-only gRPC server on a unix socket, on a small HTTP/2 layer of its own (HPACK by ``hpack``).
 
 Why: ``import grpc`` alone costs ~27 MiB of resident memory and the hook sidecar runs under a 64M
 limit. The hook API is four unary methods whose messages the sidecar already encodes itself, so all
-it needs from gRPC is the wire: HTTP/2 (``h2`` does the framing, HPACK, SETTINGS, PING, flow-control
-accounting) plus gRPC's small conventions on top, which live here:
+it needs from gRPC is the wire: HTTP/2 (:mod:`.http2`: the frames, SETTINGS, PING, flow control and
+stream states a gRPC client uses, strictly validated; HPACK from the ``hpack`` package; it replaced
+the general ``h2`` state machine, which cost more per connection than the hook call itself, see
+docs/ARCHITECTURE.md) plus gRPC's small conventions on top:
 
 - a request is ``POST <path>`` with ``content-type: application/grpc[+proto|;...]`` (else HTTP 415);
 - its body is exactly one length-prefixed message: flag byte (``0`` = not compressed; ``1`` is
@@ -13,15 +15,16 @@ accounting) plus gRPC's small conventions on top, which live here:
   trailers ``grpc-status`` / ``grpc-message`` (percent-encoded) with END_STREAM; an error is a
   trailers-only answer. An unknown path is UNIMPLEMENTED. ``grpc-timeout`` is ignored.
 
-What this package may do: sockets, threads, h2. What it may not: know anything about the hook API.
-Its modules: :mod:`.grpcwire` (gRPC's conventions, pure), :mod:`.connection` (one client
+What this package may do: sockets, threads, HTTP/2. What it may not: know anything about the hook
+API. Its modules: :mod:`.http2` (one HTTP/2 connection's frames and states, no sockets),
+:mod:`.grpcwire` (gRPC's conventions, pure), :mod:`.connection` (one client
 connection), :mod:`.workers` (the worker threads), :mod:`.server` (:class:`H2GrpcServer`: the
 listener, what the workers share, the stop), :mod:`.limits` (bounds and timers).
 Handlers are ``request bytes -> response bytes`` functions that raise :class:`RpcStatus` for an
 error status; any other exception becomes INTERNAL.
 
-Threads: ``max_connections`` workers, started with the server (see :class:`~hooksidecar.h2grpc.workers.Worker`); at most
-``max_connections`` connections are open at once, further clients wait in the listen backlog. One
+Threads: ``max_connections`` workers, started with the server (see
+:class:`~hooksidecar.h2grpc.workers.Worker`); at most ``max_connections`` connections are open at once, further clients wait in the listen backlog. One
 worker at a time, the leader, waits for new clients; it serves the client it takes itself, with a
 connection object prepared while it was idle (the server preface goes out at once), and keeps
 watching the connections it already holds. A worker runs its handlers inline, one at a time, in the

@@ -1,22 +1,16 @@
-"""One client connection of :class:`~hooksidecar.h2grpc.server.H2GrpcServer`: the ``h2`` state and
-the gRPC calls on it (requests buffered within bounds, handlers run inline, answers sent within the
-peer's flow-control windows, idle and stalled connections closed)."""
+"""One client connection of :class:`~hooksidecar.h2grpc.server.H2GrpcServer`: the HTTP/2 state
+(:mod:`.http2`) and the gRPC calls on it (requests buffered within bounds, handlers run inline,
+answers sent within the peer's flow-control windows, idle and stalled connections closed)."""
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-
-from hooksidecar.h2grpc import limits
+from hooksidecar.h2grpc import http2, limits
 from hooksidecar.h2grpc.grpcwire import (
     PREFIX_BYTES,
     RESPONSE_HEADERS,
@@ -32,6 +26,16 @@ from hooksidecar.h2grpc.grpcwire import (
 if TYPE_CHECKING:
     from hooksidecar.h2grpc.server import H2GrpcServer
 
+#: the header blocks every answer starts or ends with, encoded once
+RESPONSE_BLOCK = http2.encode_headers(RESPONSE_HEADERS)
+OK_TRAILERS_BLOCK = http2.encode_headers(status_headers(StatusCode.OK, ""))
+_MAX_PIECES = 256  # frames and payloads handed to one sendmsg (IOV_MAX is 1024)
+
+
+@functools.lru_cache(maxsize=4)
+def _preface(max_streams: int, window: int, max_header_list: int) -> bytes:
+    return http2.server_preface(max_streams=max_streams, window=window, max_header_list=max_header_list)
+
 
 @dataclass
 class Stream:
@@ -45,7 +49,7 @@ class Stream:
 class Outgoing:
     data: bytes  # the message, without its prefix (not copied to prepend the 5 bytes)
     offset: int  # counts the prefix: 0..PREFIX_BYTES are prefix bytes
-    trailers: list[tuple[bytes, bytes]]
+    trailers: bytes  # the encoded trailers block
 
     @property
     def total(self) -> int:
@@ -61,34 +65,22 @@ class Outgoing:
 
 
 class Connection:
-    """One client connection: the ``h2`` state and the calls on it. The worker that holds it
+    """One client connection: the HTTP/2 state and the calls on it. The worker that holds it
     (:class:`Worker`) waits for its socket and calls :meth:`receive` (handlers run inline, there)
-    and, at every turn, :meth:`pump`.
+    and, at every turn, :meth:`pump`. The HTTP/2 layer reports frames to the ``on_*`` methods.
 
-    Made before a client arrives: building an ``h2`` connection and its opening SETTINGS costs about
-    as much as answering the request and is the same for every client, so a worker prepares the
-    next one while it is idle, and a client that connects gets the server preface at once.
+    Made before a client arrives (a worker prepares the next one while it is idle), so a client
+    that connects gets the server preface at once.
     """
 
     sock: socket.socket
 
     def __init__(self, server: H2GrpcServer) -> None:
         self.server = server
-        # outbound validation and normalisation are off: every header block sent here is one of
-        # ours (constant names and values, a status number, a percent-encoded printable ASCII
-        # message). Inbound headers, the client's, are validated as by default.
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                           validate_outbound_headers=False,
-                                           normalize_outbound_headers=False)
-        self.h2 = h2.connection.H2Connection(config=config)
-        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.MAX_STREAMS,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.WINDOW_BYTES,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.MAX_HEADER_LIST_BYTES,
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-        })
-        self.h2.initiate_connection()  # queued: sent as soon as a client is there
-        self.h2.increment_flow_control_window(limits.WINDOW_BYTES - 65535)
+        self.h2 = http2.ServerConnection(
+            self, preface=_preface(limits.MAX_STREAMS, limits.WINDOW_BYTES, limits.MAX_HEADER_LIST_BYTES),
+            max_streams=limits.MAX_STREAMS, window=limits.WINDOW_BYTES,
+            max_header_list=limits.MAX_HEADER_LIST_BYTES)  # the preface is queued at once
         self.streams: dict[int, Stream] = {}
         self.buffered = 0  # request bytes held across self.streams
         self.outgoing: dict[int, Outgoing] = {}
@@ -149,28 +141,32 @@ class Connection:
                 self.server.answered()
 
     def _send(self) -> None:
-        """Send what h2 has queued: at once when the socket buffer has room (an answer of a few KiB
-        always does), else within ``limits.SEND_TIMEOUT_SECONDS``, the server's bell rung meanwhile."""
-        data = self.h2.data_to_send()
-        if not data:
+        """Send what is queued, in one ``sendmsg``: at once when the socket buffer has room (an
+        answer of a few KiB always does), else within ``limits.SEND_TIMEOUT_SECONDS``, the server's
+        bell rung meanwhile."""
+        pieces = self.h2.data_to_send()
+        if not pieces:
             return
+        if len(pieces) > _MAX_PIECES:
+            pieces = [b"".join(pieces)]
         try:
-            sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            sent = self.sock.sendmsg(pieces, (), socket.MSG_DONTWAIT)
         except BlockingIOError:
             sent = 0
-        if sent < len(data):
+        if sent < sum(map(len, pieces)):
+            rest = memoryview(b"".join(pieces))[sent:]
             with self.server.bell():
                 self.sock.settimeout(limits.SEND_TIMEOUT_SECONDS)  # the whole rest, not each send
                 try:
-                    self.sock.sendall(memoryview(data)[sent:])
+                    self.sock.sendall(rest)
                 finally:
                     self.sock.setblocking(True)
 
     def goaway(self) -> None:
         try:
-            self.h2.close_connection()
+            self.h2.goaway()
             self._send()
-        except (OSError, h2.exceptions.ProtocolError):
+        except OSError:
             pass
         self.closed = True
 
@@ -187,57 +183,34 @@ class Connection:
             self.closed = True
             return
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            self._send()  # h2 queued the GOAWAY that names the error
+            self.h2.receive(data)  # calls the on_* methods below
+        except http2.ProtocolError as exc:
+            self._send()  # the GOAWAY that names the error
             self.server.report("connection-error", error=f"HTTP/2 protocol error: {exc}")
             self.closed = True
-            return
-        for event in events:
-            if isinstance(event, h2.events.RequestReceived):
-                self._on_headers(event)
-            elif isinstance(event, h2.events.DataReceived):
-                self._on_data(event)
-            elif isinstance(event, h2.events.StreamEnded):
-                self._on_end(event.stream_id)
-            elif isinstance(event, h2.events.StreamReset):
-                self._drop(event.stream_id or 0)
-                self.outgoing.pop(event.stream_id, None)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.closed = True
-            # PING, SETTINGS, WINDOW_UPDATE, PRIORITY: h2 answers or accounts for them itself
 
-    # -- requests ----------------------------------------------------------------------------------
-    def _on_headers(self, event: h2.events.RequestReceived) -> None:
-        sid = event.stream_id
-        assert sid is not None
+    # -- what the HTTP/2 layer reports ---------------------------------------------------------------
+    def on_request(self, sid: int, headers: dict[bytes, bytes], ended: bool) -> None:
         if self.stopping:
-            self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.h2.reset(sid, http2.ErrorCode.REFUSED_STREAM)
             return
-        headers: dict[bytes, bytes] = {}
-        for name, value in event.headers or ():
-            headers[bytes(name)] = bytes(value)
         if headers.get(b":method") != b"POST":
-            self._http_error(sid, b"405", ended=event.stream_ended is not None)
+            self._http_error(sid, b"405", ended=ended)
             return
         if not is_grpc_content_type(headers.get(b"content-type", b"")):
-            self._http_error(sid, b"415", ended=event.stream_ended is not None)
+            self._http_error(sid, b"415", ended=ended)
             return
         path = headers.get(b":path", b"").decode("utf-8", "replace")
         self.streams[sid] = Stream(path=path, handler=self.server.methods.get(path))
         if self.streams[sid].handler is None:
-            self._fail(sid, RpcStatus(StatusCode.UNIMPLEMENTED, f"unknown method {path}"),
-                       ended=event.stream_ended is not None)
+            self._fail(sid, RpcStatus(StatusCode.UNIMPLEMENTED, f"unknown method {path}"), ended=ended)
 
-    def _on_data(self, event: h2.events.DataReceived) -> None:
-        sid = event.stream_id
-        assert sid is not None
-        self.h2.acknowledge_received_data(event.flow_controlled_length or 0, sid)
+    def on_data(self, sid: int, data: bytes, ended: bool) -> None:
         stream = self.streams.get(sid)
-        if stream is None or not event.data:
+        if stream is None:
             return
-        stream.body += event.data
-        self.buffered += len(event.data)
+        stream.body += data
+        self.buffered += len(data)
         limit = self.server.max_message_bytes
         try:
             if self.buffered > limit + limits.SPARE_BUFFER_BYTES:
@@ -252,7 +225,14 @@ class Connection:
         except RpcStatus as exc:
             if exc.code == StatusCode.RESOURCE_EXHAUSTED and self.server.oversize_note:
                 exc = RpcStatus(exc.code, f"{exc.message}; {self.server.oversize_note}")
-            self._fail(sid, exc, ended=event.stream_ended is not None)
+            self._fail(sid, exc, ended=ended)
+
+    def on_reset(self, sid: int) -> None:
+        self._drop(sid)
+        self.outgoing.pop(sid, None)
+
+    def on_goaway(self) -> None:
+        self.closed = True
 
     def _drop(self, sid: int) -> Stream | None:
         stream = self.streams.pop(sid, None)
@@ -260,7 +240,7 @@ class Connection:
             self.buffered -= len(stream.body)
         return stream
 
-    def _on_end(self, sid: int) -> None:
+    def on_end(self, sid: int) -> None:
         stream = self._drop(sid)
         if stream is None or stream.handler is None:
             return
@@ -281,16 +261,16 @@ class Connection:
             self._answer_status(sid, RpcStatus(StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"))
             return
         try:
-            self.h2.send_headers(sid, RESPONSE_HEADERS)
-        except h2.exceptions.StreamClosedError:
+            self.h2.send_headers(sid, RESPONSE_BLOCK)
+        except http2.StreamClosed:
             return  # the client gave up meanwhile
-        self.outgoing[sid] = Outgoing(response, 0, status_headers(StatusCode.OK, ""))
+        self.outgoing[sid] = Outgoing(response, 0, OK_TRAILERS_BLOCK)
 
     def _answer_status(self, sid: int, status: RpcStatus) -> None:
         try:
-            self.h2.send_headers(sid, RESPONSE_HEADERS + status_headers(status.code, status.message),
-                                 end_stream=True)
-        except h2.exceptions.StreamClosedError:
+            self.h2.send_headers(sid, RESPONSE_BLOCK + http2.encode_headers(
+                status_headers(status.code, status.message)), end_stream=True)
+        except http2.StreamClosed:
             pass
 
     def _fail(self, sid: int, status: RpcStatus, *, ended: bool) -> None:
@@ -298,27 +278,21 @@ class Connection:
         self._drop(sid)
         self._answer_status(sid, status)
         if not ended:
-            self._reset(sid)
+            self.h2.reset(sid, http2.ErrorCode.NO_ERROR)
 
     def _http_error(self, sid: int, status: bytes, *, ended: bool) -> None:
-        self.h2.send_headers(sid, [(b":status", status)], end_stream=True)
+        self.h2.send_headers(sid, http2.encode_headers([(b":status", status)]), end_stream=True)
         if not ended:
-            self._reset(sid)
-
-    def _reset(self, sid: int) -> None:
-        try:
-            self.h2.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.StreamClosedError:
-            pass
+            self.h2.reset(sid, http2.ErrorCode.NO_ERROR)
 
     # -- answers -----------------------------------------------------------------------------------
     def _flush_outgoing(self) -> None:
-        """Hand h2 as much of each pending answer as the peer's windows allow, then the trailers."""
+        """Queue as much of each pending answer as the peer's windows allow, then the trailers."""
         for sid in list(self.outgoing):
             out = self.outgoing[sid]
             try:
                 while out.offset < out.total:
-                    room = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size,
+                    room = min(self.h2.send_window(sid), self.h2.max_outbound_frame_size,
                                out.total - out.offset)
                     if room <= 0:
                         break  # wait for WINDOW_UPDATE
@@ -327,5 +301,5 @@ class Connection:
                 if out.offset >= out.total:
                     self.h2.send_headers(sid, out.trailers, end_stream=True)
                     del self.outgoing[sid]
-            except h2.exceptions.StreamClosedError:
+            except http2.StreamClosed:
                 del self.outgoing[sid]

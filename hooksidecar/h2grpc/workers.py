@@ -11,9 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import h2.exceptions
-
-from hooksidecar.h2grpc import limits
+from hooksidecar.h2grpc import http2, limits
 from hooksidecar.h2grpc.connection import Connection
 
 if TYPE_CHECKING:
@@ -162,7 +160,7 @@ class Worker:
             self.server.report("connection-error", error=f"client read nothing for "
                                f"{limits.SEND_TIMEOUT_SECONDS:.0f} s of its answer; connection closed")
             conn.closed = True
-        except (OSError, h2.exceptions.ProtocolError) as exc:
+        except (OSError, http2.ProtocolError) as exc:
             self.server.report("connection-error", error=f"{type(exc).__name__}: {exc}")
             conn.closed = True
         except Exception as exc:  # noqa: BLE001 - a bug costs this connection, nothing more
