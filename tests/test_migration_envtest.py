@@ -391,3 +391,61 @@ def _entry(path: Path) -> Any:
 
     st = path.stat()
     return SimpleNamespace(name=path.name, size=st.st_size, allocated=st.st_blocks * 512, path=path)
+
+
+def test_the_target_filling_up_during_the_copy_fails_cleanly_and_a_new_run_completes(
+        migration_setup: Setup, agents: Agents, tmp_path: Path) -> None:
+    """The target's filesystem (a 320 MiB tmpfs in the target agent's own mount namespace) has room
+    at preflight; once the copy is under way another writer fills it: rsync hits ENOSPC, the
+    migration fails saying so, the target's partial copy goes, the VM stays homed on the source and
+    may start there. With the space freed, the same command (with --stop) moves it."""
+    import errno
+
+    s = migration_setup
+    a, fa, b, fb = two_nodes(s, tmp_path)
+    homed_vm(s, agents, "pg08", a, fa, data_mib=160)
+    before = file_hashes(fa.vm_dir(s.namespace, "pg08"))
+    agent_a = agents.start(a, fa, extra=("--migration-bandwidth", "12"))
+    agent_b = agents.start(b, fb, wrap=tmpfs_wrap(fb.root, 320))
+    wait_for("the home", lambda: s.annotations("pg08").get(K.ANN_NODE) == a, 60, agent_a)
+    # node b's filesystem as its agent sees it (the tmpfs is mounted in the agent's namespace only)
+    seen_by_b = Path(f"/proc/{agent_b.proc.pid}/root{fb.root}")
+    staged = Path(f"/proc/{agent_b.proc.pid}/root{fb.staging(s.namespace, 'pg08')}")
+    command = start_command(s, "migrate", f"{s.namespace}/pg08", "--to", b, "--no-progress")
+    try:
+        wait_for("the copy under way", lambda: copying(s, "pg08"), 60, agent_a, agent_b)
+        wait_for("bytes on the target", lambda: staged.exists() and allocated(staged) > 20 * MiB, 60,
+                 agent_a, agent_b)
+        filler = seen_by_b / "filler"  # another writer on the node's filesystem takes what is left
+        with open(filler, "wb", buffering=0) as f:
+            chunk = b"\x01" * MiB
+            with pytest.raises(OSError) as full:
+                while True:
+                    f.write(chunk)
+        assert full.value.errno == errno.ENOSPC
+        _, err = command.communicate(timeout=120)
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.communicate()
+    logs = err + agent_a.stderr_text()[-5000:] + agent_b.stderr_text()[-5000:]
+    assert command.returncode == 1, logs
+    status = s.status("pg08")
+    assert status is not None and status["phase"] == "Failed", logs
+    assert "ran out of space" in status["error"] and "No space left on device" in status["error"], \
+        (status, agent_a.records("migrate.retry"), agent_b.records("migrate.target.rsync"))
+    assert "ran out of space" in err  # the user is told why
+    assert_still_at_home(s, "pg08", a, fa, fb, before)
+    assert "diskhooks.io/migrate-to" not in s.annotations("pg08")
+    wait_for("the target's partial copy removed", lambda: not staged.exists(), 30, agent_b)
+    assert "MigrationFailed" in s.events("pg08")
+    started = s.alice_patch("pg08", {"spec": {"runStrategy": "Always"}})  # the webhook admits a start
+    assert started["spec"]["runStrategy"] == "Always"
+
+    filler.unlink()  # space freed: the same command moves it (stopping it first)
+    again = run_command(s, "migrate", f"{s.namespace}/pg08", "--to", b, "--no-progress", "--stop")
+    assert again.returncode == 0, again.stderr + agent_a.stderr_text()[-4000:] + agent_b.stderr_text()[-4000:]
+    assert s.annotations("pg08")[K.ANN_NODE] == b
+    moved = Path(f"/proc/{agent_b.proc.pid}/root{fb.vm_dir(s.namespace, 'pg08')}")
+    assert {k: v for k, v in file_hashes(moved).items() if k != K.HOME_MARKER} == \
+        {k: v for k, v in before.items() if k != K.HOME_MARKER}

@@ -49,6 +49,7 @@ from nodeagent import home as H
 from nodeagent.kube import Kube, describe_error
 from nodeagent.migrate import vmdir
 from nodeagent.migrate.bridge import BridgeError, TlsChannel, pump, widen_pipe
+from nodeagent.migrate.rsyncrun import NO_SPACE
 from nodeagent.migrate.tlsfiles import PEER_NAME, TlsFiles, TlsFilesError, peer_is_agent
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class TargetServer:
         self._busy: set[tuple[str, str]] = set()
         self._connections = 0
         self._procs: set[subprocess.Popen[bytes]] = set()
+        self._no_space: dict[tuple[str, str], tuple[str, str]] = {}  # VM -> (migration id, rsync's words)
         self._thread = threading.Thread(target=self._accept_loop, name="migrate-listener", daemon=True)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -253,6 +255,11 @@ class TargetServer:
             else:
                 raise Refusal(f"{live} already exists on node {self.node} (an older copy of a VM of "
                               "this name?); move it away on that node, then migrate again")
+        with self._lock:
+            no_space = self._no_space.pop((r.namespace, r.vm), None)
+        if no_space is not None and no_space[0] == r.id:
+            raise Refusal(f"node {self.node} ran out of space during the copy (rsync: {no_space[1]}); its "
+                          "copy is removed")
         self._check_bases(r)
         staged = vmdir.allocated_bytes(staging)
         need = sum(f.allocated for f in r.files) - staged + SPACE_MARGIN
@@ -262,8 +269,8 @@ class TargetServer:
         if need > free:
             raise Refusal(f"node {self.node} has {free} bytes free on {root}, and the VM needs "
                           f"{need} more (its images take {sum(f.allocated for f in r.files)} bytes "
-                          f"on disk, {staged} already here, {SPACE_MARGIN} kept free); nothing was "
-                          "copied")
+                          f"on disk, {staged} already here, {SPACE_MARGIN} kept free); "
+                          + ("nothing was copied" if not staged else "the copy stops here"))
         vmdir.make_dirs(staging)
         vmdir.write_record(record_path, {"id": r.id, "vmUID": r.vm_uid, "source": r.source,
                                          "state": RECEIVING, "at": _now_text()})
@@ -360,9 +367,13 @@ class TargetServer:
             reader.join(5)
             with self._lock:
                 self._procs.discard(proc)
+        stderr = b"".join(err).decode(errors="replace")[-600:]
         self.log.emit("migrate.target.rsync", level="info" if code == 0 and problem is None else "warning",
                       exit=code, seconds=round(time.monotonic() - started, 3), problem=problem,
-                      stderr=b"".join(err).decode(errors="replace")[-600:], **fields)
+                      stderr=stderr, **fields)
+        if code != 0 and NO_SPACE in stderr:  # the source sees the connection end only: its retry is told
+            with self._lock:  # (in memory: the full filesystem may not take a record)
+                self._no_space[(r.namespace, r.vm)] = (r.id, " ".join(stderr.split())[-300:])
 
     def _commit(self, r: WireRequest) -> dict[str, Any]:
         self._vm(r)
