@@ -6,7 +6,8 @@ agent pokes it on every VMI and VM event), makes one pass (:meth:`CapacityReport
 
 1. **scan** ``<root>/<namespace>/<vm>/`` (names that are Kubernetes names, no link followed): the
    virtual size and allocation of every image file (:func:`hooksidecar.prepare.imagefiles.scan_vm_dir`,
-   headers re-read only for files that changed), and the filesystem's size and free space;
+   headers re-read only for files that changed), the copies cold migrations hold under
+   ``<root>/.diskhooks/migrate/`` (:func:`migration_copies`), and the filesystem's size and free space;
 2. **know** what the watches say: the VMs whose home is this node (their template plan), and the
    VMIs running here. A VMI counts with its plan, and its launcher Pod's request as a hold, only
    when the home marker in its directory names this node and that VMI's UID: prepare, running for
@@ -38,11 +39,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from diskplan import capacity as C
 from diskplan import keys as K
+from diskplan.plan import DNS_LABEL
 from hooksidecar.prepare.files import write_record
 from hooksidecar.prepare.imagefiles import DirScan, HeaderCache, scan_vm_dir
 from nodeagent import home as H
 from nodeagent.events import MAX_NOTE_BYTES, REPORTING_CONTROLLER, WARNING
 from nodeagent.kube import API_TIMEOUT, describe_error
+from nodeagent.migrate.vmdir import MIGRATE_SUBDIR
 from nodeagent.nodestatus import NodeStatus
 from nodeagent.scan import MarkerError, MarkerPlace, read_marker, vm_dirs
 
@@ -241,9 +244,10 @@ class CapacityReporter:
             policy = self.policy()
             root = self.paths.on_host(policy.host_disks.root)
             scans = scan_root(root, self._headers)
+            copies = migration_copies(root, self._headers)
             self._headers.next_pass()
             fs = os.statvfs(_existing(root))
-            facts = self._facts(root, scans)
+            facts = self._facts(root, scans) + copies
             account = C.account_node(facts, filesystem_bytes=fs.f_blocks * fs.f_frsize,
                                      free_bytes=fs.f_bavail * fs.f_frsize,
                                      capacity=policy.host_disks.capacity)
@@ -428,6 +432,42 @@ def scan_root(root: str, cache: HeaderCache | None = None) -> dict[tuple[str, st
             out[(ns, vm)] = scan_vm_dir(dir_fd=ns_fd, name=vm, cache=cache)
         except OSError:
             continue
+    return out
+
+
+def migration_copies(root: str, cache: HeaderCache | None = None) -> list[C.DirFacts]:
+    """The copies cold migrations hold under ``<root>/.diskhooks/migrate/`` (docs/MIGRATION.md): a VM
+    arriving here (the staging copy ``incoming/<ns>/<vm>/``) and a VM that moved away (the kept copy
+    ``kept/<ns>/<vm>.<id>/``). Their images take the filesystem's space like any VM directory's, so
+    each counts as one: ``unhomed`` (its VM's home is another node), its ``vm`` ``.incoming/<vm>`` or
+    ``.kept/<vm>.<id>``, a name no VM directory has (the summary's keys stay distinct). No link is
+    followed; a directory that cannot be read is passed over."""
+    out = []
+    for kind in ("incoming", "kept"):
+        place = f"{root.rstrip('/')}/{MIGRATE_SUBDIR}/{kind}"
+        try:
+            namespaces = sorted(os.listdir(place))
+        except OSError:
+            continue
+        for ns in namespaces:
+            if not DNS_LABEL.match(ns):
+                continue
+            try:
+                ns_fd = os.open(f"{place}/{ns}", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                with os.scandir(ns_fd) as entries:
+                    names = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+                for name in names:
+                    try:
+                        scan = scan_vm_dir(dir_fd=ns_fd, name=name, cache=cache)
+                    except OSError:
+                        continue
+                    out.append(C.DirFacts(ns, f".{kind}/{name}", images=scan.images,
+                                          other_allocated=scan.other_allocated, state=C.UNHOMED))
+            finally:
+                os.close(ns_fd)
     return out
 
 

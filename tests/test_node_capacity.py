@@ -228,6 +228,32 @@ def test_the_pass_counts_every_kind_of_directory(host: Path, root: Path) -> None
     assert 'vm="gone"' not in metrics.exposition().decode()
 
 
+def test_the_copies_of_cold_migrations_take_their_room(host: Path, root: Path) -> None:
+    """A VM arriving (the staging copy) and a VM that moved away (the kept copy) hold images under
+    ``.diskhooks/migrate/``: each counts like a VM directory whose VM is homed elsewhere, under a
+    key no VM directory has; nothing is looked up for them, no link is followed."""
+    migrate = root / ".diskhooks" / "migrate"
+    qcow2(migrate / "kept" / "vms" / "left.0123456789abcdef" / "data.qcow2", 3 * GiB)
+    (migrate / "kept" / "vms" / "left.0123456789abcdef.json").write_text("{}")
+    qcow2(migrate / "incoming" / "vms" / "coming" / "data.qcow2", 4 * GiB)
+    (migrate / "incoming" / "vms" / "coming" / "logs.qcow2").write_bytes(b"QFI")  # its first bytes only
+    (migrate / "incoming" / "vms" / "coming.json").write_text("{}")
+    qcow2(host / "elsewhere" / "big.qcow2", 50 * GiB)
+    (migrate / "kept" / "vms" / "linked.0123456789abcdef").symlink_to(host / "elsewhere")
+    qcow2(root / "vms" / "home" / "data.qcow2", 10 * GiB)
+    kube = StubKube(set())
+    r, _, _ = reporter(host, kube, vms=[homed_vm("vms", "home", data=10 * GiB)])
+    account = r.refresh()
+    assert account is not None
+    assert {d.vm: (d.state, d.planned_bytes) for d in account.dirs} == {
+        ".incoming/coming": (C.UNHOMED, 4 * GiB + 3), ".kept/left.0123456789abcdef": (C.UNHOMED, 3 * GiB),
+        "home": (C.STOPPED, 10 * GiB)}
+    assert account.counted_bytes == 17 * GiB + 3 and kube.gets == []
+    summary = read_summary(str(root / K.CAPACITY_SUBDIR / K.CAPACITY_SUMMARY))
+    assert summary.others("vms", "home") == 7 * GiB + 3  # what prepare sees beside its own VM
+    assert summary.others("vms", "coming") == 17 * GiB + 3  # the staging copy is not that VM's directory
+
+
 def test_a_vm_deleted_while_watched_becomes_an_orphan_at_once(host: Path, root: Path) -> None:
     qcow2(root / "vms" / "pg" / "data.qcow2", GiB)
     kube = StubKube({("vms", "pg")})
