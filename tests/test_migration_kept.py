@@ -92,6 +92,81 @@ def test_only_kept_copies_whose_names_parse_are_considered(tmp_path: Path) -> No
     assert kept_copies(str(tmp_path)) == [("ns", "db.v2", "00112233"), ("ns", "pg", "0123456789abcdef")]
 
 
+class Vms:
+    """The two calls the source's housekeeping makes (a VM by name, an Event); the API server is
+    real in the end-to-end test below."""
+
+    def __init__(self, vms: dict[tuple[str, str], dict[str, Any]]) -> None:
+        self.vms = vms
+
+    def get_vm(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.vms.get((namespace, name))
+
+
+def test_the_source_deletes_exactly_the_kept_copy_of_the_migration_that_started(tmp_path: Path) -> None:
+    import io
+
+    from diskplan.policy import load_policy
+    from hooksidecar.logfmt import JsonLog
+    from nodeagent.migrate.keptcopy import keep_aside, release_started
+
+    root = str(tmp_path)
+    ident = "0123456789abcdef"
+
+    def vm(name: str, uid: str = "vm-uid", **status: Any) -> dict[str, Any]:
+        s = MigrationStatus(id=status.pop("id", ident), phase=status.pop("phase", "Succeeded"), source="node-a",
+                            target=NODE, target_started=status.pop("started", HANDOVER), **status)
+        return {"metadata": {"name": name, "namespace": "ns", "uid": uid,
+                             "annotations": {"diskhooks.io/migration-status": status_json(s)}}}
+
+    def kept(name: str, uid: str = "vm-uid", copy_id: str = ident) -> Path:
+        d = tmp_path / "ns" / name
+        d.mkdir(parents=True)
+        (d / "data.qcow2").write_bytes(b"x" * 8192)
+        return Path(keep_aside(root, str(d), namespace="ns", vm=name, vm_uid=uid, target=NODE, ident=copy_id))
+
+    started = kept("started")
+    older = kept("started", copy_id="00000000aaaaaaaa")  # an earlier migration of the same VM
+    not_yet = kept("not-yet")
+    replaced = kept("replaced", uid="old-uid")  # a VM of that name made again since
+    moved_on = kept("moved-on")  # the status names a later migration
+    gone = kept("gone")  # the VM was deleted
+    other_source = kept("other-source")
+    link_place = tmp_path / ".diskhooks" / "migrate" / "kept" / "ns" / "linked.0123456789abcdef"
+    victim = tmp_path / "elsewhere"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    link_place.symlink_to(victim)
+    orphan_record = started.parent / "deleted-before.0123456789abcdef.json"
+    orphan_record.write_text("{}")  # a copy deleted before its record (a crash in between)
+    other = vm("other-source")
+    other["metadata"]["annotations"]["diskhooks.io/migration-status"] = status_json(MigrationStatus(
+        id=ident, phase="Succeeded", source="node-x", target=NODE, target_started=HANDOVER))
+    kube = Vms({("ns", "started"): vm("started"), ("ns", "not-yet"): vm("not-yet", started=None),
+                ("ns", "replaced"): vm("replaced"), ("ns", "moved-on"): vm("moved-on", id="fedcba9876543210"),
+                ("ns", "other-source"): other, ("ns", "linked"): vm("linked")})
+    events: list[tuple[str, str]] = []
+    out = io.StringIO()
+
+    def release(keep: str) -> int:
+        policy = load_policy(f"sidecar: {{image: a/b:1}}\nnodeAgent: {{migration: {{keepSource: {keep}}}}}\n")
+        return release_started(root=root, node_root="/var/lib/diskhooks/vms", node="node-a", kube=kube,  # type: ignore[arg-type]
+                               policy=policy, log=JsonLog(out),
+                               event=lambda v, reason, message, kind: events.append((reason, message)))
+
+    assert release("forever") == 0 and started.is_dir()
+    assert release("untilStarted") == 1
+    assert not started.exists() and not Path(f"{started}.json").exists()
+    assert [e[0] for e in events] == ["MigrationSourceRemoved"]
+    assert f"/var/lib/diskhooks/vms/.diskhooks/migrate/kept/ns/started.{ident}" in events[0][1]
+    assert "bytes on disk" in events[0][1] and f"started on node {NODE}" in events[0][1]
+    for d in (older, not_yet, replaced, moved_on, gone, other_source):
+        assert (d / "data.qcow2").is_file(), d
+    assert link_place.is_symlink() and (victim / "precious").read_text() == "keep me"
+    assert not orphan_record.exists()
+    assert release("untilStarted") == 0  # nothing more
+
+
 # ------------------------------------------------------------------------------------------------
 # end to end
 # ------------------------------------------------------------------------------------------------
