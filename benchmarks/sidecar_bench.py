@@ -23,14 +23,22 @@ Measured:
 (e) peak RSS of a fresh sidecar (default transport) after **one** ``OnDefineDomain`` call on the
     largest domain XML it accepts (``xmlsafe.MAX_DOMAIN_XML_BYTES``): the workload's domain grown
     with more disks (what a big VM looks like), and the worst case for memory, the same size of
-    empty elements (the most nodes per byte). Target: well under KubeVirt's 64M sidecar limit.
+    empty elements (the most nodes per byte). Target: well under KubeVirt's 64M sidecar limit;
+(f) a new connection per call, **interleaved**: the sidecar and the bare server (and, with
+    ``--compare-tree DIR``, the sidecar of another checkout of this repository, e.g. an earlier
+    commit from ``git archive``) serve at the same time and take turns, rounds of 50 calls each,
+    so a change in the machine's load hits them all alike; per server the median and p99, the
+    ratio of its median to the bare server's, and the **server's CPU time per call** (user +
+    system of all its threads, ``/proc/<pid>/stat``): the part of a call spent in the server
+    process, apart from the client's.
 
 Every child runs the same interpreter. By default the children share a fresh bytecode cache
 (``PYTHONPYCACHEPREFIX`` in the run's temporary directory, warmed before measuring) the way an
 image ships compiled ``.pyc`` files; ``--no-bytecode-cache`` keeps the environment as it is (this
 machine sets ``PYTHONDONTWRITEBYTECODE``, so every start then compiles diskhooks from source).
 The client shares the 2 cores with the servers: read the ratios. Targets are printed, never
-asserted: (a) >= 20x faster than (b), (c) < 40 MiB, (d) < 1 s, (e) < 48 MiB. Stops by itself (~25 s).
+asserted: (a) >= 20x faster than (b), (c) < 40 MiB, (d) < 1 s, (e) < 48 MiB, (f) new connection
+< 1.5 ms. Stops by itself (~40 s with ``--calls 1000``).
 """
 
 from __future__ import annotations
@@ -198,12 +206,13 @@ def status_kib(pid: int) -> dict[str, int]:
 class Server:
     """A server process on a unix socket; stopped by pid (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, args: list[str], socket_path: Path, interp: Interp, log: Path) -> None:
+    def __init__(self, args: list[str], socket_path: Path, interp: Interp, log: Path,
+                 tree: Path = ROOT) -> None:
         self.socket_path = socket_path
         self.label = " ".join(args[:3])[:80]
         self.started = time.perf_counter()
         with open(log, "ab") as handle:
-            self.proc = subprocess.Popen([sys.executable, *interp.flags, *args], cwd=ROOT, env=interp.env,
+            self.proc = subprocess.Popen([sys.executable, *interp.flags, *args], cwd=tree, env=interp.env,
                                          stdout=subprocess.DEVNULL, stderr=handle)
         self.log = log
 
@@ -402,6 +411,66 @@ def measure_server(make_args: Callable[[Path], tuple[list[str], Path]], interp: 
                      answer=answer)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of every thread of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Interleaved:
+    """One server's share of the interleaved new-connection calls (f)."""
+
+    label: str
+    times: list[float]
+    cpu: float  # the server process's CPU seconds over those calls
+    after: dict[str, int]
+
+
+ROUND = 50
+
+
+def measure_interleaved(kinds: list[tuple[str, list[str], Path, Interp, Path]], *, workdir: Path,
+                        workload: Workload, calls: int, log: Path) -> list[Interleaved]:
+    """``kinds``: (label, args, socket path, interpreter, tree). Every server is started, warmed,
+    then they take turns: rounds of :data:`ROUND` calls each on a new connection per call."""
+    for _, args, sock, interp, tree in kinds:  # a first start fills the bytecode cache (peak RSS)
+        warm = Server(args, sock, interp, log, tree)
+        try:
+            warm.wait_ready()
+        finally:
+            warm.stop()
+    servers: list[Server] = []
+    try:
+        for _, args, sock, interp, tree in kinds:
+            servers.append(Server(args, sock, interp, log, tree))
+        results: list[Interleaved] = []
+        for server in servers:
+            server.wait_ready()
+            call = functools.partial(on_define_over_socket, f"unix://{server.socket_path}", workload,
+                                     new_connection=True)
+            timed(call, 20)  # warm-up
+            results.append(Interleaved(label=kinds[len(results)][0], times=[], cpu=0.0, after={}))
+        done = 0
+        while done < calls:
+            n = min(ROUND, calls - done)
+            for server, result in zip(servers, results, strict=True):
+                call = functools.partial(on_define_over_socket, f"unix://{server.socket_path}", workload,
+                                         new_connection=True)
+                began = cpu_seconds(server.proc.pid)
+                times, _ = timed(call, n)
+                result.cpu += cpu_seconds(server.proc.pid) - began
+                result.times.extend(times)
+            done += n
+        for server, result in zip(servers, results, strict=True):
+            result.after = status_kib(server.proc.pid)
+        return results
+    finally:
+        for server in servers:
+            server.stop()
+
+
 # ------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks sidecar",
@@ -409,6 +478,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=300, help="OnDefineDomain calls over the socket (300)")
     parser.add_argument("--shim-calls", type=int, default=30, help="fresh-process calls per mode (30)")
     parser.add_argument("--starts", type=int, default=5, help="starts timed per server and mode (5)")
+    parser.add_argument("--compare-tree", type=Path, default=None, metavar="DIR",
+                        help="(f) also serve the sidecar from this checkout (e.g. an earlier commit)")
+    parser.add_argument("--interleaved-only", action="store_true",
+                        help="measure (f) only (a few seconds per 1000 calls and server)")
     parser.add_argument("--no-bytecode-cache", action="store_true",
                         help="children run with this environment as it is (see the module docstring)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -443,7 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         runs: dict[tuple[str, str], ServerRun] = {}
         shims: dict[str, tuple[list[float], int]] = {}
-        for mode in modes:
+        large: list[OneCall] = []
+        for mode in modes if not args.interleaved_only else ():
             shim_call(workload, mode)  # warm the bytecode cache
             times, (out, _) = timed(functools.partial(shim_call, workload, mode), args.shim_calls)
             if out != expected:
@@ -459,19 +533,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in ("sidecar", "sidecar-grpcio"):
                 if (name, mode.label) in runs and runs[(name, mode.label)].answer != expected:
                     raise RuntimeError(f"the {name} answer differs from the in-process one")
-        large = [measure_one_large_call(kind, modes[0], workdir=workdir, workload=workload, log=log)
-                 for kind in ("disks", "empty")]
+        if not args.interleaved_only:
+            large = [measure_one_large_call(kind, modes[0], workdir=workdir, workload=workload, log=log)
+                     for kind in ("disks", "empty")]
+        inter_kinds = []
+        for label, tree in (("diskhooks sidecar", ROOT), ("bare grpc echo server", None),
+                            (f"sidecar from {args.compare_tree}", args.compare_tree)):
+            if label.startswith("sidecar from") and tree is None:
+                continue
+            sock_dir = Path(tempfile.mkdtemp(dir=workdir))
+            if tree is None:
+                inter_kinds.append((label, bare_args(sock_dir / "bare.sock"), sock_dir / "bare.sock", modes[0],
+                                    ROOT))
+            else:
+                interp = modes[0]
+                if tree != ROOT:
+                    env = dict(interp.env)
+                    env["PYTHONPATH"] = os.pathsep.join([str(tree), *interp.env["PYTHONPATH"].split(os.pathsep)[1:]])
+                    interp = Interp(interp.label, interp.flags, env)
+                inter_kinds.append((label, sidecar_args(sock_dir, workload.prefix), sock_dir / "diskhooks.sock",
+                                    interp, tree))
+        interleaved = measure_interleaved(inter_kinds, workdir=workdir, workload=workload, calls=args.calls,
+                                          log=log)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    report(args, runs=runs, shims=shims, core_times=core_times, large=large,
+    if args.interleaved_only:
+        print(f"pure core in-process (on_define_domain): median {p50(core_times) * 1000:.3f} ms")
+        report_interleaved(interleaved)
+        print(f"(total {time.monotonic() - began:.0f} s)")
+        return 0
+    report(args, runs=runs, shims=shims, core_times=core_times, large=large, interleaved=interleaved,
            seconds=time.monotonic() - began)
     return 0
 
 
 def report(args: argparse.Namespace, *, runs: dict[tuple[str, str], ServerRun],
            shims: dict[str, tuple[list[float], int]], core_times: list[float], large: list[OneCall],
-           seconds: float) -> None:
+           interleaved: list[Interleaved], seconds: float) -> None:
     ms = 1000.0
     side, bare = runs[("sidecar", "as-is")], runs[("bare", "as-is")]
     print(f"sample {SAMPLE.name} + plan (2 qcow2 disks, one on a backing base; image headers checked on "
@@ -554,7 +653,23 @@ def report(args: argparse.Namespace, *, runs: dict[tuple[str, str], ServerRun],
     worst_peak = max(one.after["VmHWM"] for one in large)
     print(f"{'target: peak < 48 MiB (limit 64M)':50} {'':6} "
           f"{'met' if worst_peak < 48 * 1024 else 'MISSED':>10}   (peak {mib(worst_peak)} MiB)")
+    report_interleaved(interleaved)
     print(f"(total {seconds:.0f} s)")
+
+
+def report_interleaved(interleaved: list[Interleaved]) -> None:
+    ms = 1000.0
+    print()
+    bare_median = p50(next(r.times for r in interleaved if r.label.startswith("bare")))
+    print(f"{'(f) new connection per call, interleaved':50} {'calls':>6} {'median ms':>10} {'p99 ms':>8} "
+          f"{'x bare':>7} {'server CPU ms/call':>19} {'peak MiB':>9}")
+    for row in interleaved:
+        print(f"{row.label[:50]:50} {len(row.times):6d} {p50(row.times) * ms:10.2f} {p99(row.times) * ms:8.2f} "
+              f"{p50(row.times) / bare_median:7.2f} {row.cpu / len(row.times) * ms:19.3f} "
+              f"{row.after['VmHWM'] / 1024:9.1f}")
+    side_median = p50(interleaved[0].times)
+    print(f"{'target: sidecar median < 1.5 ms':50} {'':6} {'met' if side_median < 0.0015 else 'MISSED':>10}"
+          f"   (a quiet machine; read the ratio to the bare server when it is not)")
 
 
 if __name__ == "__main__":
