@@ -24,9 +24,11 @@ Measured:
     largest domain XML it accepts (``xmlsafe.MAX_DOMAIN_XML_BYTES``): the workload's domain grown
     with more disks (what a big VM looks like), and the worst case for memory, the same size of
     empty elements (the most nodes per byte). Target: well under KubeVirt's 64M sidecar limit;
-(f) a new connection per call, **interleaved**: the sidecar and the bare server (and, with
-    ``--compare-tree DIR``, the sidecar of another checkout of this repository, e.g. an earlier
-    commit from ``git archive``) serve at the same time and take turns, rounds of 50 calls each,
+(f) a new connection per call, **interleaved**: the sidecar, the bare server and the sidecar's
+    transport alone (``H2GrpcServer`` with an echo handler: what is left is the HTTP/2 and gRPC
+    work) (and, with ``--compare-tree DIR``, the sidecar and the transport of another checkout of
+    this repository, e.g. an earlier commit from ``git archive``) serve at the same time and take
+    turns, rounds of 50 calls each,
     so a change in the machine's load hits them all alike; per server the median and p99, the
     ratio of its median to the bare server's, and the **server's CPU time per call** (user +
     system of all its threads, ``/proc/<pid>/stat``): the part of a call spent in the server
@@ -100,6 +102,16 @@ server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handle
 server.add_insecure_port("unix://" + sys.argv[1])
 server.start()
 server.wait_for_termination()
+"""
+
+ECHO_SERVER_CODE = """\
+import sys, time
+from hooksidecar.h2grpc import H2GrpcServer
+server = H2GrpcServer(sys.argv[1], {"/kubevirt.hooks.v1alpha3.Callbacks/OnDefineDomain": lambda r: r,
+                                    "/kubevirt.hooks.info.Info/Info": lambda r: b""})
+server.start()
+while True:
+    time.sleep(3600)
 """
 
 
@@ -441,6 +453,7 @@ def measure_interleaved(kinds: list[tuple[str, list[str], Path, Interp, Path]], 
             warm.wait_ready()
         finally:
             warm.stop()
+            sock.unlink(missing_ok=True)  # the bare and echo servers leave theirs
     servers: list[Server] = []
     try:
         for _, args, sock, interp, tree in kinds:
@@ -537,20 +550,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             large = [measure_one_large_call(kind, modes[0], workdir=workdir, workload=workload, log=log)
                      for kind in ("disks", "empty")]
         inter_kinds = []
-        for label, tree in (("diskhooks sidecar", ROOT), ("bare grpc echo server", None),
-                            (f"sidecar from {args.compare_tree}", args.compare_tree)):
-            if label.startswith("sidecar from") and tree is None:
-                continue
+        trees = [("", ROOT)] + ([(f" from {args.compare_tree}", args.compare_tree)] if args.compare_tree else [])
+        for label, args_of, tree in [("diskhooks sidecar", "sidecar", ROOT), ("bare grpc echo server", "bare", ROOT),
+                                     *((f"h2grpc echo server{suffix}", "echo", tree) for suffix, tree in trees),
+                                     *((f"sidecar{suffix}", "sidecar", tree) for suffix, tree in trees[1:])]:
             sock_dir = Path(tempfile.mkdtemp(dir=workdir))
-            if tree is None:
-                inter_kinds.append((label, bare_args(sock_dir / "bare.sock"), sock_dir / "bare.sock", modes[0],
-                                    ROOT))
+            interp = modes[0]
+            if tree != ROOT:
+                env = dict(interp.env)
+                env["PYTHONPATH"] = os.pathsep.join([str(tree), *interp.env["PYTHONPATH"].split(os.pathsep)[1:]])
+                interp = Interp(interp.label, interp.flags, env)
+            if args_of == "bare":
+                inter_kinds.append((label, bare_args(sock_dir / "bare.sock"), sock_dir / "bare.sock", interp, tree))
+            elif args_of == "echo":
+                inter_kinds.append((label, ["-c", ECHO_SERVER_CODE, str(sock_dir / "echo.sock")],
+                                    sock_dir / "echo.sock", interp, tree))
             else:
-                interp = modes[0]
-                if tree != ROOT:
-                    env = dict(interp.env)
-                    env["PYTHONPATH"] = os.pathsep.join([str(tree), *interp.env["PYTHONPATH"].split(os.pathsep)[1:]])
-                    interp = Interp(interp.label, interp.flags, env)
                 inter_kinds.append((label, sidecar_args(sock_dir, workload.prefix), sock_dir / "diskhooks.sock",
                                     interp, tree))
         interleaved = measure_interleaved(inter_kinds, workdir=workdir, workload=workload, calls=args.calls,
