@@ -338,17 +338,20 @@ class ServerConnection:
             self._preface_seen = True
             pos = len(PREFACE)
         end = len(buf)
-        while end - pos >= 9 and not self.ended:
-            hi, lo, kind, flags, sid = _HEAD.unpack_from(buf, pos)
-            length = hi << 16 | lo
-            if length > FRAME_BYTES:
-                raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"frame of {length} bytes (limit {FRAME_BYTES})")
-            if end - pos - 9 < length:
-                break
-            payload = bytes(buf[pos + 9:pos + 9 + length])
-            pos += 9 + length
-            self._frame(kind, flags, sid & 0x7FFFFFFF, payload)
-        del buf[:pos]
+        try:
+            while end - pos >= 9 and not self.ended:
+                hi, lo, kind, flags, sid = _HEAD.unpack_from(buf, pos)
+                length = hi << 16 | lo
+                if length > FRAME_BYTES:
+                    raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR,
+                                        f"frame of {length} bytes (limit {FRAME_BYTES})")
+                if end - pos - 9 < length:
+                    break
+                payload = bytes(buf[pos + 9:pos + 9 + length])
+                pos += 9 + length
+                self._frame(kind, flags, sid & 0x7FFFFFFF, payload)
+        finally:
+            del buf[:pos]  # a frame is processed once, even when the owner's callback raised
 
     def _frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
         if not self._settings_seen:
