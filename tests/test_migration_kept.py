@@ -98,9 +98,14 @@ class Vms:
 
     def __init__(self, vms: dict[tuple[str, str], dict[str, Any]]) -> None:
         self.vms = vms
+        self.patched: list[tuple[str, dict[str, Any]]] = []
 
     def get_vm(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.vms.get((namespace, name))
+
+    def patch_vm_metadata(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.patched.append((name, patch))
+        return self.vms[(namespace, name)]
 
 
 def test_the_source_deletes_exactly_the_kept_copy_of_the_migration_that_started(tmp_path: Path) -> None:
@@ -115,7 +120,9 @@ def test_the_source_deletes_exactly_the_kept_copy_of_the_migration_that_started(
 
     def vm(name: str, uid: str = "vm-uid", **status: Any) -> dict[str, Any]:
         s = MigrationStatus(id=status.pop("id", ident), phase=status.pop("phase", "Succeeded"), source="node-a",
-                            target=NODE, target_started=status.pop("started", HANDOVER), **status)
+                            target=NODE, target_started=status.pop("started", HANDOVER),
+                            source_kept=f"/var/lib/diskhooks/vms/.diskhooks/migrate/kept/ns/{name}.{ident}",
+                            **status)
         return {"metadata": {"name": name, "namespace": "ns", "uid": uid,
                              "annotations": {"diskhooks.io/migration-status": status_json(s)}}}
 
@@ -158,6 +165,9 @@ def test_the_source_deletes_exactly_the_kept_copy_of_the_migration_that_started(
     assert release("untilStarted") == 1
     assert not started.exists() and not Path(f"{started}.json").exists()
     assert [e[0] for e in events] == ["MigrationSourceRemoved"]
+    assert [name for name, _ in kube.patched] == ["started"]  # its status no longer names the copy
+    assert "sourceKept" not in json.loads(kube.patched[0][1]["metadata"]["annotations"][
+        "diskhooks.io/migration-status"])
     assert f"/var/lib/diskhooks/vms/.diskhooks/migrate/kept/ns/started.{ident}" in events[0][1]
     assert "bytes on disk" in events[0][1] and f"started on node {NODE}" in events[0][1]
     for d in (older, not_yet, replaced, moved_on, gone, other_source):
@@ -234,6 +244,8 @@ def test_the_kept_copy_goes_once_the_vm_ran_on_its_new_node_as_the_policy_says(
         removed = agent_a.records("migrate.kept-removed")[-1]
         assert removed["id"] == status["id"] and removed["started"] == started and removed["bytes"] > 0
         wait_for("the Event", lambda: "MigrationSourceRemoved" in s.events("pg10"), 30, agent_a)
+        after = s.status("pg10")
+        assert after is not None and "sourceKept" not in after and after["targetStarted"] == started
     else:
         rounds = len(agent_a.records("migrate.housekeeping"))
         wait_for("two housekeeping rounds on node a after the start",

@@ -17,7 +17,7 @@ looks, and either agent may restart in between):
   ``<root>/.diskhooks/migrate/kept/<ns>/<vm>.<id>/`` whose name parses (namespace, VM name,
   migration id) and whose VM says, for **that** migration id, ``Succeeded`` from this node with
   ``targetStarted``, is deleted under ``untilStarted``, with its record, and an Event
-  ``MigrationSourceRemoved`` on the VM. The path is made from the names of the directory entry and
+  ``MigrationSourceRemoved`` on the VM, and ``sourceKept`` dropped from the status. The path is made from the names of the directory entry and
   checked against the status's id; the status's ``sourceKept`` text is never used as a path. A copy
   whose VM is gone, is another VM now (UID), or whose status has moved on to a later migration is
   kept (nothing says it started; the operator deletes it).
@@ -226,6 +226,19 @@ def _is_dir(path: str) -> bool:
         return False
 
 
+def _forget_kept(kube: Kube, vm: Mapping[str, Any], status: MigrationStatus, log: JsonLog) -> None:
+    """The status no longer names the deleted copy (``sourceKept`` absent: deleted); conditional on
+    the VM read, so a change since (a new migration's status) is left as it is."""
+    meta = _meta(vm)
+    patch = {"metadata": {"resourceVersion": meta.get("resourceVersion"),
+                          "annotations": {ANN_MIGRATION_STATUS: status_json(status.advanced(source_kept=None))}}}
+    try:
+        kube.patch_vm_metadata(str(meta.get("namespace") or ""), str(meta.get("name") or ""), patch)
+    except Exception as exc:  # noqa: BLE001 - a report: the copy is gone either way (log, Event)
+        log.emit("migrate.status-failed", level="info", namespace=meta.get("namespace"), vm=meta.get("name"),
+                 error=describe_error(exc))
+
+
 def release_started(*, root: str, node_root: str, node: str, kube: Kube, policy: Policy, log: JsonLog,
                     event: Callable[[Mapping[str, Any], str, str, str], None]) -> int:
     """The source's half (housekeeping): delete the kept copies whose VM has started on its new node,
@@ -263,5 +276,6 @@ def release_started(*, root: str, node_root: str, node: str, kube: Kube, policy:
         event(vm, EVENT_SOURCE_REMOVED, f"the copy kept on node {node} at {shown} ({freed} bytes on disk) is "
               f"deleted: the VM started on node {status.target} at {status.target_started} (policy "
               f"nodeAgent.migration.keepSource: {KEEP_UNTIL_STARTED})", NORMAL)
+        _forget_kept(kube, vm, status, log)
         count += 1
     return count
