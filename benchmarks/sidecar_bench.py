@@ -26,10 +26,10 @@ Measured:
     empty elements (the most nodes per byte). Target: well under KubeVirt's 64M sidecar limit;
 (f) a new connection per call, **interleaved**: the sidecar, the bare server and the sidecar's
     transport alone (``H2GrpcServer`` with an echo handler: what is left is the HTTP/2 and gRPC
-    work) (and, with ``--compare-tree DIR``, the sidecar and the transport of another checkout of
-    this repository, e.g. an earlier commit from ``git archive``) serve at the same time and take
-    turns, rounds of 50 calls each,
-    so a change in the machine's load hits them all alike; per server the median and p99, the
+    work) (and, with ``--compare-tree DIR``, repeatable, the sidecar and the transport of another
+    checkout of this repository, e.g. an earlier commit from ``git archive``) serve at the same
+    time and take turns, rounds of 50 calls each, so a change in the machine's load hits them
+    all alike; per server the median and p99, the
     ratio of its median to the bare server's, and the **server's CPU time per call** (user +
     system of all its threads, ``/proc/<pid>/stat``): the part of a call spent in the server
     process, apart from the client's.
@@ -491,8 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=300, help="OnDefineDomain calls over the socket (300)")
     parser.add_argument("--shim-calls", type=int, default=30, help="fresh-process calls per mode (30)")
     parser.add_argument("--starts", type=int, default=5, help="starts timed per server and mode (5)")
-    parser.add_argument("--compare-tree", type=Path, default=None, metavar="DIR",
-                        help="(f) also serve the sidecar from this checkout (e.g. an earlier commit)")
+    parser.add_argument("--compare-tree", type=Path, action="append", metavar="DIR",
+                        help="(f) also serve the sidecar from this checkout (e.g. an earlier commit); repeatable")
     parser.add_argument("--interleaved-only", action="store_true",
                         help="measure (f) only (a few seconds per 1000 calls and server)")
     parser.add_argument("--no-bytecode-cache", action="store_true",
@@ -550,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             large = [measure_one_large_call(kind, modes[0], workdir=workdir, workload=workload, log=log)
                      for kind in ("disks", "empty")]
         inter_kinds = []
-        trees = [("", ROOT)] + ([(f" from {args.compare_tree}", args.compare_tree)] if args.compare_tree else [])
+        trees = [("", ROOT)] + [(f" from {tree}", tree) for tree in args.compare_tree or ()]
         for label, args_of, tree in [("diskhooks sidecar", "sidecar", ROOT), ("bare grpc echo server", "bare", ROOT),
                                      *((f"h2grpc echo server{suffix}", "echo", tree) for suffix, tree in trees),
                                      *((f"sidecar{suffix}", "sidecar", tree) for suffix, tree in trees[1:])]:
