@@ -41,7 +41,17 @@ from diskplan.migration import (
     wants_compression,
 )
 from diskplan.policy import load_policy
-from nodeagent.migrate.bridge import BridgeError, TlsChannel, pump
+from nodeagent.migrate.bridge import (
+    COMPACT_AT,
+    OUT_BUFFER,
+    RECORD,
+    BridgeError,
+    OutBuffer,
+    TlsChannel,
+    pipe_backoff,
+    pump,
+    widen_pipe,
+)
 from nodeagent.migrate.command import eta, human, progress_line
 from nodeagent.migrate.options import duration
 from nodeagent.migrate.tlsfiles import PEER_NAME, TlsFiles
@@ -442,6 +452,44 @@ def test_the_bridge_half_closes_only_when_nothing_is_in_flight(tmp_path: Path) -
     os.close(c_out_r)
     assert not errors
     assert b"".join(chunks) == down
+
+
+def test_the_out_buffer_keeps_the_bytes_in_order_across_compaction() -> None:
+    """Records land at the end, the pipe takes from the front; room is made by moving a small rest
+    to the front, never by dropping or reordering bytes, and a big rest waits for the pipe."""
+    out = OutBuffer(b"early")
+    wrote = bytearray()
+    sent = bytearray(b"early")
+    counter = 0
+    while len(sent) < 3 * OUT_BUFFER:
+        while out.room():
+            record = bytes([counter % 251]) * RECORD
+            counter += 1
+            out.tail()[:RECORD] = record
+            out.end += RECORD
+            sent += record
+        assert len(out) > COMPACT_AT  # no room only while a big rest waits for the pipe
+        take = len(out) - COMPACT_AT // 2  # the pipe takes most of it
+        wrote += out.head()[:take]
+        out.consume(take)
+    wrote += out.head()
+    out.consume(len(out))
+    assert not out and bytes(wrote) == bytes(sent)
+
+
+def test_a_full_pipe_is_retried_after_a_sleep_sized_to_the_pipe() -> None:
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    try:
+        assert pipe_backoff(w) == 0  # 64 KiB: rsync empties it faster than a sleep is worth
+        widen_pipe(w)
+        assert 0 < pipe_backoff(w) <= 0.0005  # 1 MiB: rsync needs a while for half of it
+        assert pipe_backoff(a.fileno()) == 0  # rsync's remote shell gets a socket: no pipe size
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
 
 
 def _write_all(fd: int, data: bytes) -> None:
