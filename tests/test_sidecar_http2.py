@@ -262,6 +262,23 @@ def test_a_malformed_request_is_a_stream_error(fields: list[tuple[bytes, bytes]]
     assert rec.events == [("request", 3, dict(REQUEST), True), ("end", 3)]
 
 
+def test_a_stream_that_depends_on_itself_is_a_stream_error() -> None:
+    conn, rec = make()
+    enc = hpack.Encoder()
+    f = hf.HeadersFrame(1)
+    f.data = enc.encode(REQUEST)
+    f.flags.add("END_HEADERS")
+    f.flags.add("PRIORITY")
+    f.depends_on, f.stream_weight = 1, 15
+    conn.receive(OPENING + ser(f) + headers(3, encoder=enc))  # the HPACK state followed block 1
+    assert rec.events == [("request", 3, dict(REQUEST), False)]
+    conn.receive(raw(http2.PRIORITY, 0, 3, struct.pack(">LB", 3, 15)))
+    assert rec.events[-1] == ("reset", 3) and not conn.ended
+    sent = frames(conn.data_to_send())
+    assert [(f.stream_id, f.error_code) for f in sent if isinstance(f, hf.RstStreamFrame)] == [
+        (1, ErrorCode.PROTOCOL_ERROR), (3, ErrorCode.PROTOCOL_ERROR)]
+
+
 def test_trailers_without_end_stream_reset_the_stream() -> None:
     conn, rec = make()
     enc = hpack.Encoder()

@@ -23,7 +23,8 @@ What a client may send, and what it gets for the rest:
 - a **stream error** (RST_STREAM PROTOCOL_ERROR, the connection goes on) for a malformed header
   list (RFC 9113 8.2-8.3: upper case or non-token names, CR/LF/NUL in values, pseudo-headers
   unknown, repeated, after regular ones or missing, connection-specific headers, ``te`` other than
-  ``trailers``) and trailers without END_STREAM or with pseudo-headers.
+  ``trailers``), trailers without END_STREAM or with pseudo-headers, and a stream that depends on
+  itself (HEADERS or PRIORITY).
 
 DATA, WINDOW_UPDATE and RST_STREAM on a stream that was closed or reset are ignored (DATA still
 counts against the connection's window and is credited back); HEADERS on one of the last
@@ -228,6 +229,7 @@ class ServerConnection:
         self._block_sid = 0
         self._block_ended = False
         self._block_kind = _REQUEST
+        self._block_problem = ""  # what makes the block's stream fail whatever its fields
         self._decoder = hpack.Decoder()
         self._decoder.max_header_list_size = max_header_list
         self._conn_unacked = 0
@@ -390,6 +392,9 @@ class ServerConnection:
             self._stream_frame(sid, "PRIORITY")
             if len(payload) != 5:
                 raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"PRIORITY of {len(payload)} bytes")
+            if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid and sid in self._streams:
+                self.reset(sid, ErrorCode.PROTOCOL_ERROR)  # depends on itself: a stream error
+                self.events.on_reset(sid)
         elif kind == GOAWAY:
             if sid:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
@@ -458,9 +463,12 @@ class ServerConnection:
         if not sid:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
         payload = self._unpad(flags, payload, "HEADERS")
+        self._block_problem = ""
         if flags & FLAG_PRIORITY:
             if len(payload) < 5:
                 raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid:
+                self._block_problem = "the stream depends on itself"
             payload = payload[5:]
         stream = self._streams.get(sid)
         if stream is not None:
@@ -503,7 +511,7 @@ class ServerConnection:
         if kind == _IGNORED or kind == _TRAILERS and sid not in self._streams:
             return  # on a closed or reset stream (the owner may reset one while told of a block)
         trailers = kind == _TRAILERS
-        headers = request_headers(fields, trailers=trailers)  # type: ignore[arg-type]
+        headers = self._block_problem or request_headers(fields, trailers=trailers)  # type: ignore[arg-type]
         if isinstance(headers, str) or (trailers and not ended):  # malformed: a stream error
             if trailers:
                 self.reset(sid, ErrorCode.PROTOCOL_ERROR)
