@@ -279,6 +279,20 @@ def test_a_stream_that_depends_on_itself_is_a_stream_error() -> None:
         (1, ErrorCode.PROTOCOL_ERROR), (3, ErrorCode.PROTOCOL_ERROR)]
 
 
+@pytest.mark.parametrize("increment, code", [(0, ErrorCode.PROTOCOL_ERROR),
+                                             (2**31 - 65535, ErrorCode.FLOW_CONTROL_ERROR)])
+def test_a_bad_window_update_on_a_stream_resets_it(increment: int, code: ErrorCode) -> None:
+    conn, rec = make()
+    conn.receive(OPENING + headers(1, end_stream=True))
+    conn.data_to_send()
+    conn.receive(_window(1, increment))
+    assert rec.events[-1] == ("reset", 1) and not conn.ended
+    sent = frames(conn.data_to_send())
+    assert [(type(f).__name__, f.stream_id, f.error_code) for f in sent] == [("RstStreamFrame", 1, code)]
+    with pytest.raises(http2.StreamClosed):
+        conn.send_data(1, b"x")
+
+
 def test_trailers_without_end_stream_reset_the_stream() -> None:
     conn, rec = make()
     enc = hpack.Encoder()

@@ -23,8 +23,9 @@ What a client may send, and what it gets for the rest:
 - a **stream error** (RST_STREAM PROTOCOL_ERROR, the connection goes on) for a malformed header
   list (RFC 9113 8.2-8.3: upper case or non-token names, CR/LF/NUL in values, pseudo-headers
   unknown, repeated, after regular ones or missing, connection-specific headers, ``te`` other than
-  ``trailers``), trailers without END_STREAM or with pseudo-headers, and a stream that depends on
-  itself (HEADERS or PRIORITY).
+  ``trailers``), trailers without END_STREAM or with pseudo-headers, a stream that depends on
+  itself (HEADERS or PRIORITY) and a WINDOW_UPDATE of 0 on a stream; RST_STREAM FLOW_CONTROL_ERROR
+  for a stream's window that overflows.
 
 DATA, WINDOW_UPDATE and RST_STREAM on a stream that was closed or reset are ignored (DATA still
 counts against the connection's window and is credited back); HEADERS on one of the last
