@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", type=_grace, default=5.0,
                        help="seconds in-flight calls get when stopping (default: 5)")
     serve.add_argument("--transport", choices=("h2", "grpcio"), default="h2",
-                       help="HTTP/2 layer: h2 (pure Python, the default, ~19 MiB less peak memory) or "
+                       help="HTTP/2 layer: h2 (our own, pure Python, the default, ~20 MiB less peak memory) or "
                        "grpcio (needs the grpcio package; for comparison)")
 
     serve.epilog = ("The plan applied is the one verified when the launcher Pod was admitted, from the "

@@ -9,10 +9,11 @@ disks is taken here.
 Transport-independent method table. :func:`method_table` maps each served path
 (``/kubevirt.hooks.v1alpha3.Callbacks/OnDefineDomain``, ...) to a ``request bytes -> response
 bytes`` function that raises :class:`hooksidecar.h2grpc.RpcStatus` for an error status. Two
-transports serve that table: ``h2`` (the default, :mod:`hooksidecar.h2grpc`: pure-Python HTTP/2 from
-the ``h2`` package, ~4 MiB to import) and ``grpcio`` (:func:`generic_handlers`, grpcio's C core, ~27 MiB just
-to import; kept for comparison and as a fallback, needs grpcio installed, which the sidecar image
-does not ship). The sidecar runs under a 64M limit.
+transports serve that table: ``h2`` (the default, :mod:`hooksidecar.h2grpc`: a pure-Python HTTP/2
+layer of its own, HPACK from the ``hpack`` package; the name is HTTP/2's own) and ``grpcio``
+(:func:`generic_handlers`, grpcio's C core, ~27 MiB just to import; kept for comparison and as a
+fallback, needs grpcio installed, which the sidecar image does not ship). The sidecar runs under a
+64M limit.
 
 Wire format. Every message of this API holds only ``bytes``/``string`` fields, plus ``InfoResult``'s
 repeated ``HookPoint`` (a string and an int32). The server therefore does not load the protobuf
