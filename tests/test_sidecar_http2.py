@@ -34,6 +34,7 @@ REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/t.S/Echo"
 class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[Any, ...]] = []
+        self.errors: list[tuple[int, str]] = []  # stream errors, with the reason
 
     def on_request(self, sid: int, headers: dict[bytes, bytes], ended: bool) -> None:
         self.events.append(("request", sid, headers, ended))
@@ -49,6 +50,9 @@ class Recorder:
 
     def on_goaway(self) -> None:
         self.events.append(("goaway",))
+
+    def on_stream_error(self, sid: int, reason: str) -> None:
+        self.errors.append((sid, reason))
 
 
 def make() -> tuple[ServerConnection, Recorder]:
@@ -258,6 +262,8 @@ def test_a_malformed_request_is_a_stream_error(fields: list[tuple[bytes, bytes]]
     assert rec.events == [], why
     assert [(f.stream_id, f.error_code) for f in sent if isinstance(f, hf.RstStreamFrame)] == [
         (1, ErrorCode.PROTOCOL_ERROR)], why
+    assert len(rec.errors) == 1 and rec.errors[0][0] == 1
+    assert rec.errors[0][1].startswith("PROTOCOL_ERROR: malformed request headers: "), rec.errors
     conn.receive(data(1, b"ignored") + headers(3, encoder=enc, end_stream=True))  # the connection goes on
     assert rec.events == [("request", 3, dict(REQUEST), True), ("end", 3)]
 
@@ -442,3 +448,40 @@ def test_the_server_answers_a_protocol_error_with_goaway_closes_and_serves_the_n
         assert "FRAME_SIZE_ERROR" in logged[0][1]["error"]
     finally:
         server.stop(1)
+
+
+def test_the_server_logs_a_malformed_request_and_serves_the_next_one_on_the_connection(tmp_path: Path) -> None:
+    path = str(tmp_path / "m.sock")
+    logged: list[tuple[str, dict[str, Any]]] = []
+    server = H2GrpcServer(path, {"/t.S/Echo": lambda request: request},
+                          log=lambda event, **fields: logged.append((event, fields)))
+    server.start()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(5)
+        sock.connect(path)
+        enc = hpack.Encoder()
+        sock.sendall(OPENING + headers(1, [*REQUEST[:4], (b"X-Upper", b"1")], encoder=enc)
+                     + headers(3, encoder=enc) + data(3, frame_message(b"still here"), end_stream=True))
+        received: list[Any] = []
+        blob = b""
+        while not any(isinstance(f, hf.HeadersFrame) and f.stream_id == 3 and "END_STREAM" in f.flags
+                      for f in received):
+            blob += sock.recv(65536)
+            received = frames([blob[:_complete(blob)]])
+    finally:
+        sock.close()
+        server.stop(1)
+    assert [(f.stream_id, f.error_code) for f in received if isinstance(f, hf.RstStreamFrame)] == [
+        (1, ErrorCode.PROTOCOL_ERROR)]
+    assert b"".join(f.data for f in received if isinstance(f, hf.DataFrame)) == frame_message(b"still here")
+    assert [(event, fields["stream"]) for event, fields in logged] == [("stream-error", 1)]
+    assert "invalid field name b'X-Upper'" in logged[0][1]["error"]
+
+
+def _complete(blob: bytes) -> int:
+    """How many bytes of ``blob`` are whole frames."""
+    pos = 0
+    while pos + 9 <= len(blob) and pos + 9 + int.from_bytes(blob[pos:pos + 3], "big") <= len(blob):
+        pos += 9 + int.from_bytes(blob[pos:pos + 3], "big")
+    return pos

@@ -234,6 +234,9 @@ class Connection:
     def on_goaway(self) -> None:
         self.closed = True
 
+    def on_stream_error(self, sid: int, reason: str) -> None:
+        self.server.report("stream-error", stream=sid, error=f"HTTP/2 stream reset: {reason}")
+
     def _drop(self, sid: int) -> Stream | None:
         stream = self.streams.pop(sid, None)
         if stream is not None:

@@ -20,7 +20,8 @@ What a client may send, and what it gets for the rest:
   over ``max_header_list`` (the decoder's state is lost), more data than our windows allow, a
   window overflow, a frame on a stream never opened, a new stream with an even or lower id, or over
   the concurrent stream limit;
-- a **stream error** (RST_STREAM PROTOCOL_ERROR, the connection goes on) for a malformed header
+- a **stream error** (RST_STREAM PROTOCOL_ERROR, the connection goes on, the owner is told why:
+  RST_STREAM carries no text; the server logs it as ``stream-error``) for a malformed header
   list (RFC 9113 8.2-8.3: upper case or non-token names, CR/LF/NUL in values, pseudo-headers
   unknown, repeated, after regular ones or missing, connection-specific headers, ``te`` other than
   ``trailers``), trailers without END_STREAM or with pseudo-headers, a stream that depends on
@@ -104,6 +105,7 @@ class Events(Protocol):
     def on_end(self, sid: int) -> None: ...
     def on_reset(self, sid: int) -> None: ...
     def on_goaway(self) -> None: ...
+    def on_stream_error(self, sid: int, reason: str) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,6 +303,15 @@ class ServerConnection:
         if self._streams.pop(sid, None) is not None:
             self._rst(sid, code)
 
+    def _stream_error(self, sid: int, code: ErrorCode, reason: str) -> None:
+        """RST_STREAM ``code``; the owner is told of the reset (if it knew the stream) and why."""
+        if self._streams.pop(sid, None) is not None:
+            self._rst(sid, code)
+            self.events.on_reset(sid)
+        else:
+            self._rst(sid, code)  # a new stream whose request headers are malformed
+        self.events.on_stream_error(sid, f"{code.name}: {reason}")
+
     def _rst(self, sid: int, code: ErrorCode) -> None:
         self._out.append(frame(RST_STREAM, 0, sid, _U32.pack(code)))
         self._reset_ids[sid] = None  # its frames still in flight are ignored, not errors
@@ -394,8 +405,7 @@ class ServerConnection:
             if len(payload) != 5:
                 raise ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"PRIORITY of {len(payload)} bytes")
             if _U32.unpack_from(payload)[0] & 0x7FFFFFFF == sid and sid in self._streams:
-                self.reset(sid, ErrorCode.PROTOCOL_ERROR)  # depends on itself: a stream error
-                self.events.on_reset(sid)
+                self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, "PRIORITY: the stream depends on itself")
         elif kind == GOAWAY:
             if sid:
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "GOAWAY on a stream")
@@ -514,11 +524,9 @@ class ServerConnection:
         trailers = kind == _TRAILERS
         headers = self._block_problem or request_headers(fields, trailers=trailers)  # type: ignore[arg-type]
         if isinstance(headers, str) or (trailers and not ended):  # malformed: a stream error
-            if trailers:
-                self.reset(sid, ErrorCode.PROTOCOL_ERROR)
-                self.events.on_reset(sid)
-            else:
-                self._rst(sid, ErrorCode.PROTOCOL_ERROR)
+            what = "trailers" if trailers else "request headers"
+            self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, f"malformed {what}: "
+                               f"{headers if isinstance(headers, str) else 'no END_STREAM'}")
             return
         if trailers:
             self._end_receiving(sid)
@@ -574,10 +582,8 @@ class ServerConnection:
         if stream is None or not stream.sending:
             return  # closed, or we are done sending on it
         if not increment:
-            self.reset(sid, ErrorCode.PROTOCOL_ERROR)
-            self.events.on_reset(sid)
+            self._stream_error(sid, ErrorCode.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             return
         stream.send_window += increment
         if stream.send_window > MAX_WINDOW:
-            self.reset(sid, ErrorCode.FLOW_CONTROL_ERROR)
-            self.events.on_reset(sid)
+            self._stream_error(sid, ErrorCode.FLOW_CONTROL_ERROR, "the stream's window overflows")
