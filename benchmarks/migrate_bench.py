@@ -15,15 +15,16 @@ each, alternating:
 then once the target's verification (``commit``: SHA-256 of the copy, the marker, ``fsync``, the
 rename) on the last copy. Prints each throughput (file bytes per second of wall time) and the CPU
 seconds of all the processes of each path (plain: rsync and the daemon; diskhooks: both rsyncs, the
-connector and the target's bridge), the median ratio diskhooks / plain (the issue asks for at least
-0.8), the bytes rsync sent against the bytes allocated by the image, and the copy's allocation
-against the source's.
+connector and the target's bridge) in all and by process (:class:`ProcessCpu`), the median ratio
+diskhooks / plain (the issue asks for at least 0.8), the bytes rsync sent against the bytes
+allocated by the image, and the copy's allocation against the source's.
 
 ``--holes``: the image's file is written whole and then half of it discarded (qcow2 punches the
 freed clusters out of the file: a sparse file of twice its allocation, as after a guest's discards);
 the source then compresses (zstd, :func:`diskplan.migration.wants_compression`), plain rsync not.
 
-Usage: ``python -m benchmarks migrate [--rounds 3] [--size 2Gi] [--allocated 50] [--holes] [--dir D]``.
+Usage: ``python -m benchmarks migrate [--rounds 3] [--size 2Gi] [--allocated 50] [--holes] [--by-process]
+[--dir D]``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # python benchmarks/migrate_bench.py
@@ -163,23 +164,117 @@ def _cpu_of(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def plain_round(source_dir: Path, daemon: Daemon, dest: Path) -> tuple[float, int, float]:
+class ProcessCpu:
+    """CPU seconds by role of every process below this one (rsyncs, the connector, the daemon's
+    children) and of the target's connection threads in this one, while a round runs: ``/proc`` read
+    every :data:`POLL` s; a process counts with its last reading before it exits (at most one
+    interval short), one that existed before the round with what it used during it. The sampler's
+    own CPU is in :attr:`own` (to be taken off this process's figure); it costs the path some time
+    all the same (a thread beside the target's bridge), so it runs only with ``--by-process``, and
+    the throughput to quote is from a run without it. ``enabled=False``: does nothing."""
+
+    POLL = 0.02
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._first: dict[int, float] = {}
+        self._last: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.own = 0.0
+        if enabled:
+            self._poll(first=True)
+
+    def __enter__(self) -> Self:
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._stop.set()
+            self._thread.join()
+
+    def by_role(self) -> dict[str, float]:
+        roles: dict[str, float] = {}
+        for pid, (role, cpu) in self._last.items():
+            used = cpu - self._first.get(pid, 0.0)
+            if used > 0:
+                roles[role] = roles.get(role, 0.0) + used
+        return roles
+
+    def _run(self) -> None:
+        began = time.thread_time()
+        while not self._stop.wait(self.POLL):
+            self._poll()
+        self._poll()
+        self.own = time.thread_time() - began
+
+    def _poll(self, first: bool = False) -> None:
+        me = os.getpid()
+        found = [(tid, "target bridge (agent thread)", f"/proc/{me}/task/{tid}/stat")
+                 for tid in (t.native_id for t in threading.enumerate() if t.name == "migrate-conn") if tid]
+        todo, seen = [me], set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    todo += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+                if pid != me:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+                    # an exited process (a zombie) has no command line: keep the role it had
+                    role = _role(argv) if argv[0] else self._last.get(pid, ("?", 0.0))[0]
+                    found.append((pid, role, f"/proc/{pid}/stat"))
+            except OSError:
+                continue  # gone meanwhile
+        for key, role, stat in found:
+            try:
+                fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # its own, not children
+            if first:
+                self._first[key] = cpu
+            self._last[key] = (role, cpu)
+
+
+def _role(argv: list[str]) -> str:
+    if "nodeagent.migrate.connector" in argv:
+        return "connector (TLS, source)"
+    if not argv or os.path.basename(argv[0]) != "rsync":
+        return os.path.basename(argv[0]) if argv else "?"
+    if "--daemon" in argv:
+        return "rsync daemon (receiver)"
+    return "rsync --server (target)" if "--server" in argv else "rsync (source)"
+
+
+def _roles_text(roles: dict[str, float]) -> str:
+    text = ", ".join(f"{role} {cpu:.2f}" for role, cpu in sorted(roles.items(), key=lambda kv: -kv[1]) if cpu >= 0.01)
+    return f" ({text})" if text else ""
+
+
+def plain_round(source_dir: Path, daemon: Daemon, dest: Path,
+                by_process: bool) -> tuple[float, int, float, dict[str, float]]:
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir()
     options = [o for o in RSYNC_CLIENT_OPTIONS if not o.startswith("--info")]
     cpu = _cpu_children() + _cpu_of(daemon.proc.pid)
-    began = time.perf_counter()
-    out = subprocess.run(["rsync", *options, f"{source_dir}/", f"rsync://127.0.0.1:{daemon.port}/dst/"],
-                         check=True, capture_output=True, text=True)
-    took = time.perf_counter() - began
-    time.sleep(0.2)  # the daemon reaps its connection's process
+    with ProcessCpu(by_process) as each:
+        began = time.perf_counter()
+        out = subprocess.run(["rsync", *options, f"{source_dir}/", f"rsync://127.0.0.1:{daemon.port}/dst/"],
+                             check=True, capture_output=True, text=True)
+        took = time.perf_counter() - began
+        time.sleep(0.2)  # the daemon reaps its connection's process
     cpu = _cpu_children() + _cpu_of(daemon.proc.pid) - cpu
     match = _SENT.search(out.stdout)
-    return took, int(match.group(1).replace(",", "")) if match else -1, cpu
+    return took, int(match.group(1).replace(",", "")) if match else -1, cpu, each.by_role()
 
 
 def diskhooks_round(source_dir: Path, server: BenchTarget, tls: TlsFiles, port: int, root: Path,
-                    files: list[FileEntry]) -> tuple[float, int, str, float]:
+                    files: list[FileEntry], by_process: bool) -> tuple[float, int, str, float, dict[str, float]]:
     vmdir.remove_tree(vmdir.staging_dir(str(root), NAMESPACE, VM))
     vmdir.remove_tree(vmdir.vm_dir(str(root), NAMESPACE, VM))
     vmdir.remove_file(vmdir.incoming_record(str(root), NAMESPACE, VM))
@@ -189,16 +284,20 @@ def diskhooks_round(source_dir: Path, server: BenchTarget, tls: TlsFiles, port: 
     wire = {"op": "rsync", "id": ident, "namespace": NAMESPACE, "vm": VM, "vmUID": UID, "source": SOURCE,
             "target": TARGET}
     cpu = _cpu_children() + _cpu_self()
-    began = time.perf_counter()
-    result = run_rsync(str(source_dir), address=TARGET_ADDRESS, port=port, tls_dir=tls.directory,
-                       request=wire, on_progress=lambda _: None, stop=threading.Event(),
-                       compress=wants_compression(files))  # as the source agent decides
-    took = time.perf_counter() - began
-    time.sleep(0.2)  # the target reaps its rsync --server
-    cpu = _cpu_children() + _cpu_self() - cpu
+    with ProcessCpu(by_process) as each:
+        began = time.perf_counter()
+        result = run_rsync(str(source_dir), address=TARGET_ADDRESS, port=port, tls_dir=tls.directory,
+                           request=wire, on_progress=lambda _: None, stop=threading.Event(),
+                           compress=wants_compression(files))  # as the source agent decides
+        took = time.perf_counter() - began
+        time.sleep(0.2)  # the target reaps its rsync --server
+    cpu = _cpu_children() + _cpu_self() - cpu - each.own
     if result.code != 0:
         raise SystemExit(f"migrate_bench: the migration's rsync failed ({result.code}): {result.stderr}")
-    return took, result.sent if result.sent is not None else -1, ident, cpu
+    roles = each.by_role()
+    if by_process:  # the rest of this process: the source agent's threads reading rsync's output
+        roles["agent, other threads"] = max(0.0, cpu - sum(roles.values()))
+    return took, result.sent if result.sent is not None else -1, ident, cpu, roles
 
 
 def _call(tls: TlsFiles, port: int, request: WireRequest, timeout: float = 600.0) -> dict[str, Any]:
@@ -212,6 +311,11 @@ def _call(tls: TlsFiles, port: int, request: WireRequest, timeout: float = 600.0
     return reply
 
 
+def _median_roles(rounds: list[dict[str, float]]) -> dict[str, float]:
+    names = {name for roles in rounds for name in roles}
+    return {name: round(statistics.median(r.get(name, 0.0) for r in rounds), 2) for name in sorted(names)}
+
+
 def _rate(size: int, seconds: float) -> str:
     return f"{size / seconds / MiB:7.1f} MiB/s ({seconds:6.2f} s)"
 
@@ -222,6 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=_size, default=2 * GiB, help="virtual size of the qcow2 (default 2Gi)")
     p.add_argument("--allocated", type=int, default=50, help="percent of it written (default 50)")
     p.add_argument("--holes", action="store_true", help="write it all, then discard the rest (a sparse file)")
+    p.add_argument("--by-process", action="store_true",
+                   help="also the CPU of each process (a sampler thread: quote throughput from a run without)")
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one; on a disk, not tmpfs)")
     args = p.parse_args(list(argv) if argv is not None else None)
     for tool in ("rsync", "qemu-img", "qemu-io"):
@@ -262,19 +368,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         ours: list[float] = []
         cpu_plain: list[float] = []
         cpu_ours: list[float] = []
+        roles_plain: list[dict[str, float]] = []
+        roles_ours: list[dict[str, float]] = []
         sent_plain = sent_ours = -1
         ident = ""
         for i in range(args.rounds):
             subprocess.run(["sync"], check=False)
-            t, sent_plain, cpu = plain_round(source_dir, daemon, daemon_dest)
+            t, sent_plain, cpu, roles = plain_round(source_dir, daemon, daemon_dest, args.by_process)
             plain.append(t)
             cpu_plain.append(cpu)
-            print(f"round {i + 1}: plain rsync  {_rate(file_size, t)}, CPU {cpu:5.2f} s", flush=True)
+            roles_plain.append(roles)
+            print(f"round {i + 1}: plain rsync  {_rate(file_size, t)}, CPU {cpu:5.2f} s{_roles_text(roles)}",
+                  flush=True)
             subprocess.run(["sync"], check=False)
-            t, sent_ours, ident, cpu = diskhooks_round(source_dir, server, tls, server.port, root, files)
+            t, sent_ours, ident, cpu, roles = diskhooks_round(source_dir, server, tls, server.port, root, files,
+                                                             args.by_process)
             ours.append(t)
             cpu_ours.append(cpu)
-            print(f"round {i + 1}: diskhooks    {_rate(file_size, t)}, CPU {cpu:5.2f} s", flush=True)
+            roles_ours.append(roles)
+            print(f"round {i + 1}: diskhooks    {_rate(file_size, t)}, CPU {cpu:5.2f} s{_roles_text(roles)}",
+                  flush=True)
         # the target's verification of the last copy (what a migration adds after the copy)
         hashed = [FileEntry(f.name, f.size, f.allocated, vmdir.hash_file(f"{source_dir}/{f.name}").sha256)
                   for f in files]
@@ -295,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verifySeconds": round(verify, 2),
             "cpuPlainSeconds": round(statistics.median(cpu_plain), 2),
             "cpuDiskhooksSeconds": round(statistics.median(cpu_ours), 2),
+            "cpuPlainByRole": _median_roles(roles_plain), "cpuDiskhooksByRole": _median_roles(roles_ours),
             "cpus": os.cpu_count(), "loadAverage": os.getloadavg()[0],
         }
         print(f"median: plain {_rate(file_size, plain_med)}, diskhooks {_rate(file_size, ours_med)}: "
@@ -305,6 +419,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"target verification (SHA-256 of the copy, fsync, rename): {verify:.2f} s")
         print(f"CPU (all processes of each path, median): plain {summary['cpuPlainSeconds']} s, diskhooks "
               f"{summary['cpuDiskhooksSeconds']} s; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+        if args.by_process:
+            print(f"CPU by process (median s): plain{_roles_text(_median_roles(roles_plain))}; diskhooks"
+                  f"{_roles_text(_median_roles(roles_ours))}")
         print(json.dumps(summary))
         return 0
     finally:
