@@ -454,6 +454,68 @@ def test_the_bridge_half_closes_only_when_nothing_is_in_flight(tmp_path: Path) -
     assert b"".join(chunks) == down
 
 
+def test_a_server_process_that_stops_reading_still_gets_its_last_words_to_the_peer(tmp_path: Path) -> None:
+    """As rsync --server failing (a full disk): it writes its error to the client and exits while the
+    client still sends. The target's side stops passing the peer's bytes to the gone process and
+    drops them, sends the process's last words with close_notify, and waits for the peer's end: a
+    reset instead would have thrown the words away on the client (it saw only "connection reset")."""
+    ca = make_tls(tmp_path / "a")
+    make_tls(tmp_path / "b", ca=ca)
+    words = b"rsync: [receiver] write failed: No space left on device (28)\n"
+
+    def server(ch: TlsChannel) -> None:
+        in_r, in_w = os.pipe()  # the process's input
+        out_r, out_w = os.pipe()  # its output
+
+        def process() -> None:  # reads a little, says why it stops, exits (both ends closed)
+            os.read(in_r, 65536)
+            os.close(in_r)
+            _write_all(out_w, words)
+            os.close(out_w)
+
+        p = threading.Thread(target=process)
+        p.start()
+        pump(ch, out_r, in_w, until="local", idle_timeout=20)
+        os.close(out_r)
+        p.join(10)
+
+    port, t, errors = serve_once(TlsFiles(str(tmp_path / "a")), server)
+    channel = connect(port, TlsFiles(str(tmp_path / "b")))
+    c_in_r, c_in_w = os.pipe()
+    c_out_r, c_out_w = os.pipe()
+    stop = threading.Event()
+
+    def feed() -> None:  # the client goes on sending until it has read the server's words
+        block = os.urandom(1 << 20)
+        try:
+            while not stop.is_set():
+                _write_all(c_in_w, block)
+        except BrokenPipeError:
+            pass
+        os.close(c_in_w)
+
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        chunks.extend(iter(lambda: os.read(c_out_r, 65536), b""))
+        stop.set()
+
+    threads = [threading.Thread(target=feed), threading.Thread(target=read)]
+    for th in threads:
+        th.start()
+    try:
+        pump(channel, c_in_r, c_out_w, until="peer", idle_timeout=20)
+    finally:
+        stop.set()
+        os.close(c_in_r)  # a feeder blocked on a full pipe ends
+        for th in threads:
+            th.join(20)
+        t.join(20)
+        os.close(c_out_r)
+    assert not errors
+    assert b"".join(chunks) == words
+
+
 def test_the_out_buffer_keeps_the_bytes_in_order_across_compaction() -> None:
     """Records land at the end, the pipe takes from the front; room is made by moving a small rest
     to the front, never by dropping or reordering bytes, and a big rest waits for the pipe."""

@@ -134,6 +134,9 @@ class OutBuffer:
         if self.start == self.end:
             self.start = self.end = 0
 
+    def clear(self) -> None:
+        self.start = self.end = 0
+
 
 class TlsChannel:
     """An :class:`ssl.SSLObject` over a connected non-blocking socket."""
@@ -264,6 +267,7 @@ class _Pump:
         self.tcp_eof = False
         self.drained = False  # the last decrypt left nothing inside TLS
         self.linger_until: float | None = None  # "local": when to stop waiting for the peer's end
+        self.discarding = False  # "local": the process stopped reading; the peer's bytes are dropped
         self.out_backoff = pipe_backoff(out_fd)
         self.sel = selectors.DefaultSelector()
         self.registered: dict[object, int] = {}
@@ -322,7 +326,8 @@ class _Pump:
             if not n:
                 self.net_open = False
                 return
-            out.end += n
+            if not self.discarding:
+                out.end += n
 
     def _send(self) -> None:
         self.to_net.push(self.ch.outgoing.read())
@@ -348,10 +353,25 @@ class _Pump:
                 slept = True
                 continue
             except BrokenPipeError:
-                raise BridgeError("the local end closed its input") from None
+                if self.until == "peer":
+                    raise BridgeError("the local end closed its input") from None
+                self._stop_passing_in()
+                return
             out.consume(n)
             if self.net_open and out.room():
                 self._decrypt()
+
+    def _stop_passing_in(self) -> None:
+        """"local": the process stopped reading (``rsync --server`` exits, e.g. on a full disk,
+        after writing why to its output). What the peer still sends is dropped from now on, so the
+        process's last words go out with ``close_notify`` and the loop can wait for the peer's end:
+        an error here would close the socket with the peer's bytes unread, and the reset that
+        answers them throws those last words away on the peer before its rsync reads them."""
+        self.discarding = True
+        self.to_out.clear()
+        self._want(self.out_fd, 0)
+        os.close(self.out_fd)
+        self.out_closed = True
 
     def _receive(self) -> None:
         """Take what the socket holds (a few reads: one per loop turn would cost more than the
