@@ -20,11 +20,13 @@ Memory: the sidecar runs under a 64M limit and an lxml tree costs ~20-30x its te
 is small (KubeVirt's domains are 3-6 KiB; its own sidecar-shim caps ``--domain`` at 128 KiB) and
 the caller mutates the one tree it parsed rather than copies of it.
 
-No I/O, no globals: a parser is made per call (lxml parsers must not be shared between threads).
+No I/O, no globals but a cache of parsed root start tags: a parser is made per parse (lxml parsers
+must not be shared between threads).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 
@@ -154,14 +156,16 @@ def _explicit_close_tags_split(data: bytes) -> bytes:
     pieces = data.split(b"/>")
     if len(pieces) == 1:
         return data
-    out = []
-    for piece in pieces[:-1]:  # each ends with the start tag of an empty element, less its '/>'
-        name = _TAG_NAME.match(piece, piece.rfind(b"<") + 1)
-        if name is None:  # pragma: no cover - lxml never writes '</>' or '< />'
-            raise ValueError("serialised XML has an empty element without a name")
-        out.append(piece)
-        out.append(b"></" + name.group(0) + b">")
-    out.append(pieces[-1])
+    # each piece but the last ends with the start tag of an empty element, less its '/>': the name
+    # runs from its last '<' to the first white space (what _TAG_NAME matches in lxml's output; a
+    # comprehension of bytes methods, measured ~35% cheaper than a match object per element)
+    try:
+        closers = [b"></" + piece[piece.rfind(b"<") + 1:].split(None, 1)[0] + b">" for piece in pieces[:-1]]
+    except IndexError:  # pragma: no cover - lxml never writes '< />'
+        raise ValueError("serialised XML has an empty element without a name") from None
+    out = [b""] * (2 * len(pieces) - 1)
+    out[::2] = pieces
+    out[1::2] = closers
     return b"".join(out)
 
 
@@ -182,6 +186,26 @@ def _explicit_close_tags_by_regex(data: bytes) -> bytes:
     return out.getvalue()
 
 
+#: a root start tag up to this size is parsed once per process (KubeVirt's is ~80 bytes and the same
+#: at every call); a longer one is parsed at each call, so the cache never holds much
+_CACHED_START_TAG_BYTES = 1024
+
+
+def _parse_start_tag(start: bytes) -> tuple[dict[str, str], dict[str | None, str]] | None:
+    """The attributes and namespace declarations of the root start tag ``start`` (``None`` when it
+    does not parse)."""
+    parser = etree.XMLParser(encoding="utf-8", resolve_entities=False, no_network=True, load_dtd=False)
+    try:
+        before = etree.fromstring(start + b"</domain>", parser)
+    except etree.XMLSyntaxError:
+        return None
+    return dict(before.attrib), dict(before.nsmap)
+
+
+#: :func:`_parse_start_tag`, a pure function of the bytes, cached (its values must not be changed)
+_start_tag = functools.lru_cache(maxsize=4)(_parse_start_tag)
+
+
 def serialise_domain(root: etree._Element, *, like: bytes | None = None) -> bytes:
     """UTF-8 bytes of ``root`` as KubeVirt writes them: empty elements get explicit close tags.
 
@@ -200,12 +224,9 @@ def serialise_domain(root: etree._Element, *, like: bytes | None = None) -> byte
     mine = _ROOT_START.match(data)
     if original is None or mine is None:
         return data
-    start_parser = etree.XMLParser(encoding="utf-8", resolve_entities=False, no_network=True, load_dtd=False)
-    try:
-        before = etree.fromstring(original.group(0) + b"</domain>", start_parser)
-    except etree.XMLSyntaxError:
-        return data
-    if dict(before.attrib) != dict(root.attrib) or before.nsmap != root.nsmap:
+    start = original.group(0)
+    stated = (_start_tag if len(start) <= _CACHED_START_TAG_BYTES else _parse_start_tag)(start)
+    if stated is None or stated != (dict(root.attrib), root.nsmap):
         return data
     tail = like[len(like.rstrip()):]
     return original.group(0) + data[mine.end():] + tail

@@ -754,6 +754,20 @@ def test_serialising_leaves_the_tree_alone() -> None:
     assert data == S05.xml()  # nothing planned applied: KubeVirt's own bytes come back
 
 
+@pytest.mark.parametrize("pad", [0, 2 * xmlsafe._CACHED_START_TAG_BYTES])
+def test_the_root_start_tag_is_kept_only_while_the_root_is_unchanged(pad: int) -> None:
+    """The parsed root start tag is cached (short tags) or not (long ones): either way a root whose
+    attributes changed after an identical call gets lxml's own start tag, never the cached one."""
+    xml = S05.xml().replace(b"<domain ", b"<domain x-pad=\"" + b"p" * pad + b"\" ", 1)
+    for _ in range(2):  # the second time from the cache, for a short tag
+        assert xmlsafe.serialise_domain(xmlsafe.parse_domain(xml), like=xml) == xml
+    changed = xmlsafe.parse_domain(xml)
+    changed.set("type", "qemu")
+    data = xmlsafe.serialise_domain(changed, like=xml)
+    assert data != xml and data.startswith(b"<domain ") and b'type="qemu"' in data.split(b">", 1)[0]
+    assert data.split(b">", 1)[1] == xml.split(b">", 1)[1].rstrip()
+
+
 def test_xml_just_under_the_bound_still_parses() -> None:
     xml = S05.xml()
     padded = xml.replace(b"</domain>", b"<!--" + b"x" * (xmlsafe.MAX_DOMAIN_XML_BYTES - len(xml) - 100)
