@@ -818,7 +818,10 @@ def test_policy_has_the_example_policy_keys_and_the_sidecar_image(helm: Helm) ->
     example = yaml.safe_load(EXAMPLE_POLICY.read_text())
     # kubevirt.controllerServiceAccount is left out of the example policy on purpose: the recorded
     # sample reviews were made by a test user, not virt-controller (test_pod_creator.py covers it)
-    assert _key_paths(default) - {"kubevirt.controllerServiceAccount"} == _key_paths(example)
+    # nodeAgent.migration.keepSource is written by the chart only with migrations enabled
+    # (test_chart_migration.py checks it there)
+    assert _key_paths(default) - {"kubevirt.controllerServiceAccount"} == \
+        _key_paths(example) - {"nodeAgent.migration.keepSource"}
     assert default["sidecar"]["image"] == "ghcr.io/diskhooks/diskhooks-sidecar:0.1.0"
     assert default["sidecar"]["imagePullPolicy"] == "IfNotPresent"
     assert default["defaultProfile"] is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -40,8 +41,8 @@ from webhook.vm.mutate import mutate_vm, mutate_vmi
 
 KEYS = PlanKeys(current=b"home-node-test-plan-key-0123456789")
 POLICY = load_policy(EXAMPLE_POLICY.read_text())
-NO_AGENT = load_policy(EXAMPLE_POLICY.read_text().replace(
-    "nodeAgent:\n  serviceAccount: diskhooks-system/diskhooks-node", "nodeAgent: {}"))
+NO_AGENT = load_policy(re.sub(r"(?m)^  serviceAccount: diskhooks-system/diskhooks-node.*\n", "",
+                              EXAMPLE_POLICY.read_text()))
 AGENT = "system:serviceaccount:diskhooks-system:diskhooks-node"
 ALICE = "alice"
 CLUSTER = FileCluster.from_text((DATA / "vm-cluster-objects.yaml").read_text())
