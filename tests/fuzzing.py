@@ -50,13 +50,12 @@ if PROFILE not in ("ci", "long"):
     raise ValueError(f"DISKHOOKS_FUZZ={PROFILE!r}: use ci (the default) or long")
 settings.load_profile(PROFILE)
 
-#: inputs run per target group in this process
+#: inputs run per target group in this process since the last test report took them
 COUNTS: Counter[str] = Counter()
 #: inputs run per target group as the test reports tell it (what the session summary prints): with
 #: parallel workers (pytest-xdist) the counting happens in the workers, and each test's report
 #: carries its own count back to the controller as a user property
 REPORTED: Counter[str] = Counter()
-_SEEN: Counter[str] = Counter()
 PROPERTY = "fuzz_inputs"
 GROUPS = ("parsers", "admission", "pod", "domain")
 
@@ -259,10 +258,9 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Generator[None, Any, None
     outcome = yield
     if call.when != "call":
         return
-    new = COUNTS - _SEEN
-    if new:
-        _SEEN.update(new)
-        outcome.get_result().user_properties.append((PROPERTY, dict(new)))
+    if COUNTS:
+        outcome.get_result().user_properties.append((PROPERTY, dict(COUNTS)))
+        COUNTS.clear()
 
 
 def pytest_runtest_logreport(report: Any) -> None:
