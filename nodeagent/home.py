@@ -69,9 +69,16 @@ class Decision:
     plan: Plan | None = None
 
 
-def _meta(obj: Mapping[str, Any] | None) -> Mapping[str, Any]:
+def meta_of(obj: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """``obj.metadata`` when it is a map, else an empty one."""
     meta = obj.get("metadata") if isinstance(obj, Mapping) else None
     return meta if isinstance(meta, Mapping) else {}
+
+
+def annotations_of(obj: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """``obj.metadata.annotations`` when it is a map, else an empty one."""
+    ann = meta_of(obj).get("annotations")
+    return ann if isinstance(ann, Mapping) else {}
 
 
 def _str_map(meta: Mapping[str, Any], member: str) -> Mapping[str, Any]:
@@ -85,14 +92,14 @@ def _text(value: Any) -> str:
 
 def object_key(obj: Mapping[str, Any]) -> tuple[str, str]:
     """``(namespace, name)`` of an object ("" for what it does not say)."""
-    meta = _meta(obj)
+    meta = meta_of(obj)
     return _text(meta.get("namespace")), _text(meta.get("name"))
 
 
 def owner_vm(vmi: Mapping[str, Any]) -> tuple[str, str] | None:
     """``(name, uid)`` of the VirtualMachine controlling ``vmi`` (its ``ownerReferences`` entry with
     ``controller: true`` and kind VirtualMachine of group kubevirt.io), or None (a bare VMI)."""
-    refs = _meta(vmi).get("ownerReferences")
+    refs = meta_of(vmi).get("ownerReferences")
     for ref in refs if isinstance(refs, list) else []:
         if not isinstance(ref, Mapping) or ref.get("controller") is not True:
             continue
@@ -105,18 +112,18 @@ def owner_vm(vmi: Mapping[str, Any]) -> tuple[str, str] | None:
 
 def home_of(vm: Mapping[str, Any]) -> str | None:
     """The VM's home node (``metadata.annotations[diskhooks.io/node]``), or None."""
-    value = _str_map(_meta(vm), "annotations").get(K.ANN_NODE)
+    value = _str_map(meta_of(vm), "annotations").get(K.ANN_NODE)
     return value if isinstance(value, str) and value else None
 
 
 def vmi_node(vmi: Mapping[str, Any]) -> str | None:
     """The node KubeVirt scheduled ``vmi`` on (its ``kubevirt.io/nodeName`` label)."""
-    value = _str_map(_meta(vmi), "labels").get(LABEL_VMI_NODE)
+    value = _str_map(meta_of(vmi), "labels").get(LABEL_VMI_NODE)
     return value if isinstance(value, str) and value else None
 
 
 def vmi_plan_text(vmi: Mapping[str, Any]) -> str | None:
-    value = _str_map(_meta(vmi), "annotations").get(K.ANN_PLAN)
+    value = _str_map(meta_of(vmi), "annotations").get(K.ANN_PLAN)
     return value if isinstance(value, str) else None
 
 
@@ -124,14 +131,14 @@ def template_plan_text(vm: Mapping[str, Any]) -> str | None:
     """The plan on the VM's ``spec.template.metadata.annotations`` (where the webhook writes it)."""
     spec = vm.get("spec") if isinstance(vm, Mapping) else None
     template = spec.get("template") if isinstance(spec, Mapping) else None
-    value = _str_map(_meta(template), "annotations").get(K.ANN_PLAN) \
+    value = _str_map(meta_of(template), "annotations").get(K.ANN_PLAN) \
         if isinstance(template, Mapping) else None
     return value if isinstance(value, str) else None
 
 
 def creation_time(obj: Mapping[str, Any]) -> datetime.datetime | None:
     """``metadata.creationTimestamp`` as an aware datetime, or None when absent or unreadable."""
-    text = _meta(obj).get("creationTimestamp")
+    text = meta_of(obj).get("creationTimestamp")
     if not isinstance(text, str):
         return None
     try:
@@ -158,7 +165,7 @@ def verified_plan(text: str | None, keys: PlanKeys, *, namespace: str, vm: str,
 
 def _decide_home(vm: Mapping[str, Any], *, node: str, namespace: str, name: str, plan: Plan,
                  source: str) -> Decision:
-    meta = _meta(vm)
+    meta = meta_of(vm)
     uid, rv = _text(meta.get("uid")) or None, _text(meta.get("resourceVersion")) or None
     home = home_of(vm)
     if home is None:
@@ -197,16 +204,16 @@ def decide_from_vmi(vmi: Mapping[str, Any], vm: Mapping[str, Any] | None, *, nod
     if vm is None:
         return Decision(SKIP, "no-vm", f"its VirtualMachine {vm_name} does not exist (any more)",
                         namespace, vm_name)
-    if _text(_meta(vm).get("uid")) != vm_uid:
+    if _text(meta_of(vm).get("uid")) != vm_uid:
         return Decision(SKIP, "vm-replaced", f"the VirtualMachine {vm_name} is not the one that owns "
                         "this VMI (deleted and created again)", namespace, vm_name)
-    if _meta(vm).get("deletionTimestamp"):
+    if meta_of(vm).get("deletionTimestamp"):
         return Decision(SKIP, "vm-deleting", "the VirtualMachine is being deleted", namespace, vm_name)
     plan = verified_plan(vmi_plan_text(vmi), keys, namespace=namespace, vm=vm_name,
                          where=f"VMI {namespace}/{name} {K.ANN_PLAN}")
     if isinstance(plan, Decision):
         return plan
-    uid = _text(_meta(vmi).get("uid"))
+    uid = _text(meta_of(vmi).get("uid"))
     decision = _decide_home(vm, node=node, namespace=namespace, name=vm_name, plan=plan,
                             source=f"its VMI (uid {uid or '?'}) runs here")
     if decision.action == ALREADY:
@@ -252,7 +259,7 @@ def decide_from_marker(marker: HomeMarker, vm: Mapping[str, Any] | None, *, node
     if vm is None:
         return Decision(SKIP, "orphan", "no VirtualMachine of that name exists: the images belong "
                         "to a deleted VM", namespace, vm_name)
-    if _meta(vm).get("deletionTimestamp"):
+    if meta_of(vm).get("deletionTimestamp"):
         return Decision(SKIP, "vm-deleting", "the VirtualMachine is being deleted", namespace, vm_name)
     created = creation_time(vm)
     if created is None:

@@ -36,6 +36,7 @@ from diskplan.migration import (
     stop_problem,
 )
 from diskplan.plan import DNS_LABEL, DNS_SUBDOMAIN, is_node_name
+from nodeagent import home as H
 from nodeagent.migrate.options import add_migrate_arguments
 
 PROG = "kubectl diskhooks"
@@ -129,12 +130,6 @@ def _api_message(exc: Any) -> str:
     return f"{message or exc.reason} (HTTP {exc.status})"
 
 
-def _annotations(vm: Mapping[str, Any]) -> Mapping[str, Any]:
-    meta = vm.get("metadata") or {}
-    ann = meta.get("annotations") if isinstance(meta, Mapping) else None
-    return ann if isinstance(ann, Mapping) else {}
-
-
 def split_name(value: str) -> tuple[str, str]:
     namespace, slash, name = value.partition("/")
     if not slash or not DNS_LABEL.match(namespace) or not DNS_SUBDOMAIN.match(name):
@@ -185,7 +180,7 @@ class Migrate:
         if not target or not is_node_name(target):
             raise CommandError("--to NODE is required (a node name)")
         vm = self._vm()
-        ann = _annotations(vm)
+        ann = H.annotations_of(vm)
         home = ann.get(K.ANN_NODE)
         if home == target and migrate_to_of(ann) is None:
             self.say(f"VirtualMachine {self.namespace}/{self.name} is already on node {target}")
@@ -238,7 +233,7 @@ class Migrate:
         warned = False
         while True:
             vm = self._vm()
-            ann = _annotations(vm)
+            ann = H.annotations_of(vm)
             status = status_of(ann)
             home = ann.get(K.ANN_NODE)
             ours = status is not None and status != before and status.target == target
@@ -289,7 +284,7 @@ class Migrate:
     # --- cancel --------------------------------------------------------------------------------
     def cancel(self) -> int:
         vm = self._vm()
-        ann = _annotations(vm)
+        ann = H.annotations_of(vm)
         asked = migrate_to_of(ann)
         if asked is None:
             self.say(f"VirtualMachine {self.namespace}/{self.name} has no migration request")
@@ -301,7 +296,7 @@ class Migrate:
         if before is None or before.done:
             return EXIT_OK
         while True:
-            status = status_of(_annotations(self._vm()))
+            status = status_of(H.annotations_of(self._vm()))
             if status is not None and status.done:
                 self.say(f"migration {status.phase.lower()}" + (f": {status.error}" if status.error else ""))
                 return EXIT_OK if status.phase != SUCCEEDED else EXIT_FAILED

@@ -66,14 +66,8 @@ def _now_text() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _meta(obj: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
-    return meta if isinstance(meta, Mapping) else {}
-
-
 def _status(vm: Mapping[str, Any]) -> MigrationStatus | None:
-    annotations = _meta(vm).get("annotations")
-    return status_of(annotations if isinstance(annotations, Mapping) else None)
+    return status_of(H.annotations_of(vm))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -101,7 +95,7 @@ def start_shown(vm: Mapping[str, Any] | None, vmi: Mapping[str, Any] | None, nod
     if phase != RUNNING:
         return None
     owner = H.owner_vm(vmi)
-    if owner is None or owner != (_meta(vm).get("name"), _meta(vm).get("uid")):
+    if owner is None or owner != (H.meta_of(vm).get("name"), H.meta_of(vm).get("uid")):
         return None
     created = H.creation_time(vmi)
     if created is None:
@@ -113,7 +107,7 @@ def start_shown(vm: Mapping[str, Any] | None, vmi: Mapping[str, Any] | None, nod
             return None
         if created < handed_over - CLOCK_SKEW:  # a VMI older than the handover is not a start after it
             return None
-    return f"VMI (uid {_meta(vmi).get('uid') or '?'}) Running on node {node} since {created.isoformat()}"
+    return f"VMI (uid {H.meta_of(vmi).get('uid') or '?'}) Running on node {node} since {created.isoformat()}"
 
 
 class StartRecorder:
@@ -165,7 +159,7 @@ class StartRecorder:
             status = awaiting_start(vm, self.node)
             assert status is not None
             started = status.advanced(target_started=_now_text())
-            patch = {"metadata": {"resourceVersion": _meta(vm).get("resourceVersion"),
+            patch = {"metadata": {"resourceVersion": H.meta_of(vm).get("resourceVersion"),
                                   "annotations": {ANN_MIGRATION_STATUS: status_json(started)}}}
             try:
                 self.kube.patch_vm_metadata(namespace, name, patch)
@@ -229,7 +223,7 @@ def _is_dir(path: str) -> bool:
 def _forget_kept(kube: Kube, vm: Mapping[str, Any], status: MigrationStatus, log: JsonLog) -> None:
     """The status no longer names the deleted copy (``sourceKept`` absent: deleted); conditional on
     the VM read, so a change since (a new migration's status) is left as it is."""
-    meta = _meta(vm)
+    meta = H.meta_of(vm)
     patch = {"metadata": {"resourceVersion": meta.get("resourceVersion"),
                           "annotations": {ANN_MIGRATION_STATUS: status_json(status.advanced(source_kept=None))}}}
     try:
@@ -261,7 +255,7 @@ def release_started(*, root: str, node_root: str, node: str, kube: Kube, policy:
         if vm is None:
             continue
         record = vmdir.read_record(record_path)
-        if record is not None and record.get("vmUID") not in (None, _meta(vm).get("uid")):
+        if record is not None and record.get("vmUID") not in (None, H.meta_of(vm).get("uid")):
             continue  # another VM of that name now
         status = _status(vm)
         if status is None or status.id != ident or status.phase != SUCCEEDED or status.source != node \

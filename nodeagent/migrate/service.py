@@ -60,12 +60,11 @@ def wants_source_thread(vm: Mapping[str, Any], node: str) -> bool:
     or with a migration from here that is not finished (a cancel to close, a crash mid-way)."""
     if H.home_of(vm) != node:
         return False
-    meta = vm.get("metadata") if isinstance(vm.get("metadata"), Mapping) else {}
-    annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
-    target = migrate_to_of(annotations if isinstance(annotations, Mapping) else None)
+    annotations = H.annotations_of(vm)
+    target = migrate_to_of(annotations)
     if target is not None:
         return target != node
-    status = status_of(annotations if isinstance(annotations, Mapping) else None)
+    status = status_of(annotations)
     return status is not None and not status.done and status.source == node
 
 
@@ -225,7 +224,7 @@ class Migrations:
             vm = self.kube.get_vm(place.namespace, place.vm)
             if vm is None or H.home_of(vm) in (None, self.node):
                 continue
-            status = status_of((vm.get("metadata") or {}).get("annotations"))
+            status = status_of(H.annotations_of(vm))
             if status is None or status.phase != SUCCEEDED or status.source != self.node \
                     or H.home_of(vm) != status.target:
                 continue

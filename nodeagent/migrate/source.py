@@ -126,16 +126,6 @@ def _now_text() -> str:
     return _now().strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _meta(vm: Mapping[str, Any]) -> Mapping[str, Any]:
-    meta = vm.get("metadata")
-    return meta if isinstance(meta, Mapping) else {}
-
-
-def _annotations(vm: Mapping[str, Any]) -> Mapping[str, Any]:
-    ann = _meta(vm).get("annotations")
-    return ann if isinstance(ann, Mapping) else {}
-
-
 class SourceMigration:
     """One VM's migration away from this node (a thread: :meth:`start`)."""
 
@@ -222,8 +212,8 @@ class SourceMigration:
         if vm is None:
             self.log.emit("migrate.gone", level="info", namespace=self.namespace, vm=self.name)
             raise Cancelled
-        self._vm_uid = str(_meta(vm).get("uid") or "")
-        ann = _annotations(vm)
+        self._vm_uid = str(H.meta_of(vm).get("uid") or "")
+        ann = H.annotations_of(vm)
         status = status_of(ann)
         target = migrate_to_of(ann)
         if H.home_of(vm) != self.node:
@@ -239,7 +229,7 @@ class SourceMigration:
     # --- one attempt ---------------------------------------------------------------------------
     def _attempt(self) -> None:
         vm, target = self._current()
-        old = status_of(_annotations(vm))
+        old = status_of(H.annotations_of(vm))
         fresh = old is None or old.done or old.target != target or old.source != self.node
         if fresh:
             self.status = MigrationStatus(id=secrets.token_hex(8), phase=PREFLIGHT, source=self.node,
@@ -358,7 +348,7 @@ class SourceMigration:
                     return
                 try:
                     vm = self._read_vm()
-                    if vm is None or migrate_to_of(_annotations(vm)) != target or H.home_of(vm) != self.node:
+                    if vm is None or migrate_to_of(H.annotations_of(vm)) != target or H.home_of(vm) != self.node:
                         problem.append(Cancelled())
                         stop.set()
                         return
@@ -441,12 +431,12 @@ class SourceMigration:
                 st = os.lstat(f"{source_dir}/{f.name}")
                 if vmdir.identity(st) != hashes[f.name].identity:
                     raise Transient(f"{f.name} changed during the migration")
-            delete = delete_source_of(_annotations(vm))
+            delete = delete_source_of(H.annotations_of(vm))
             kept = None if delete else vmdir.kept_dir(
                 self.policy().host_disks.root, self.namespace, self.name, self.status.id)
             final = self.status.advanced(phase=SUCCEEDED, bytes=self.status.total, rate=0, error=None,
                                          updated_at=_now_text(), source_kept=kept)
-            patch = {"metadata": {"resourceVersion": _meta(vm).get("resourceVersion"), "annotations": {
+            patch = {"metadata": {"resourceVersion": H.meta_of(vm).get("resourceVersion"), "annotations": {
                 K.ANN_NODE: target, ANN_MIGRATE_TO: None, ANN_MIGRATE_DELETE_SOURCE: None,
                 ANN_MIGRATION_STATUS: status_json(final)}}}
             try:
@@ -497,7 +487,7 @@ class SourceMigration:
                 vm = None
             if vm is None or H.home_of(vm) != self.node:
                 return
-            ann = _annotations(vm)
+            ann = H.annotations_of(vm)
             if status is None:
                 wanted = migrate_to_of(ann)
                 if wanted is None or not is_node_name(wanted):
@@ -505,7 +495,7 @@ class SourceMigration:
                 status = MigrationStatus(id=secrets.token_hex(8), phase=FAILED, source=self.node,
                                          target=wanted, started_at=_now_text())
             final = status.advanced(phase=FAILED, error=reason, rate=0, updated_at=_now_text())
-            patch = {"metadata": {"resourceVersion": _meta(vm).get("resourceVersion"), "annotations": {
+            patch = {"metadata": {"resourceVersion": H.meta_of(vm).get("resourceVersion"), "annotations": {
                 ANN_MIGRATE_TO: None, ANN_MIGRATE_DELETE_SOURCE: None, ANN_MIGRATION_STATUS: status_json(final)}}}
             try:
                 patched = self.kube.patch_vm_metadata(self.namespace, self.name, patch)
