@@ -24,7 +24,12 @@ freed clusters out of the file: a sparse file of twice its allocation, as after 
 the source then compresses (zstd, :func:`diskplan.migration.wants_compression`), plain rsync not.
 
 Usage: ``python -m benchmarks migrate [--rounds 3] [--size 2Gi] [--allocated 50] [--holes] [--by-process]
-[--dir D]``.
+[--references ssh,socat|none] [--ssh-cipher C] [--dir D]``.
+
+(c) **references** (``--references``, :mod:`benchmarks.migrate_references`): the usual encrypted ways
+    of running rsync, in the same rounds: rsync over OpenSSH, and rsync's daemon protocol through two
+    socat OpenSSL relays; the ratio the issue asks for is against plaintext rsync, these show what
+    encryption costs any transport on the same machine.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # python benchmarks/migrate_bench.py
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.migrate_references import Reference, SocatReference, SshReference, missing_tools
 from diskplan.migration import RSYNC_CLIENT_OPTIONS, FileEntry, WireRequest, request_json, wants_compression
 from diskplan.policy import load_policy
 from hooksidecar.logfmt import JsonLog
@@ -57,7 +63,7 @@ from nodeagent.migrate import vmdir
 from nodeagent.migrate.connector import exchange, open_channel
 from nodeagent.migrate.rsyncrun import run_rsync
 from nodeagent.migrate.target import Refusal, TargetServer
-from nodeagent.migrate.tlsfiles import TlsFiles
+from nodeagent.migrate.tlsfiles import PEER_NAME, TlsFiles
 from nodeagent.reconcile import Paths
 from tests.migration_support import make_tls
 
@@ -273,6 +279,34 @@ def plain_round(source_dir: Path, daemon: Daemon, dest: Path,
     return took, int(match.group(1).replace(",", "")) if match else -1, cpu, each.by_role()
 
 
+def reference_round(ref: Reference, source_dir: Path, dest: Path,
+                    by_process: bool) -> tuple[float, float, dict[str, float]]:
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    options = [o for o in RSYNC_CLIENT_OPTIONS if not o.startswith("--info")]
+    assert ref.listener is not None
+    cpu = _cpu_children() + _cpu_of(ref.listener.pid)
+    with ProcessCpu(by_process) as each:
+        began = time.perf_counter()
+        subprocess.run(ref.command(options, source_dir), check=True, capture_output=True, text=True)
+        took = time.perf_counter() - began
+        time.sleep(0.2)  # the listener reaps its connection's processes
+    cpu = _cpu_children() + _cpu_of(ref.listener.pid) - cpu
+    return took, cpu, each.by_role()
+
+
+def aes_gcm_rate() -> str:
+    """One core's AES-256-GCM rate on 16 KiB blocks (``openssl speed``): the cipher's share of any
+    TLS relay's cost here."""
+    try:
+        out = subprocess.run(["openssl", "speed", "-elapsed", "-seconds", "1", "-bytes", "16384", "-evp",
+                              "aes-256-gcm"], check=False, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "not measured (openssl)"
+    match = re.search(r"^AES-256-GCM\s+([\d.]+)k", out, re.MULTILINE)
+    return f"{float(match.group(1)) * 1000 / 1e9:.2f} GB/s on one core" if match else "not measured"
+
+
 def diskhooks_round(source_dir: Path, server: BenchTarget, tls: TlsFiles, port: int, root: Path,
                     files: list[FileEntry], by_process: bool) -> tuple[float, int, str, float, dict[str, float]]:
     vmdir.remove_tree(vmdir.staging_dir(str(root), NAMESPACE, VM))
@@ -328,6 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--holes", action="store_true", help="write it all, then discard the rest (a sparse file)")
     p.add_argument("--by-process", action="store_true",
                    help="also the CPU of each process (a sampler thread: quote throughput from a run without)")
+    p.add_argument("--references", default="ssh,socat",
+                   help="other encrypted transports measured in the same rounds: ssh, socat, or none "
+                        "(benchmarks/migrate_references.py; default ssh,socat where installed)")
+    p.add_argument("--ssh-cipher", default=None, help="the ssh reference's cipher (default: OpenSSH's own)")
     p.add_argument("--dir", default=None, help="work directory (default: a temporary one; on a disk, not tmpfs)")
     args = p.parse_args(list(argv) if argv is not None else None)
     for tool in ("rsync", "qemu-img", "qemu-io"):
@@ -337,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="migrate-bench-", dir=args.dir))
     server: BenchTarget | None = None
     daemon: Daemon | None = None
+    references: list[Reference] = []
     try:
         source_dir = work / "source"
         source_dir.mkdir()
@@ -363,6 +402,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemon_dest = work / "plain-dest"
         daemon_dest.mkdir()
         daemon = Daemon(work, daemon_dest)
+        ref_dest = work / "reference-dest"
+        for name in [n for n in args.references.split(",") if n and n != "none"]:
+            why = missing_tools(name)
+            if why:
+                print(f"reference {name}: not measured: {why}", flush=True)
+                continue
+            try:
+                references.append(SshReference(work, ref_dest, args.ssh_cipher) if name == "ssh"
+                                  else SocatReference(work, ref_dest, tls_dir, PEER_NAME))
+            except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+                print(f"reference {name}: not measured: {exc}", flush=True)
+        ref_times: list[list[float]] = [[] for _ in references]
+        ref_cpu: list[list[float]] = [[] for _ in references]
+        ref_roles: list[list[dict[str, float]]] = [[] for _ in references]
         files = vmdir.list_files(str(source_dir))
         plain: list[float] = []
         ours: list[float] = []
@@ -388,6 +441,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             roles_ours.append(roles)
             print(f"round {i + 1}: diskhooks    {_rate(file_size, t)}, CPU {cpu:5.2f} s{_roles_text(roles)}",
                   flush=True)
+            for k, ref in enumerate(references):
+                subprocess.run(["sync"], check=False)
+                t, cpu, roles = reference_round(ref, source_dir, ref_dest, args.by_process)
+                ref_times[k].append(t)
+                ref_cpu[k].append(cpu)
+                ref_roles[k].append(roles)
+                print(f"round {i + 1}: {ref.name}  {_rate(file_size, t)}, CPU {cpu:5.2f} s"
+                      f"{_roles_text(roles)}", flush=True)
         # the target's verification of the last copy (what a migration adds after the copy)
         hashed = [FileEntry(f.name, f.size, f.allocated, vmdir.hash_file(f"{source_dir}/{f.name}").sha256)
                   for f in files]
@@ -398,6 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         moved = Path(vmdir.vm_dir(str(root), NAMESPACE, VM))
         target_alloc = _allocated(moved)
         plain_med, ours_med = statistics.median(plain), statistics.median(ours)
+        ref_summary = {ref.name: {"MiBps": round(file_size / statistics.median(ref_times[k]) / MiB, 1),
+                                  "ratio": round(plain_med / statistics.median(ref_times[k]), 3),
+                                  "cpuSeconds": round(statistics.median(ref_cpu[k]), 2)}
+                       for k, ref in enumerate(references)}
         summary = {
             "fileBytes": file_size, "allocatedBytes": file_alloc,
             "plainMiBps": round(file_size / plain_med / MiB, 1), "diskhooksMiBps": round(file_size / ours_med / MiB, 1),
@@ -409,10 +474,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpuPlainSeconds": round(statistics.median(cpu_plain), 2),
             "cpuDiskhooksSeconds": round(statistics.median(cpu_ours), 2),
             "cpuPlainByRole": _median_roles(roles_plain), "cpuDiskhooksByRole": _median_roles(roles_ours),
+            "references": ref_summary,
+            "aes256gcm": aes_gcm_rate(),
             "cpus": os.cpu_count(), "loadAverage": os.getloadavg()[0],
         }
         print(f"median: plain {_rate(file_size, plain_med)}, diskhooks {_rate(file_size, ours_med)}: "
               f"ratio {summary['ratio']:.2f} (at least 0.8 wanted)")
+        for k, ref in enumerate(references):
+            entry = ref_summary[ref.name]
+            print(f"reference: {ref.name} {_rate(file_size, statistics.median(ref_times[k]))}: ratio "
+                  f"{entry['ratio']:.2f} of plain; CPU {entry['cpuSeconds']} s"
+                  f"{_roles_text(_median_roles(ref_roles[k])) if args.by_process else ''}")
+        print(f"AES-256-GCM on this CPU: {summary['aes256gcm']}")
         print(f"bytes sent: diskhooks {sent_ours / MiB:.0f} MiB, plain {sent_plain / MiB:.0f} MiB, for "
               f"{file_alloc / MiB:.0f} MiB allocated ({summary['sentPerAllocated']}x); copy allocates "
               f"{target_alloc / MiB:.0f} MiB ({summary['targetAllocatedPerSource']}x the source)")
@@ -427,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if daemon is not None:
             daemon.stop()
+        for ref in references:
+            ref.stop()
         if server is not None:
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
