@@ -463,13 +463,9 @@ def soak_webhook(work: Path, *, duration: float, rate: float, connections: int =
 def soak_sidecar(work: Path, *, calls: int, warmup_calls: int = 1000,
                  progress: Callable[[str], None] | None = None) -> SoakResult:
     """The sidecar part (see the module docstring); uses the sidecar benchmark's workload."""
-    from benchmarks.sidecar_bench import (
-        Server,
-        build_workload,
-        interpreters,
-        on_define_over_socket,
-        sidecar_args,
-    )
+    from benchmarks.sidecar_calls import on_define_over_socket
+    from benchmarks.sidecar_servers import Server, interpreters, sidecar_args
+    from benchmarks.sidecar_workload import build_workload
 
     work.mkdir(parents=True, exist_ok=True)
     workload = build_workload(work)
