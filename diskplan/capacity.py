@@ -100,14 +100,19 @@ class ImageFile:
     allocated_bytes: int = 0
 
 
-def footprint(images: Mapping[str, int], plans: Iterable[Mapping[str, int]] = ()) -> int:
-    """Planned virtual bytes of one directory: per file name, the largest of its virtual size on
-    disk (``images``) and every size ``plans`` promise it (a missing file counts its plan's size)."""
+def footprint_sizes(images: Mapping[str, int], plans: Iterable[Mapping[str, int]] = ()) -> dict[str, int]:
+    """Per file name, the largest of its virtual size on disk (``images``) and every size ``plans``
+    promise it (a missing file counts its plan's size)."""
     sizes = dict(images)
     for plan in plans:
         for name, size in plan.items():
             sizes[name] = max(sizes.get(name, 0), size)
-    return sum(sizes.values())
+    return sizes
+
+
+def footprint(images: Mapping[str, int], plans: Iterable[Mapping[str, int]] = ()) -> int:
+    """Planned virtual bytes of one directory: the sum of :func:`footprint_sizes`."""
+    return sum(footprint_sizes(images, plans).values())
 
 
 def dir_state(*, running: bool, homed_here: bool, vm_exists: bool | None) -> str:
@@ -446,3 +451,61 @@ def check_start(c: StartCheck) -> StartVerdict:
         "freed on the node (orphaned VM directories, images of VMs moved away) or the platform "
         "raises hostDisks.capacity")
     return StartVerdict(message, {**figures, "result": "refused"})
+
+
+# ================================================================================================
+# a cold migration's target: does the VM arriving fit the budget?
+# ================================================================================================
+def incoming_key(namespace: str, vm: str) -> str:
+    """The summary's key of a cold migration's staging copy of ``<namespace>/<vm>`` (its directory is
+    counted as ``vm`` ``.incoming/<vm>``, docs/CAPACITY.md)."""
+    return dir_key(namespace, f".incoming/{vm}")
+
+
+@dataclass(frozen=True)
+class IncomingCheck:
+    """What a migration target knows at preflight, before any byte moves.
+
+    - ``node``, ``namespace``/``vm``: the VM arriving.
+    - ``images``: its image files (name -> virtual size: the header's as the source read it, else
+      the file's length); ``plans``: the sizes (:func:`planned_images`) of its trusted plans.
+    - ``account``: this node's account now (every directory and migration copy here).
+    """
+
+    node: str
+    namespace: str
+    vm: str
+    images: Mapping[str, int]
+    plans: tuple[Mapping[str, int], ...]
+    account: NodeAccount
+    capacity: CapacityPolicy
+
+
+@dataclass(frozen=True)
+class IncomingVerdict:
+    refusal: str | None
+    needed_bytes: int  # the VM's footprint
+    available_bytes: int  # what the budget still has room for (may be negative)
+    others_bytes: int  # what everything else here counts
+
+
+def check_incoming(c: IncomingCheck) -> IncomingVerdict:
+    """Whether the VM's footprint (per image the larger of its virtual size and every plan's size,
+    :func:`footprint`: the rule its directory is counted by once it lives here) fits in what the
+    budget still has room for: the budget less what every other directory and copy counts. This
+    VM's own entries (an earlier attempt's staging copy, a committed copy taken back) are left out:
+    the footprint replaces them."""
+    own = {dir_key(c.namespace, c.vm), incoming_key(c.namespace, c.vm)}
+    others = sum(d.counted_bytes for d in c.account.dirs if d.key not in own)
+    needed = footprint(c.images, c.plans)
+    available = c.account.budget_bytes - others
+    if needed <= available:
+        return IncomingVerdict(None, needed, available, others)
+    budget = c.account.budget_bytes
+    message = (  # short: it travels in the migration status with the free-space words (600 characters)
+        f"node {c.node} has no room in its capacity budget for VM {c.namespace}/{c.vm}: it needs {needed} "
+        f"bytes ({gib_text(needed)}, per image the larger of virtual and planned size), and "
+        f"{max(0, available)} ({gib_text(max(0, available))}) are left of {budget} (hostDisks.capacity "
+        f"overcommit {c.capacity.overcommit_text} x {gib_text(c.account.filesystem_bytes)}; {others} counted "
+        "already)")
+    return IncomingVerdict(message, needed, available, others)

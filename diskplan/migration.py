@@ -233,12 +233,14 @@ def is_image(name: str) -> bool:
 @dataclass(frozen=True)
 class FileEntry:
     """One file of the VM directory: ``size`` (bytes), ``allocated`` (bytes on disk),
-    ``sha256`` (None until hashed)."""
+    ``sha256`` (None until hashed), ``virtual`` (an image's virtual size from its qcow2 header, as
+    the source read it, for the target's capacity check at preflight; None otherwise)."""
 
     name: str
     size: int
     allocated: int
     sha256: str | None = None
+    virtual: int | None = None
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,8 @@ def request_json(r: WireRequest) -> bytes:
                            "source": r.source, "target": r.target}
     if r.files:
         doc["files"] = [{"name": f.name, "size": f.size, "allocated": f.allocated,
-                         **({"sha256": f.sha256} if f.sha256 else {})} for f in r.files]
+                         **({"sha256": f.sha256} if f.sha256 else {}),
+                         **({"virtual": f.virtual} if f.virtual is not None else {})} for f in r.files]
     if r.bases:
         doc["bases"] = [{"file": b.file, "sha256": b.sha256} for b in r.bases]
     if r.rsync_args:
@@ -337,21 +340,26 @@ def _list(doc: Mapping[str, Any], member: str) -> list[Any]:
 
 def _file_entry(item: Any, i: int) -> FileEntry:
     where = f"request.files[{i}]"
-    if not isinstance(item, dict) or set(item) - {"name", "size", "allocated", "sha256"}:
-        raise Malformed(where, "must be an object with name, size, allocated and optional sha256")
+    if not isinstance(item, dict) or set(item) - {"name", "size", "allocated", "sha256", "virtual"}:
+        raise Malformed(where, "must be an object with name, size, allocated and optional sha256 and virtual")
     name = item.get("name")
     if not isinstance(name, str) or not is_movable_name(name):
         raise Malformed(f"{where}.name", "is not a plain file name (letters, digits, ._+-, no leading dot)")
-    nums = []
-    for member in ("size", "allocated"):
+    nums: list[int | None] = []
+    for member in ("size", "allocated", "virtual"):
         value = item.get(member)
+        if member == "virtual" and value is None:
+            nums.append(None)
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise Malformed(f"{where}.{member}", "must be a whole number, 0 or more")
         nums.append(value)
     sha = item.get("sha256")
     if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha)):
         raise Malformed(f"{where}.sha256", "must be 64 lower-case hex digits")
-    return FileEntry(name=name, size=nums[0], allocated=nums[1], sha256=sha)
+    size, allocated = nums[0], nums[1]
+    assert size is not None and allocated is not None
+    return FileEntry(name=name, size=size, allocated=allocated, sha256=sha, virtual=nums[2])
 
 
 def _base(item: Any, i: int) -> Base:

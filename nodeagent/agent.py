@@ -80,7 +80,8 @@ class Agent:
         if migration is not None:  # cold migration (nodeagent.migrate): binds its port here
             from nodeagent.migrate.service import Migrations
             self.migrations = Migrations(node=node, kube=kube, policy=policy, paths=self.paths, log=log,
-                                         config=migration, stopping=self.stopping)
+                                         config=migration, stopping=self.stopping, plan_keys=plan_keys,
+                                         capacity=self.capacity.refresh)
         self.status: StatusServer | None = None
         if metrics_port is not None:
             self.status = StatusServer(port=metrics_port, metrics=self._exposition, health=self.health,

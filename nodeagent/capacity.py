@@ -45,7 +45,7 @@ from hooksidecar.prepare.imagefiles import DirScan, HeaderCache, scan_vm_dir
 from nodeagent import home as H
 from nodeagent.events import MAX_NOTE_BYTES, REPORTING_CONTROLLER, WARNING
 from nodeagent.kube import API_TIMEOUT, describe_error
-from nodeagent.migrate.vmdir import MIGRATE_SUBDIR
+from nodeagent.migrate.vmdir import MIGRATE_SUBDIR, read_record
 from nodeagent.nodestatus import NodeStatus
 from nodeagent.scan import MarkerError, MarkerPlace, read_marker, vm_dirs
 
@@ -198,6 +198,7 @@ class CapacityReporter:
         self._reported_orphans: set[tuple[str, str]] = set()
         self._said: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._pass_lock = threading.Lock()  # one pass at a time: the thread's and a preflight's
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -239,7 +240,12 @@ class CapacityReporter:
 
     # --- one pass ------------------------------------------------------------------------------
     def refresh(self) -> C.NodeAccount | None:
-        """Count, account, publish; the account (None when the pass failed, which is logged)."""
+        """Count, account, publish; the account (None when the pass failed, which is logged). Also
+        called by a migration target's preflight (from its own thread) for a fresh count."""
+        with self._pass_lock:
+            return self._refresh()
+
+    def _refresh(self) -> C.NodeAccount | None:
         try:
             policy = self.policy()
             root = self.paths.on_host(policy.host_disks.root)
@@ -440,8 +446,10 @@ def migration_copies(root: str, cache: HeaderCache | None = None) -> list[C.DirF
     arriving here (the staging copy ``incoming/<ns>/<vm>/``) and a VM that moved away (the kept copy
     ``kept/<ns>/<vm>.<id>/``). Their images take the filesystem's space like any VM directory's, so
     each counts as one: ``unhomed`` (its VM's home is another node), its ``vm`` ``.incoming/<vm>`` or
-    ``.kept/<vm>.<id>``, a name no VM directory has (the summary's keys stay distinct). No link is
-    followed; a directory that cannot be read is passed over."""
+    ``.kept/<vm>.<id>``, a name no VM directory has (the summary's keys stay distinct). A staging
+    copy counts, per image, at least what the target's preflight accepted it for (its record's
+    ``images``: the VM's footprint per file), so the whole VM counts from the preflight on, not only
+    what has arrived. No link is followed; a directory that cannot be read is passed over."""
     out = []
     for kind in ("incoming", "kept"):
         place = f"{root.rstrip('/')}/{MIGRATE_SUBDIR}/{kind}"
@@ -464,11 +472,26 @@ def migration_copies(root: str, cache: HeaderCache | None = None) -> list[C.DirF
                         scan = scan_vm_dir(dir_fd=ns_fd, name=name, cache=cache)
                     except OSError:
                         continue
+                    promised = _promised(f"{place}/{ns}/{name}.json") if kind == "incoming" else None
                     out.append(C.DirFacts(ns, f".{kind}/{name}", images=scan.images,
-                                          other_allocated=scan.other_allocated, state=C.UNHOMED))
+                                          other_allocated=scan.other_allocated,
+                                          plans=(promised,) if promised else (), state=C.UNHOMED))
             finally:
                 os.close(ns_fd)
     return out
+
+
+def _promised(record_path: str) -> dict[str, int] | None:
+    """The footprint per image file a migration target's preflight accepted (``images`` of the
+    incoming record, written by this agent), or None when the record holds none that reads."""
+    record = read_record(record_path)
+    images = record.get("images") if record is not None else None
+    if not isinstance(images, dict) or len(images) > 256:
+        return None
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= C.MAX_BYTES
+               for k, v in images.items()):
+        return None
+    return images
 
 
 def _existing(path: str) -> str:

@@ -453,11 +453,12 @@ class Agents:
         self.started: list[AgentProcess] = []
 
     def start(self, node: str, files: NodeFiles, *, tls_dir: Path | None = None,
-              extra: tuple[str, ...] = (), wrap: tuple[str, ...] = ()) -> AgentProcess:
+              extra: tuple[str, ...] = (), wrap: tuple[str, ...] = (), policy: Path | None = None) -> AgentProcess:
+        """``policy``: this agent's own policy file (default: the one the webhook serves)."""
         s = self.setup
         files.root.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
-        argv = [*wrap, str(AGENT_SCRIPT), "serve", "--config", str(s.policy), "--node-name", node,
+        argv = [*wrap, str(AGENT_SCRIPT), "serve", "--config", str(policy or s.policy), "--node-name", node,
                 "--kubeconfig", str(s.agent_kubeconfig), "--host-prefix", str(files.prefix),
                 "--metrics-port", "0", "--plan-keys-dir", str(s.keys_dir),
                 "--migration-tls-dir", str(tls_dir or s.tls_dir), "--migration-address", s.nodes[node],
@@ -517,6 +518,13 @@ def start_command(setup: Setup, *args: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
     return subprocess.Popen([str(COMMAND), *args, "--kubeconfig", str(setup.alice_kubeconfig)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def policy_with_capacity(setup: Setup, name: str, capacity: str) -> Path:
+    """A copy of the policy with ``hostDisks.capacity`` set to ``capacity`` (flow YAML), for one agent."""
+    path = setup.work / name
+    path.write_text(POLICY.replace("sidecar:", f"  capacity: {capacity}\nsidecar:", 1))
+    return path
 
 
 def file_hashes(directory: Path) -> dict[str, str]:

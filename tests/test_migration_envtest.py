@@ -27,6 +27,7 @@ from tests.migration_support import (
     file_hashes,
     make_base,
     make_vm_dir,
+    policy_with_capacity,
     qio,
     run_command,
     sha256_file,
@@ -398,7 +399,8 @@ def test_the_target_filling_up_during_the_copy_fails_cleanly_and_a_new_run_compl
     """The target's filesystem (a 320 MiB tmpfs in the target agent's own mount namespace) has room
     at preflight; once the copy is under way another writer fills it: rsync hits ENOSPC, the
     migration fails saying so, the target's partial copy goes, the VM stays homed on the source and
-    may start there. With the space freed, the same command (with --stop) moves it."""
+    may start there. With the space freed, the same command (with --stop) moves it. (Overcommit 8 on
+    node b: the VM's 1.375 GiB footprint fits its budget, so the free space is what runs out.)"""
     import errno
 
     s = migration_setup
@@ -406,7 +408,8 @@ def test_the_target_filling_up_during_the_copy_fails_cleanly_and_a_new_run_compl
     homed_vm(s, agents, "pg08", a, fa, data_mib=160)
     before = file_hashes(fa.vm_dir(s.namespace, "pg08"))
     agent_a = agents.start(a, fa, extra=("--migration-bandwidth", "12"))
-    agent_b = agents.start(b, fb, wrap=tmpfs_wrap(fb.root, 320))
+    agent_b = agents.start(b, fb, wrap=tmpfs_wrap(fb.root, 320),
+                           policy=policy_with_capacity(s, "policy-b.yaml", "{overcommit: 8}"))
     wait_for("the home", lambda: s.annotations("pg08").get(K.ANN_NODE) == a, 60, agent_a)
     # node b's filesystem as its agent sees it (the tmpfs is mounted in the agent's namespace only)
     seen_by_b = Path(f"/proc/{agent_b.proc.pid}/root{fb.root}")

@@ -33,6 +33,8 @@ from nodeagent.migrate.tlsfiles import TlsFiles
 from nodeagent.scan import find_markers
 
 if TYPE_CHECKING:
+    from diskplan.capacity import NodeAccount
+    from diskplan.plan import PlanKeys
     from diskplan.policy import Policy
     from hooksidecar.logfmt import JsonLog
     from nodeagent.reconcile import Paths
@@ -70,7 +72,11 @@ def wants_source_thread(vm: Mapping[str, Any], node: str) -> bool:
 
 class Migrations:
     def __init__(self, *, node: str, kube: Kube, policy: Callable[[], Policy], paths: Paths, log: JsonLog,
-                 config: MigrationConfig, stopping: threading.Event) -> None:
+                 config: MigrationConfig, stopping: threading.Event,
+                 plan_keys: Callable[[], PlanKeys] | None = None,
+                 capacity: Callable[[], NodeAccount | None] | None = None) -> None:
+        """``plan_keys`` and ``capacity`` (a fresh count of this node: the agent's capacity pass) let
+        the target check its budget at preflight; without them it refuses every migration here."""
         self.node, self.kube, self.policy, self.paths, self.log = node, kube, policy, paths, log
         self.config = config
         self.stopping = stopping
@@ -79,7 +85,8 @@ class Migrations:
                                        progress_interval=config.progress_interval,
                                        bwlimit_kib=int(config.bandwidth_mib * 1024))
         self.server = TargetServer(node=node, kube=kube, policy=policy, paths=paths, tls=self.tls,
-                                   address=config.address, port=config.port, log=log)
+                                   address=config.address, port=config.port, log=log, plan_keys=plan_keys,
+                                   capacity=capacity)
         self._lock = threading.Lock()
         self._running: dict[tuple[str, str], SourceMigration] = {}
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="migrate-housekeeping",

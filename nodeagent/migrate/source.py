@@ -258,7 +258,8 @@ class SourceMigration:
             self._event(vm, EVENT_STARTED, f"moving {len(files)} files ({total} bytes, "
                         f"{sum(f.allocated for f in files)} on disk) to node {target}", NORMAL)
         self._address = self._target_address(target)
-        base = self._request(OP_PREFLIGHT, target, files=tuple(files), bases=tuple(bases))
+        sized = vmdir.with_virtual_sizes(source_dir, files)  # the target checks its budget by them
+        base = self._request(OP_PREFLIGHT, target, files=tuple(sized), bases=tuple(bases))
         reply = self._call(base, timeout=120.0)
         self.log.emit("migrate.preflight", level="info", namespace=self.namespace, vm=self.name,
                       target=target, id=self.status.id, staged=reply.get("staged"), free=reply.get("free"))

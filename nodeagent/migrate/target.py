@@ -9,8 +9,11 @@ destination, and file names are plain names checked again here.
 
 - ``preflight``: before any byte moves. A directory of that VM already here (not this agent's own
   unfinished copy) refuses; so do a library base missing here or with other content (SHA-256
-  through the node's base catalog), and too little free space for what is still to come. Then the
-  staging directory and its record (:mod:`nodeagent.migrate.vmdir`).
+  through the node's base catalog), too little free space for what is still to come, and a VM whose
+  footprint does not fit in what the node's capacity budget still has room for
+  (:func:`diskplan.capacity.check_incoming`, on a fresh pass of the agent's capacity count). Then
+  the staging directory and its record (:mod:`nodeagent.migrate.vmdir`), which holds the footprint
+  so that the capacity pass counts the whole VM from then on, not only what has arrived.
 - ``rsync``: the copy (resumable: ``--inplace`` into the staging directory).
 - ``commit``: the staging directory must hold exactly the source's files with the source's SHA-256
   (hashed here), the home marker is rewritten for this node, every file and the directory are
@@ -30,8 +33,11 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from diskplan import capacity as C
+from diskplan import keys as K
 from diskplan.errors import DiskhooksError
 from diskplan.migration import (
     MAX_HEADER_BYTES,
@@ -53,6 +59,7 @@ from nodeagent.migrate.rsyncrun import NO_SPACE
 from nodeagent.migrate.tlsfiles import PEER_NAME, TlsFiles, TlsFilesError, peer_is_agent
 
 if TYPE_CHECKING:
+    from diskplan.plan import PlanKeys
     from diskplan.policy import Policy
     from hooksidecar.logfmt import JsonLog
     from nodeagent.reconcile import Paths
@@ -64,6 +71,12 @@ IDLE_TIMEOUT = 600.0
 RECEIVING, COMMITTED = "receiving", "committed"
 
 
+@dataclass(frozen=True)
+class _Budget:
+    verdict: C.IncomingVerdict
+    sizes: dict[str, int]  # the footprint per file, kept in the incoming record
+
+
 class Refusal(Exception):
     def __init__(self, message: str, *, permanent: bool = True) -> None:
         super().__init__(message)
@@ -72,8 +85,16 @@ class Refusal(Exception):
 
 class TargetServer:
     def __init__(self, *, node: str, kube: Kube, policy: Callable[[], Policy], paths: Paths, tls: TlsFiles,
-                 address: str, port: int, log: JsonLog, rsync: str = "rsync") -> None:
+                 address: str, port: int, log: JsonLog, rsync: str = "rsync",
+                 plan_keys: Callable[[], PlanKeys] | None = None,
+                 capacity: Callable[[], C.NodeAccount | None] | None = None) -> None:
+        """``capacity``: a fresh account of this node (the agent's capacity pass; None when the pass
+        failed) and ``plan_keys``, to verify the VM's plan; without them every preflight is refused
+        (the budget cannot be checked)."""
         self.node = node
+        self.plan_keys = plan_keys
+        self.capacity = capacity
+        self._budget_lock = threading.Lock()  # one budget check (and its record) at a time
         self.kube = kube
         self.policy = policy
         self.paths = paths
@@ -240,7 +261,7 @@ class TargetServer:
 
     # --- operations ----------------------------------------------------------------------------
     def _preflight(self, r: WireRequest) -> dict[str, Any]:
-        self._vm(r)
+        vm = self._vm(r)
         live, staging, record_path, record = self._record(r)
         ours = record is not None and record.get("vmUID") == r.vm_uid
         if record is not None and not ours:  # the unfinished copy of an earlier VM of that name
@@ -265,16 +286,54 @@ class TargetServer:
         need = sum(f.allocated for f in r.files) - staged + SPACE_MARGIN
         root = self._root()
         vmdir.make_dirs(root)
-        free = vmdir.free_bytes(root)
-        if need > free:
-            raise Refusal(f"node {self.node} has {free} bytes free on {root}, and the VM needs "
-                          f"{need} more (its images take {sum(f.allocated for f in r.files)} bytes "
-                          f"on disk, {staged} already here, {SPACE_MARGIN} kept free); "
-                          + ("nothing was copied" if not staged else "the copy stops here"))
-        vmdir.make_dirs(staging)
-        vmdir.write_record(record_path, {"id": r.id, "vmUID": r.vm_uid, "source": r.source,
-                                         "state": RECEIVING, "at": _now_text()})
-        return {"staged": staged, "free": free}
+        with self._budget_lock:  # a concurrent preflight's count must see this one's record
+            free = vmdir.free_bytes(root)
+            problems = []
+            if need > free:
+                problems.append(f"node {self.node} has {free} bytes free on {root}, and the VM needs "
+                                f"{need} more (its images take {sum(f.allocated for f in r.files)} bytes "
+                                f"on disk, {staged} already here, {SPACE_MARGIN} kept free)")
+            budget = self._check_budget(r, vm)
+            if budget.verdict.refusal is not None:
+                problems.append(budget.verdict.refusal)
+            if problems:
+                raise Refusal("; and ".join(problems) + "; "
+                              + ("nothing was copied" if not staged else "the copy stops here"))
+            vmdir.make_dirs(staging)
+            vmdir.write_record(record_path, {"id": r.id, "vmUID": r.vm_uid, "source": r.source,
+                                             "state": RECEIVING, "at": _now_text(),
+                                             "images": budget.sizes})
+        return {"staged": staged, "free": free, "footprint": budget.verdict.needed_bytes,
+                "room": budget.verdict.available_bytes}
+
+    def _check_budget(self, r: WireRequest, vm: Mapping[str, Any]) -> _Budget:
+        """The VM's footprint against what this node's capacity budget still has room for: per
+        image (the files the source lists, by the virtual size it read from each header, else the
+        file's length) the larger of that and the size the VM's verified template plan gives it."""
+        from hooksidecar.prepare.imagefiles import is_image_name
+
+        if self.capacity is None or self.plan_keys is None:
+            raise Refusal(f"node {self.node}'s agent does not count its capacity here, so the VM's "
+                          "room in its budget cannot be checked", permanent=False)
+        images = {f.name: f.virtual if f.virtual is not None else f.size for f in r.files
+                  if is_image_name(f.name)}
+        plan = H.verified_plan(H.template_plan_text(vm), self.plan_keys(), namespace=r.namespace, vm=r.vm,
+                               where=f"VM {r.namespace}/{r.vm} spec.template {K.ANN_PLAN}")
+        plans = () if isinstance(plan, H.Decision) else (C.planned_images(plan),)
+        account = self.capacity()
+        if account is None:
+            raise Refusal(f"node {self.node} could not count its disk capacity (its capacity pass failed: "
+                          "see capacity.failed in its agent's log), so the VM's room in its budget "
+                          "cannot be checked", permanent=False)
+        policy = self.policy()
+        verdict = C.check_incoming(C.IncomingCheck(
+            node=self.node, namespace=r.namespace, vm=r.vm, images=images,
+            plans=plans, account=account, capacity=policy.host_disks.capacity))
+        self.log.emit("migrate.target.budget", level="info" if verdict.refusal is None else "warning",
+                      namespace=r.namespace, vm=r.vm, id=r.id, neededBytes=verdict.needed_bytes,
+                      availableBytes=verdict.available_bytes, othersBytes=verdict.others_bytes,
+                      budgetBytes=account.budget_bytes, planTrusted=bool(plans))
+        return _Budget(verdict, C.footprint_sizes(images, plans))
 
     def _check_bases(self, r: WireRequest) -> None:
         if not r.bases:
@@ -401,8 +460,6 @@ class TargetServer:
                 raise Refusal(f"{name} on node {self.node} has SHA-256 {hashed.sha256}, the source's "
                               f"{f.sha256}; it will be copied again", permanent=False)
         self._check_bases(r)
-        from diskplan import keys as K
-
         vmdir.rewrite_marker(f"{staging}/{K.HOME_MARKER}", self.node, datetime.datetime.now(datetime.UTC))
         vmdir.fsync_files(staging, sorted(want))
         for leftover in os.listdir(staging):  # rsync's or prepare's temporary names: not moved

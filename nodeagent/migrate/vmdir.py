@@ -25,7 +25,7 @@ import secrets
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from diskplan import keys as K
@@ -87,6 +87,30 @@ def list_files(directory: str, *, skip: Iterable[str] = ()) -> list[FileEntry]:
                                "move it away, then migrate again")
             out.append(FileEntry(name=entry.name, size=st.st_size, allocated=st.st_blocks * 512))
     return sorted(out, key=lambda f: f.name)
+
+
+def with_virtual_sizes(directory: str, files: Iterable[FileEntry]) -> list[FileEntry]:
+    """``files`` with each image's virtual size (``virtual``: its qcow2 header's, else its length,
+    as the node agent's capacity pass counts it), for the target's capacity check at preflight. A
+    file that cannot be read keeps none (the target then counts its length)."""
+    from hooksidecar.prepare.imagefiles import is_image_name, virtual_size
+
+    out = []
+    for f in files:
+        if is_image_name(f.name):
+            try:
+                fd = os.open(f"{directory}/{f.name}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                out.append(f)
+                continue
+            try:
+                f = replace(f, virtual=virtual_size(fd, os.fstat(fd).st_size)[0])
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        out.append(f)
+    return out
 
 
 @dataclass(frozen=True)
