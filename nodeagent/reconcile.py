@@ -39,7 +39,7 @@ from nodeagent import home as H
 from nodeagent.events import EVENT_HOME_NODE_CONFLICT, NORMAL, WARNING
 from nodeagent.kube import Conflict, Kube, describe_error
 from nodeagent.objects import active_pods_on
-from nodeagent.scan import MarkerError, MarkerPlace, host_path, read_marker
+from nodeagent.scan import MarkerError, MarkerPlace, host_path, marker_or_why, read_marker
 
 if TYPE_CHECKING:
     from diskplan.policy import Policy
@@ -157,11 +157,7 @@ class Reconciler:
 
     def _marker(self, namespace: str, vm_name: str) -> HomeMarker | str:
         """This node's home marker of ``namespace/vm_name``, or why there is none."""
-        root = self.paths.on_host(self.policy().host_disks.root)
-        try:
-            return read_marker(root, MarkerPlace(namespace, vm_name))
-        except MarkerError as exc:
-            return str(exc)
+        return marker_or_why(self.paths.on_host(self.policy().host_disks.root), namespace, vm_name)
 
     def _reconcile_marker(self, namespace: str, vm_name: str) -> None:
         root = self.paths.on_host(self.policy().host_disks.root)

@@ -121,3 +121,12 @@ def read_marker(root: str, place: MarkerPlace) -> HomeMarker:
         return parse_marker(data)
     except Malformed as exc:
         raise MarkerError(f"{where}: {exc}") from None
+
+
+def marker_or_why(root: str, namespace: str, vm: str) -> HomeMarker | str:
+    """This node's home marker of ``namespace/vm`` under ``root`` (:func:`read_marker`), or why there
+    is none (the form :func:`nodeagent.home.marker_vouches` takes)."""
+    try:
+        return read_marker(root, MarkerPlace(namespace, vm))
+    except MarkerError as exc:
+        return str(exc)

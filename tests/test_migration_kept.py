@@ -3,15 +3,19 @@ the VM has run on its new node (``untilStarted``), kept with ``forever``, gone a
 ``--delete-source``.
 
 End to end with the real kube-apiserver, the webhook, rsync and two real agents (see
-tests/migration_support.py). There is no KubeVirt controller here: "the VM runs on the target" is a
-VMI object this test writes as virt-controller and virt-handler would (scheduled on the target by
-its ``kubevirt.io/nodeName`` label, controlled by the VM, phase Running). The rule's pure part is
-tested on its own first.
+tests/migration_support.py). There is no KubeVirt controller and no launcher here: "the VM runs on
+the target" is a VMI object this test writes as virt-controller and virt-handler would (scheduled on
+the target by its ``kubevirt.io/nodeName`` label, controlled by the VM, then phase Running), and in
+between what prepare does in that VMI's launcher with the home marker (prepare's own decision and
+writer, on the target's VM directory). A VMI that says all that but for which prepare never ran
+(a forged one) must not free the copy. The rule's pure part is tested on its own first.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +23,15 @@ import pytest
 
 from diskplan import keys as K
 from diskplan.migration import MigrationStatus, status_json
+from diskplan.plan import PlanKeys, verify_plan
+from hooksidecar.prepare.actions import Refuse
+from hooksidecar.prepare.apply import apply
+from hooksidecar.prepare.home import home_actions
+from hooksidecar.prepare.observe import read_home_marker
 from nodeagent.migrate.keptcopy import kept_copies, start_shown
 from tests.migration_support import (
     GROUP,
+    PLAN_KEY,
     POLICY,
     VERSION,
     Agents,
@@ -180,17 +190,80 @@ def test_the_source_deletes_exactly_the_kept_copy_of_the_migration_that_started(
 # ------------------------------------------------------------------------------------------------
 # end to end
 # ------------------------------------------------------------------------------------------------
-def run_vmi_on(s: Setup, name: str, node: str) -> None:
+def prepare_ran(s: Setup, files: NodeFiles, name: str, node: str, vmi_uid: str) -> None:
+    """What prepare does with the home marker in the launcher of VMI ``vmi_uid`` on ``node``: its
+    decision (hooksidecar.prepare.home) on the marker as its observer reads it, carried out by its
+    writer (hooksidecar.prepare.apply), for the VM's plan as the webhook signed it. The launcher's
+    view of the VM directory (a hostPath mount) is a link to the node's directory here."""
+    text = s.vm(name)["spec"]["template"]["metadata"]["annotations"][K.ANN_PLAN]
+    plan = verify_plan(text, PlanKeys(current=PLAN_KEY), namespace=s.namespace, vm=name)
+    view = s.work / f"launcher-{vmi_uid}"
+    mount = Path(f"{view}{K.LAUNCHER_VM_DIR}")
+    mount.parent.mkdir(parents=True, exist_ok=True)
+    mount.symlink_to(files.vm_dir(s.namespace, name))
+    actions = home_actions(plan, read_home_marker(f"{mount}/{K.HOME_MARKER}"), node=node, vmi_uid=vmi_uid,
+                           now=datetime.datetime.now(datetime.UTC))
+    assert actions and not any(isinstance(a, Refuse) for a in actions), actions
+    apply(actions, prefix=str(view))
+
+
+def run_vmi_on(s: Setup, name: str, node: str, *, files: NodeFiles | None = None) -> str:
     """What KubeVirt does when the VM starts on ``node`` (no KubeVirt controller runs here): a VMI
-    controlled by the VM, scheduled on the node, Running."""
+    controlled by the VM, scheduled on the node; with ``files`` (the node's), prepare in its
+    launcher writes the home marker for it (:func:`prepare_ran`); then the VMI is Running (a
+    forged VMI, without ``files``, is Running at once and no launcher ever ran). Its UID."""
     vm = s.vm(name)
-    s.custom().create_namespaced_custom_object(GROUP, VERSION, s.namespace, "virtualmachineinstances", {
+    vmi = s.custom().create_namespaced_custom_object(GROUP, VERSION, s.namespace, "virtualmachineinstances", {
         "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
         "metadata": {"name": name, "labels": {"kubevirt.io/nodeName": node},
                      "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine", "name": name,
                                           "uid": vm["metadata"]["uid"], "controller": True}]},
         "spec": {"domain": {"devices": {}}},
-        "status": {"phase": "Running", "nodeName": node}})
+        "status": {"phase": "Running" if files is None else "Scheduled", "nodeName": node}})
+    uid = str(vmi["metadata"]["uid"])
+    if files is not None:
+        prepare_ran(s, files, name, node, uid)
+        s.custom().patch_namespaced_custom_object(  # no status subresource in the test's VMI CRD
+            GROUP, VERSION, s.namespace, "virtualmachineinstances", name, {"status": {"phase": "Running"}},
+            _content_type="application/merge-patch+json")
+    return uid
+
+
+def images(directory: Path) -> dict[str, str]:
+    """The hashes of a VM directory's files but the home marker."""
+    return {name: digest for name, digest in file_hashes(directory).items() if name != K.HOME_MARKER}
+
+
+def marker_vmi(files: NodeFiles, namespace: str, name: str) -> str:
+    return str(json.loads((files.vm_dir(namespace, name) / K.HOME_MARKER).read_text())["vmiUID"])
+
+
+def migrated(s: Setup, agents: Agents, tmp_path: Path, name: str) -> tuple[NodeFiles, NodeFiles, Any, Any, Path]:
+    """A VM made on node a, moved to node b (kept copy on a), both agents running with fast
+    housekeeping: the two nodes' files, their agents, the kept copy."""
+    a, b = sorted(s.nodes)
+    fa, fb = NodeFiles(tmp_path / "node-a"), NodeFiles(tmp_path / "node-b")
+    make_base(fa.library)
+    make_base(fb.library)
+    s.create_vm(name)
+    make_vm_dir(fa, s.namespace, name, node_name=a, data_mib=16)
+    fast = ("--migration-housekeeping", "5s")
+    agent_a = agents.start(a, fa, extra=fast)
+    agent_b = agents.start(b, fb, extra=fast)
+    wait_for("the home", lambda: s.annotations(name).get(K.ANN_NODE) == a, 60, agent_a)
+    done = run_command(s, "migrate", f"{s.namespace}/{name}", "--to", b, "--no-progress")
+    assert done.returncode == 0, done.stderr + agent_a.stderr_text()[-4000:] + agent_b.stderr_text()[-4000:]
+    status = s.status(name)
+    assert status is not None and status["phase"] == "Succeeded" and "targetStarted" not in status
+    kept = fa.kept(s.namespace) / f"{name}.{status['id']}"
+    assert kept.is_dir()
+    return fa, fb, agent_a, agent_b, kept
+
+
+def housekeeping_rounds(agent: Any, rounds: int = 2) -> None:
+    seen = len(agent.records("migrate.housekeeping"))
+    wait_for(f"{rounds} housekeeping rounds", lambda: len(agent.records("migrate.housekeeping")) >= seen + rounds,
+             60, agent)
 
 
 @pytest.mark.parametrize("mode", ["untilStarted", "forever", "delete-source"])
@@ -228,13 +301,15 @@ def test_the_kept_copy_goes_once_the_vm_ran_on_its_new_node_as_the_policy_says(
     else:
         assert file_hashes(kept) == before and (kept.parent / f"{kept.name}.json").is_file()
     target = fb.vm_dir(s.namespace, "pg10")
-    arrived = file_hashes(target)
+    arrived = images(target)
     rounds = len(agent_a.records("migrate.housekeeping"))
     wait_for("a housekeeping round on node a after the move",
              lambda: len(agent_a.records("migrate.housekeeping")) > rounds + 1, 60, agent_a)
     assert mode == "delete-source" or kept.is_dir()  # moved but never started: kept whatever the policy
 
-    run_vmi_on(s, "pg10", b)
+    brought = marker_vmi(fb, s.namespace, "pg10")  # the marker the move brought: the source's VMI
+    vmi_uid = run_vmi_on(s, "pg10", b, files=fb)
+    assert marker_vmi(fb, s.namespace, "pg10") == vmi_uid != brought  # prepare rewrote it for this start
     started = wait_for("node b records the start", lambda: (s.status("pg10") or {}).get("targetStarted"), 60,
                        agent_b)
     assert agent_b.records("migrate.target-started")[-1]["id"] == status["id"]
@@ -255,5 +330,58 @@ def test_the_kept_copy_goes_once_the_vm_ran_on_its_new_node_as_the_policy_says(
         assert "MigrationSourceRemoved" not in s.events("pg10")
     # whatever the mode: the older migration's copy, the stranger and the VM's new home untouched
     assert (decoy / "data.qcow2").read_bytes() == b"older copy" and stranger.is_dir()
-    assert file_hashes(target) == arrived
+    assert images(target) == arrived  # (the marker is prepare's: rewritten for the VMI, checked above)
     assert json.loads(s.annotations("pg10")["diskhooks.io/migration-status"])["phase"] == "Succeeded"
+
+
+def test_a_forged_running_vmi_does_not_free_the_kept_copy(migration_setup: Setup, agents: Agents,
+                                                         tmp_path: Path) -> None:
+    """A VMI anyone who may create VMIs can write: Running, labelled for the target, controlled by
+    the VM (right name and UID), created after the handover; but no launcher of it ran on the
+    target, so the VM directory's home marker still names the VMI prepare last ran for (the
+    source's). No ``targetStarted``, the kept copy stays, and the target says why."""
+    s = migration_setup
+    _, fb, agent_a, agent_b, kept = migrated(s, agents, tmp_path, "pg11")
+    before = file_hashes(kept)
+    brought = marker_vmi(fb, s.namespace, "pg11")
+    forged = run_vmi_on(s, "pg11", sorted(s.nodes)[1])
+
+    def decided() -> bool:
+        return bool([r for r in agent_b.records("migrate.target-start-unproven") if r.get("vmi") == forged]
+                    or "targetStarted" in (s.status("pg11") or {}))
+
+    wait_for("node b's decision on the forged start", decided, 60, agent_b)
+    housekeeping_rounds(agent_a)
+    status = s.status("pg11")
+    assert status is not None and "targetStarted" not in status and status.get("sourceKept")
+    said = [r for r in agent_b.records("migrate.target-start-unproven") if r.get("vmi") == forged]
+    assert said[0]["code"] == "marker-other-vmi" and f"written for VMI {brought}" in said[0]["reason"]
+    assert not agent_b.records("migrate.target-started")
+    assert file_hashes(kept) == before and (kept.parent / f"{kept.name}.json").is_file()
+    assert not agent_a.records("migrate.kept-removed") and "MigrationSourceRemoved" not in s.events("pg11")
+    assert marker_vmi(fb, s.namespace, "pg11") == brought  # nothing on the node was changed for it
+
+
+def test_a_start_while_the_target_agent_was_down_is_recorded_when_it_comes_back(
+        migration_setup: Setup, agents: Agents, tmp_path: Path) -> None:
+    """The VM moved, the target's agent stopped, the VM started there (launcher, prepare, Running)
+    and the VMI is still Running when the agent starts again: its first list of this node's VMIs
+    counts as the event it missed, so ``targetStarted`` is recorded and the source frees its copy."""
+    s = migration_setup
+    b = sorted(s.nodes)[1]
+    _, fb, agent_a, agent_b, kept = migrated(s, agents, tmp_path, "pg12")
+    agent_b.proc.send_signal(signal.SIGTERM)
+    assert agent_b.proc.wait(30) is not None
+    vmi_uid = run_vmi_on(s, "pg12", b, files=fb)
+    housekeeping_rounds(agent_a)
+    status = s.status("pg12")
+    assert status is not None and "targetStarted" not in status and kept.is_dir()  # nobody saw it yet
+    again = agents.start(b, fb, extra=("--migration-housekeeping", "5s"))
+    started = wait_for("node b records the start after its restart",
+                       lambda: (s.status("pg12") or {}).get("targetStarted"), 60, again)
+    assert again.records("migrate.target-started")[-1]["id"] == status["id"]
+    assert vmi_uid in again.records("migrate.target-started")[-1]["seen"]
+    wait_for("the kept copy deleted", lambda: not kept.exists(), 60, agent_a)
+    removed = agent_a.records("migrate.kept-removed")[-1]
+    assert removed["id"] == status["id"] and removed["started"] == started
+    assert not (kept.parent / f"{kept.name}.json").exists()

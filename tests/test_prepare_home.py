@@ -3,8 +3,8 @@
 
 A plan that names a home node is refused on any other node (or an unknown one) before anything
 is looked at or made; the home marker ``home.node.json`` is written in the VM directory before
-the first image, left alone when it names this node, replaced when it cannot be read, and a marker
-naming another node stops a VM without a home. Every run is ``python -m hooksidecar.prepare`` as a
+the first image, left alone when it names this node and this VMI (rewritten for a new VMI),
+replaced when it cannot be read, and a marker naming another node stops a VM without a home. Every run is ``python -m hooksidecar.prepare`` as a
 subprocess with ``--path-prefix`` (the layout of ``tests/test_prepare.py``).
 """
 
@@ -162,25 +162,21 @@ def test_without_a_node_nothing_changes(node: Node) -> None:
     assert list(out) == ["data"] and not marker_file(node).exists()
 
 
-def test_a_marker_naming_this_node_is_left_once_the_vm_has_a_home(node: Node) -> None:
-    data = write_marker(node, "node-a")  # written for an older VMI
-    before = marker_file(node).stat().st_mtime_ns
-    out = lines(run(node, plan_with("node-a"), env_node="node-a"))
-    assert out[K.HOME_MARKER]["result"] == "unchanged"
-    assert marker_file(node).read_bytes() == data and marker_file(node).stat().st_mtime_ns == before
-
-
-def test_before_a_home_each_start_refreshes_the_marker_once(node: Node) -> None:
-    """No home yet: a marker of another VMI (an older start, or a deleted VM of the same name) is
-    rewritten, so the agent never mistakes it for an orphan; the same VMI's restart leaves it."""
+@pytest.mark.parametrize("home", [None, "node-a"], ids=["no-home-yet", "homed"])
+def test_each_start_refreshes_the_marker_once(node: Node, home: str | None) -> None:
+    """A marker of another VMI (an older start, a deleted VM of the same name, or the source's start
+    in a marker a cold migration brought here) is rewritten for this VMI, homed or not: the agent
+    takes a VMI as started here only when the marker names it (and, before a home, never mistakes a
+    fresh marker for an orphan); the same VMI's restart leaves it as it is."""
     write_marker(node, "node-a")
-    out = lines(run(node, plan_with(), env_node="node-a"))
+    out = lines(run(node, plan_with(home), env_node="node-a"))
     assert out[K.HOME_MARKER]["result"] == "written" and "warning" not in out[K.HOME_MARKER]
     fresh = marker_file(node).read_bytes()
     assert parse_marker(fresh).vmi_uid == VMI_UID and parse_marker(fresh).written_at > NOW
-    again = lines(run(node, plan_with(), env_node="node-a"))  # the init container restarted
+    before = marker_file(node).stat().st_mtime_ns
+    again = lines(run(node, plan_with(home), env_node="node-a"))  # the init container restarted
     assert again[K.HOME_MARKER]["result"] == "unchanged" and again["data"]["result"] == "unchanged"
-    assert marker_file(node).read_bytes() == fresh
+    assert marker_file(node).read_bytes() == fresh and marker_file(node).stat().st_mtime_ns == before
 
 
 def test_images_made_before_markers_get_one(node: Node) -> None:

@@ -14,9 +14,12 @@ has something on the node (disks or a persistent root); its action comes before 
 no image exists without a marker:
 
 - no marker (a first start, or images made before markers existed): written;
-- a marker naming this node: left as it is once the VM has a home (not rewritten at every start);
-  before that, rewritten when it records another VMI (a new start), so that its time is never
-  older than the VM (the agent takes an older marker for one a deleted VM of the same name left);
+- a marker naming this node and this VMI: left as it is (the init container restarted); naming
+  another VMI (a new start): rewritten for this one, once per start. The node agent takes a VMI as
+  started here only when this marker names its UID (the home record, and the first start after a
+  cold migration, which frees the old node's kept copy: docs/MIGRATION.md), and before a home is
+  recorded a fresh time keeps the marker from looking older than the VM (the agent takes an older
+  marker for one a deleted VM of the same name left);
 - a marker naming another node: when the plan names this node as the home (the images were moved
   here, or the node was renamed), replaced with a warning; when the plan names no home yet,
   refused: the directory says the images were made on another node (a directory shared between
@@ -98,9 +101,9 @@ def home_actions(plan: Plan, obs: HomeObservation, *, node: str | None, vmi_uid:
             f"{node_file} named VM {marker.namespace}/{marker.vm}, not {plan.namespace}/{plan.vm}: "
             "replaced"))]
     if marker.node == node:
-        if plan.node is None and marker.vmi_uid != vmi_uid:
-            # no home yet: every start refreshes it, so that the node agent can tell it (written
-            # after the VM was created) from one a deleted VM of the same name left behind
+        if marker.vmi_uid != vmi_uid:
+            # a new start: the marker names the VMI prepare ran for, the node agent's only proof
+            # that a VMI labelled for this node really started here (see the module doc)
             return [WriteHomeMarker(VOLUME, MARKER_PATH, data, node)]
         return [KeepHomeMarker(VOLUME, MARKER_PATH, node)]
     if plan.node == node:

@@ -7,12 +7,16 @@ through the VM in the API server (never through memory: the VMI may be gone by t
 looks, and either agent may restart in between):
 
 - **the target** (:class:`StartRecorder`): the agent's VMI watch (this node's VMIs) and VM watch
-  (VMs homed here) offer every VMI with its VM; a VMI ``Running`` on this node, controlled by that
-  VM (same UID), created no earlier than the handover, of a VM whose migration status says
-  ``Succeeded`` to this node without ``targetStarted`` yet, makes the agent read both again and
-  write ``targetStarted`` (the time it saw it) into the status, in one update conditional on the
-  ``resourceVersion`` read. A VM that started and stopped while this agent was down is not seen:
-  its copy stays until its next start (the safe side).
+  (VMs homed here) offer every VMI with its VM, from their first list on (a VM that started while
+  this agent was down is offered at its start) and again at every resync; a VMI ``Running`` on this
+  node, controlled by that VM (same UID), created no earlier than the handover, of a VM whose
+  migration status says ``Succeeded`` to this node without ``targetStarted`` yet, makes the agent
+  read both again, and this node's home marker of the VM (``home.node.json``, read now); only when
+  the marker names that VMI's UID (prepare ran for it here: :func:`nodeagent.home.marker_vouches`,
+  the proof the home record asks for too) does it write ``targetStarted`` (the time it saw it) into
+  the status, in one update conditional on the ``resourceVersion`` read. A VM that started and
+  stopped while this agent was down is not seen: its copy stays until its next start (the safe
+  side).
 - **the source** (:func:`release_started`, from the source's housekeeping): every kept copy
   ``<root>/.diskhooks/migrate/kept/<ns>/<vm>.<id>/`` whose name parses (namespace, VM name,
   migration id) and whose VM says, for **that** migration id, ``Succeeded`` from this node with
@@ -22,9 +26,9 @@ looks, and either agent may restart in between):
   whose VM is gone, is another VM now (UID), or whose status has moved on to a later migration is
   kept (nothing says it started; the operator deletes it).
 
-A VMI's labels and status are written by whoever creates it, so a forged ``Running`` VMI of the VM
-can make its kept copy go early; only someone who may create VMIs in the VM's namespace can, and
-only the copy of that VM's own migration (docs/MIGRATION.md, Limits).
+A VMI's labels, owner reference and status are written by whoever creates it, so they prove
+nothing alone: a VMI for which prepare did not run on this node (no launcher of it started here)
+leaves the kept copy where it is, however ``Running`` it says it is.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from nodeagent import home as H
 from nodeagent.events import NORMAL
 from nodeagent.kube import Conflict, Kube, describe_error
 from nodeagent.migrate import vmdir
+from nodeagent.scan import marker_or_why
 
 if TYPE_CHECKING:
     from diskplan.policy import Policy
@@ -112,12 +117,15 @@ def start_shown(vm: Mapping[str, Any] | None, vmi: Mapping[str, Any] | None, nod
 
 class StartRecorder:
     """The target's half: ``offer`` (quick, from the watch threads) queues a VM whose VMI may show
-    its first start here; a thread reads both again and writes ``targetStarted``."""
+    its first start here; a thread reads both again, and this node's home marker of the VM, and
+    writes ``targetStarted``. ``root``: ``hostDisks.root`` as this process sees it, now."""
 
-    def __init__(self, *, node: str, kube: Kube, log: JsonLog, stopping: threading.Event) -> None:
-        self.node, self.kube, self.log, self.stopping = node, kube, log, stopping
+    def __init__(self, *, node: str, kube: Kube, log: JsonLog, stopping: threading.Event,
+                 root: Callable[[], str]) -> None:
+        self.node, self.kube, self.log, self.stopping, self.root = node, kube, log, stopping, root
         self._lock = threading.Lock()
         self._pending: set[tuple[str, str]] = set()
+        self._unproven: dict[tuple[str, str], str] = {}  # what was last logged, once per VMI and reason
         self._wake = threading.Event()
         self.thread = threading.Thread(target=self._run, name="migrate-started", daemon=True)
 
@@ -148,13 +156,19 @@ class StartRecorder:
                                   vm=name, error=describe_error(exc))
 
     def record(self, namespace: str, name: str) -> bool:
-        """Read the VM and its VMI; write ``targetStarted`` when the VMI shows the start. True when
-        written."""
+        """Read the VM and its VMI; write ``targetStarted`` when the VMI shows the start and this
+        node's home marker of the VM names that VMI (prepare ran for it here). True when written."""
         for _ in range(3):
             vm = self.kube.get_vm(namespace, name)
             vmi = self.kube.get_vmi(namespace, name)
             why = start_shown(vm, vmi, self.node)
-            if why is None or vm is None:
+            if why is None or vm is None or vmi is None:
+                return False
+            vmi_uid = str(H.meta_of(vmi).get("uid") or "")
+            refusal = H.marker_vouches(marker_or_why(self.root(), namespace, name), node=self.node,
+                                       namespace=namespace, vm=name, vmi_uid=vmi_uid)
+            if refusal is not None:
+                self._not_proven(namespace, name, vmi_uid, *refusal)
                 return False
             status = awaiting_start(vm, self.node)
             assert status is not None
@@ -167,8 +181,24 @@ class StartRecorder:
                 continue
             self.log.emit("migrate.target-started", level="info", namespace=namespace, vm=name, id=status.id,
                           source=status.source, seen=why)
+            with self._lock:
+                self._unproven.pop((namespace, name), None)
             return True
         return False
+
+    def _not_proven(self, namespace: str, name: str, vmi_uid: str, code: str, why: str) -> None:
+        """Log (once per VMI and reason: the next resync offers it again) a Running VMI that is not
+        taken as the start: nothing recorded, the source's copy stays."""
+        said = f"{vmi_uid} {code}"
+        with self._lock:
+            if self._unproven.get((namespace, name)) == said:
+                return
+            self._unproven[(namespace, name)] = said
+        self.log.emit("migrate.target-start-unproven", level="warning", namespace=namespace, vm=name,
+                      vmi=vmi_uid or None, code=code,
+                      reason=f"its VMI says Running on this node, but {why}; targetStarted is not recorded "
+                             "and the source's kept copy stays (a VMI's status and owner are written by "
+                             "whoever creates it: only prepare's marker proves that it started here)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -91,7 +91,8 @@ class Migrations:
         self._running: dict[tuple[str, str], SourceMigration] = {}
         self._housekeeper = threading.Thread(target=self._housekeeping_loop, name="migrate-housekeeping",
                                              daemon=True)
-        self.starts = StartRecorder(node=node, kube=kube, log=log, stopping=stopping)
+        self.starts = StartRecorder(node=node, kube=kube, log=log, stopping=stopping,
+                                    root=lambda: self.paths.on_host(self.policy().host_disks.root))
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
