@@ -56,9 +56,12 @@ if str(ROOT) not in sys.path:  # python benchmarks/migrate_bench.py
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.migrate_references import Reference, SocatReference, SshReference, missing_tools
+from diskplan import capacity as C
 from diskplan.migration import RSYNC_CLIENT_OPTIONS, FileEntry, WireRequest, request_json, wants_compression
+from diskplan.plan import PlanKeys
 from diskplan.policy import load_policy
 from hooksidecar.logfmt import JsonLog
+from nodeagent.capacity import migration_copies, scan_root
 from nodeagent.migrate import vmdir
 from nodeagent.migrate.connector import exchange, open_channel
 from nodeagent.migrate.rsyncrun import run_rsync
@@ -72,16 +75,32 @@ NAMESPACE, VM, UID = "bench", "vm01", "bench-uid-1"
 SOURCE, TARGET = "node-a", "node-b"
 TARGET_ADDRESS = "127.0.0.3"
 EXTENT = 64 * MiB
+BENCH_POLICY = "hostDisks:\n  root: /var/lib/diskhooks/vms\nsidecar:\n  image: bench\n"
+BENCH_KEYS = PlanKeys(current=os.urandom(32))  # the benchmark's VM has no plan: nothing is verified
 _SENT = re.compile(r"Total bytes sent: ([\d,]+)")
 
 
 class BenchTarget(TargetServer):
-    """The real target server; only the API server's answer about the VM is given here."""
+    """The real target server; only the API server's answer about the VM is given here, and the
+    capacity count is the agent's disk count of the target's root without the API server's view of
+    VMs (:func:`count_node`): the preflight's budget check runs as in the agent."""
 
     def _vm(self, r: WireRequest) -> Mapping[str, Any]:
         if (r.namespace, r.vm, r.vm_uid, r.source) != (NAMESPACE, VM, UID, SOURCE):
             raise Refusal("not the benchmark's VM")
         return {"metadata": {"uid": UID}}
+
+
+def count_node(root: str) -> C.NodeAccount:
+    """What the agent's capacity pass counts on a node the API server knows no VM of: every VM
+    directory and migration copy under ``root``, on its filesystem, under the default policy."""
+    scans = scan_root(root)
+    facts = [C.DirFacts(ns, vm, images=s.images, other_allocated=s.other_allocated,
+                        state=C.dir_state(running=False, homed_here=False, vm_exists=None))
+             for (ns, vm), s in sorted(scans.items())] + migration_copies(root)
+    fs = os.statvfs(root)
+    return C.account_node(facts, filesystem_bytes=fs.f_blocks * fs.f_frsize, free_bytes=fs.f_bavail * fs.f_frsize,
+                          capacity=load_policy(BENCH_POLICY).host_disks.capacity)
 
 
 def _size(text: str) -> int:
@@ -392,12 +411,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         host = work / "target-node"
         root = host / "var/lib/diskhooks/vms"
         root.mkdir(parents=True)
-        policy = load_policy("hostDisks:\n  root: /var/lib/diskhooks/vms\nsidecar:\n  image: bench\n")
+        policy = load_policy(BENCH_POLICY)
         log_path = work / "target.log"
         log_file = open(log_path, "w")  # noqa: SIM115 - open while the server runs
         server = BenchTarget(node=TARGET, kube=None, policy=lambda: policy,  # type: ignore[arg-type]
                              paths=Paths(host_prefix=str(host), kubelet_pods_dir="/var/lib/kubelet/pods"),
-                             tls=tls, address=TARGET_ADDRESS, port=0, log=JsonLog(log_file))
+                             tls=tls, address=TARGET_ADDRESS, port=0, log=JsonLog(log_file),
+                             plan_keys=lambda: BENCH_KEYS, capacity=lambda: count_node(str(root)))
         server.start()
         daemon_dest = work / "plain-dest"
         daemon_dest.mkdir()
