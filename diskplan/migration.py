@@ -45,6 +45,7 @@ TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 MAX_STATUS_BYTES = 4096
 MAX_ERROR_CHARS = 600
+CLIP_MARK = " ... "
 MAX_HEADER_BYTES = 256 * 1024  # a wire request: names, a manifest of a few files
 DEFAULT_PORT = 9181
 _ID = re.compile(r"^[0-9a-f]{8,32}$")
@@ -92,6 +93,15 @@ class MigrationStatus:
         return replace(self, **changes)
 
 
+def clip_error(text: str) -> str:
+    """``text`` in at most :data:`MAX_ERROR_CHARS` characters: a longer one keeps its beginning and its
+    end (where a refusal says what happened to the copy) with `` ... `` between."""
+    if len(text) <= MAX_ERROR_CHARS:
+        return text
+    keep = MAX_ERROR_CHARS - len(CLIP_MARK)
+    return text[:keep - keep // 3] + CLIP_MARK + text[len(text) - keep // 3:]
+
+
 def status_json(status: MigrationStatus) -> str:
     """The annotation's value (checked as :func:`parse_status` checks it)."""
     doc: dict[str, Any] = {"id": status.id, "phase": status.phase, "source": status.source,
@@ -99,7 +109,7 @@ def status_json(status: MigrationStatus) -> str:
                            "rate": status.rate, "startedAt": status.started_at,
                            "updatedAt": status.updated_at, "attempt": status.attempt}
     if status.error is not None:
-        doc["error"] = status.error[:MAX_ERROR_CHARS]
+        doc["error"] = clip_error(status.error)
     if status.source_kept is not None:
         doc["sourceKept"] = status.source_kept
     if status.target_started is not None:
@@ -286,7 +296,7 @@ def request_json(r: WireRequest) -> bytes:
     if r.rsync_args:
         doc["args"] = list(r.rsync_args)
     if r.reason:
-        doc["reason"] = r.reason[:MAX_ERROR_CHARS]
+        doc["reason"] = clip_error(r.reason)
     data = json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode()
     parse_request(data)
     return data + b"\n"
@@ -328,7 +338,7 @@ def parse_request(data: bytes) -> WireRequest:
         raise Malformed("request.reason", "must be a string")
     return WireRequest(op=str(op), id=ident, namespace=namespace, vm=vm, vm_uid=vm_uid, source=source,
                        target=target, files=files, bases=bases, rsync_args=tuple(args),
-                       reason=reason[:MAX_ERROR_CHARS])
+                       reason=clip_error(reason))
 
 
 def _list(doc: Mapping[str, Any], member: str) -> list[Any]:
@@ -378,7 +388,7 @@ def reply_json(ok: bool, **members: Any) -> bytes:
     """The target's answer line: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``."""
     doc = {"ok": ok, **members}
     if "error" in doc and isinstance(doc["error"], str):
-        doc["error"] = doc["error"][:MAX_ERROR_CHARS]
+        doc["error"] = clip_error(doc["error"])
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
 
 

@@ -185,3 +185,38 @@ def test_a_target_with_free_space_but_no_budget_left_refuses_before_any_byte_mov
     moved = seen_by_b / s.namespace / "pg09"
     assert {k: v for k, v in file_hashes(moved).items() if k != K.HOME_MARKER} == \
         {k: v for k, v in before.items() if k != K.HOME_MARKER}
+
+
+def test_a_copy_that_would_eat_into_the_reserve_is_refused_before_any_byte_moves(
+        migration_setup: Setup, agents: Agents, tmp_path: Path) -> None:
+    """Node b: a 640 MiB tmpfs keeping 600 MiB free (``reserve: 600Mi``; the budget, overcommit 4, has
+    room). The VM's ~60 MiB (and the 64 MiB margin) fit the free space but not above the reserve:
+    refused at preflight naming the reserve, nothing copied, still homed on a, as prepare refuses
+    an image that would leave less than the reserve."""
+    s = migration_setup
+    a, b = sorted(s.nodes)
+    fa, fb = NodeFiles(tmp_path / "node-a"), NodeFiles(tmp_path / "node-b")
+    make_base(fa.library)
+    make_base(fb.library)
+    s.create_vm("pg08")
+    make_vm_dir(fa, s.namespace, "pg08", node_name=a)
+    before = file_hashes(fa.vm_dir(s.namespace, "pg08"))
+    agent_a = agents.start(a, fa)
+    agent_b = agents.start(b, fb, wrap=tmpfs_wrap(fb.root, 640),
+                           policy=policy_with_capacity(s, "policy-b.yaml", "{overcommit: 4, reserve: 600Mi}"))
+    wait_for("the home", lambda: s.annotations("pg08").get(K.ANN_NODE) == a, 60, agent_a)
+    wait_for("b's listener", lambda: agent_b.records("migrate.listening"), 30, agent_b)
+
+    done = run_command(s, "migrate", f"{s.namespace}/pg08", "--to", b, "--no-progress")
+    logs = done.stderr + agent_a.stderr_text()[-4000:] + agent_b.stderr_text()[-4000:]
+    assert done.returncode == 1, logs
+    status = s.status("pg08")
+    assert status is not None and status["phase"] == "Failed" and status["bytes"] == 0, status
+    for words in (f"node {b} has ", f"keeps {600 * MiB} free (hostDisks.capacity.reserve)", "nothing was copied"):
+        assert words in status["error"] and words in done.stderr, (words, status["error"])
+    assert "capacity budget" not in status["error"]  # the budget had room: the reserve refused it
+    assert s.annotations("pg08")[K.ANN_NODE] == a
+    assert file_hashes(fa.vm_dir(s.namespace, "pg08")) == before
+    seen_by_b = Path(f"/proc/{agent_b.proc.pid}/root{fb.root}")
+    assert not (seen_by_b / s.namespace / "pg08").exists()
+    assert not agent_b.records("migrate.target.rsync")  # no byte moved

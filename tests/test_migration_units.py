@@ -634,3 +634,16 @@ def test_the_target_takes_only_the_agents_certificate_from_a_shared_ca(tmp_path:
         finally:
             server.stop()
     assert "not for diskhooks-node-migration" in log_lines.read_text()
+
+
+def test_a_long_error_keeps_its_beginning_and_its_end() -> None:
+    from diskplan.migration import MAX_ERROR_CHARS, clip_error
+
+    assert clip_error("short") == "short"
+    exact = "x" * MAX_ERROR_CHARS
+    assert clip_error(exact) == exact
+    long = "node b has 10 bytes free; " + "y" * 2000 + "; nothing was copied"
+    clipped = clip_error(long)
+    assert len(clipped) == MAX_ERROR_CHARS
+    assert clipped.startswith("node b has 10 bytes free; ") and clipped.endswith("; nothing was copied")
+    assert " ... " in clipped

@@ -288,11 +288,12 @@ class TargetServer:
         vmdir.make_dirs(root)
         with self._budget_lock:  # a concurrent preflight's count must see this one's record
             free = vmdir.free_bytes(root)
+            reserve = self.policy().host_disks.capacity.reserve(vmdir.filesystem_bytes(root))
             problems = []
-            if need > free:
-                problems.append(f"node {self.node} has {free} bytes free on {root}, and the VM needs "
-                                f"{need} more (its images take {sum(f.allocated for f in r.files)} bytes "
-                                f"on disk, {staged} already here, {SPACE_MARGIN} kept free)")
+            if need > free - reserve:
+                problems.append(f"node {self.node} has {free} bytes free on {root} and keeps {reserve} "
+                                f"free (hostDisks.capacity.reserve); the VM needs {need} more (on disk "
+                                f"{sum(f.allocated for f in r.files)}, here {staged}, margin {SPACE_MARGIN})")
             budget = self._check_budget(r, vm)
             if budget.verdict.refusal is not None:
                 problems.append(budget.verdict.refusal)
