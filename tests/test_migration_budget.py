@@ -31,6 +31,7 @@ from tests.migration_support import (
     tmpfs_wrap,
     wait_for,
 )
+from tests.node_agent_support import AgentProcess
 
 NS, VM = "vms", "pg01"
 POLICY = CapacityPolicy(overcommit=Fraction(2))
@@ -133,6 +134,25 @@ def test_a_staging_copy_counts_what_its_preflight_accepted_from_the_start(tmp_pa
 FOOTPRINT = GiB + 256 * MiB + 128 * MiB  # data (plan and header), logs (plan), persistent root (header)
 
 
+def _homed_on_a_b_on_tmpfs(s: Setup, agents: Agents, tmp_path: Path, vm: str, capacity: str,
+                           ) -> tuple[str, str, NodeFiles, NodeFiles, dict[str, str], AgentProcess, AgentProcess]:
+    """Two agents: ``vm`` made and homed on a; b's root a 640 MiB tmpfs, ``hostDisks.capacity``
+    ``capacity`` (flow YAML), listening. (a, b, their files, the VM's hashes on a, the agents.)"""
+    a, b = sorted(s.nodes)
+    fa, fb = NodeFiles(tmp_path / "node-a"), NodeFiles(tmp_path / "node-b")
+    make_base(fa.library)
+    make_base(fb.library)
+    s.create_vm(vm)
+    make_vm_dir(fa, s.namespace, vm, node_name=a)
+    before = file_hashes(fa.vm_dir(s.namespace, vm))
+    agent_a = agents.start(a, fa)
+    agent_b = agents.start(b, fb, wrap=tmpfs_wrap(fb.root, 640),
+                           policy=policy_with_capacity(s, "policy-b.yaml", capacity))
+    wait_for("the home", lambda: s.annotations(vm).get(K.ANN_NODE) == a, 60, agent_a)
+    wait_for("b's listener", lambda: agent_b.records("migrate.listening"), 30, agent_b)
+    return a, b, fa, fb, before, agent_a, agent_b
+
+
 def test_a_target_with_free_space_but_no_budget_left_refuses_before_any_byte_moves(
         migration_setup: Setup, agents: Agents, tmp_path: Path) -> None:
     """Node b: a 640 MiB tmpfs, overcommit 4 (budget 2.5 GiB), 1.5 GiB of it promised to a thin
@@ -140,18 +160,8 @@ def test_a_target_with_free_space_but_no_budget_left_refuses_before_any_byte_mov
     fits the free space, not the budget: refused at preflight, nothing copied, still homed on a.
     With that image gone, the same command moves it."""
     s = migration_setup
-    a, b = sorted(s.nodes)
-    fa, fb = NodeFiles(tmp_path / "node-a"), NodeFiles(tmp_path / "node-b")
-    make_base(fa.library)
-    make_base(fb.library)
-    s.create_vm("pg09")
-    make_vm_dir(fa, s.namespace, "pg09", node_name=a)
-    before = file_hashes(fa.vm_dir(s.namespace, "pg09"))
-    agent_a = agents.start(a, fa)
-    agent_b = agents.start(b, fb, wrap=tmpfs_wrap(fb.root, 640),
-                           policy=policy_with_capacity(s, "policy-b.yaml", "{overcommit: 4}"))
-    wait_for("the home", lambda: s.annotations("pg09").get(K.ANN_NODE) == a, 60, agent_a)
-    wait_for("b's listener", lambda: agent_b.records("migrate.listening"), 30, agent_b)
+    a, b, fa, fb, before, agent_a, agent_b = _homed_on_a_b_on_tmpfs(s, agents, tmp_path, "pg09",
+                                                                    "{overcommit: 4}")
     seen_by_b = Path(f"/proc/{agent_b.proc.pid}/root{fb.root}")  # the tmpfs, in b's mount namespace
     other = seen_by_b / s.namespace / "other" / "data.qcow2"
     other.parent.mkdir(parents=True)
@@ -194,18 +204,8 @@ def test_a_copy_that_would_eat_into_the_reserve_is_refused_before_any_byte_moves
     refused at preflight naming the reserve, nothing copied, still homed on a, as prepare refuses
     an image that would leave less than the reserve."""
     s = migration_setup
-    a, b = sorted(s.nodes)
-    fa, fb = NodeFiles(tmp_path / "node-a"), NodeFiles(tmp_path / "node-b")
-    make_base(fa.library)
-    make_base(fb.library)
-    s.create_vm("pg08")
-    make_vm_dir(fa, s.namespace, "pg08", node_name=a)
-    before = file_hashes(fa.vm_dir(s.namespace, "pg08"))
-    agent_a = agents.start(a, fa)
-    agent_b = agents.start(b, fb, wrap=tmpfs_wrap(fb.root, 640),
-                           policy=policy_with_capacity(s, "policy-b.yaml", "{overcommit: 4, reserve: 600Mi}"))
-    wait_for("the home", lambda: s.annotations("pg08").get(K.ANN_NODE) == a, 60, agent_a)
-    wait_for("b's listener", lambda: agent_b.records("migrate.listening"), 30, agent_b)
+    a, b, fa, fb, before, agent_a, agent_b = _homed_on_a_b_on_tmpfs(s, agents, tmp_path, "pg08",
+                                                                    "{overcommit: 4, reserve: 600Mi}")
 
     done = run_command(s, "migrate", f"{s.namespace}/pg08", "--to", b, "--no-progress")
     logs = done.stderr + agent_a.stderr_text()[-4000:] + agent_b.stderr_text()[-4000:]
