@@ -1,4 +1,4 @@
-"""``python -m benchmarks [webhook|sidecar|prepare|expand|node|capacity|soak|qemucheck|all] [options]``
+"""``python -m benchmarks [webhook|sidecar|prepare|expand|node|capacity|migrate|soak|qemucheck|all] [options]``
 — run the benchmarks (``all``: every one but ``soak``, the load-and-soak run of ``benchmarks/soak.py``).
 
 The sidecar and prepare benchmarks live in ``benchmarks/sidecar_bench.py`` and
