@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hooksidecar.h2grpc import http2, limits
+from hooksidecar.h2grpc import http2, limits, memory
 from hooksidecar.h2grpc.grpcwire import (
     PREFIX_BYTES,
     RESPONSE_HEADERS,
@@ -88,6 +88,7 @@ class Connection:
         self.closed = False
         self.handled = False  # a handler ran in this receive()
         self.served = False  # a handler ran on this connection
+        self.trim_due = False  # a large request or answer was here: give the heap back once idle
         self.last_busy = self.last_heard = 0.0
 
     def attach(self, sock: socket.socket) -> None:
@@ -139,6 +140,14 @@ class Connection:
         finally:
             if self.handled and self.server.answered is not None:
                 self.server.answered()
+            if self.trim_due and not self.busy:
+                self._release_heap()
+
+    def _release_heap(self) -> None:
+        """After a large call (request or answer over ``limits.TRIM_AFTER_BYTES``), once it is
+        answered or cut: what it freed goes back to the system, not kept by this worker's arena."""
+        self.trim_due = False
+        memory.release_free_heap()
 
     def _send(self) -> None:
         """Send what is queued, in one ``sendmsg``: at once when the socket buffer has room (an
@@ -172,10 +181,14 @@ class Connection:
 
     def close(self) -> None:
         self.closed = True
+        self.streams.clear()  # what a client that went away left half sent or unread
+        self.outgoing.clear()
         try:
             self.sock.close()
         except OSError:
             pass
+        if self.trim_due:
+            self._release_heap()
 
     def _receive(self) -> None:
         data = self.sock.recv(65536)
@@ -211,6 +224,8 @@ class Connection:
             return
         stream.body += data
         self.buffered += len(data)
+        if len(stream.body) > limits.TRIM_AFTER_BYTES:
+            self.trim_due = True
         limit = self.server.max_message_bytes
         try:
             if self.buffered > limit + limits.SPARE_BUFFER_BYTES:
@@ -254,6 +269,8 @@ class Connection:
             self.handled = True
             with self.server.bell():
                 response = handler(request)
+            if len(response) > limits.TRIM_AFTER_BYTES:
+                self.trim_due = True
             if len(response) > self.server.max_message_bytes:
                 raise RpcStatus(StatusCode.RESOURCE_EXHAUSTED, f"response larger than max ({len(response)} "
                                 f"vs. {self.server.max_message_bytes})")
