@@ -136,30 +136,43 @@ def measure_server(make_args: Callable[[Path], tuple[list[str], Path]], interp: 
 
 @dataclass
 class OneCall:
-    """A fresh sidecar's memory around one call on the largest accepted domain."""
+    """A fresh sidecar's memory around one call on the largest accepted domain: ``idle`` once
+    ready, ``before`` after a few calls on the workload's domain, ``after`` as soon as the answer is
+    in, ``settled`` a moment later (the server has finished its side of the call: sent, logged,
+    given memory back)."""
 
     kind: str
     domain_bytes: int
     disks: int
     idle: dict[str, int]
+    before: dict[str, int]
     after: dict[str, int]
+    settled: dict[str, int]
+    tree: str = ""  # "" for this checkout, else the --compare-tree directory
 
 
 def measure_one_large_call(kind: str, interp: Interp, *, workdir: Path, workload: Workload,
-                           log: Path) -> OneCall:
+                           log: Path, tree: Path = ROOT) -> OneCall:
     domain = largest_domain(workload.domain, kind)
     sock_dir = Path(tempfile.mkdtemp(dir=workdir))
-    server = Server(sidecar_args(sock_dir, workload.prefix), sock_dir / "diskhooks.sock", interp, log)
+    target = f"unix://{sock_dir / 'diskhooks.sock'}"
+    server = Server(sidecar_args(sock_dir, workload.prefix), sock_dir / "diskhooks.sock", interp, log, tree)
     try:
         server.wait_ready()
         time.sleep(0.2)
         idle = status_kib(server.proc.pid)
-        out = on_define_over_socket(f"unix://{sock_dir / 'diskhooks.sock'}",
-                                    Workload(prefix=workload.prefix, vmi=workload.vmi, domain=domain,
-                                             plan=workload.plan))
+        for _ in range(5):
+            on_define_over_socket(target, workload)
+        time.sleep(0.2)
+        before = status_kib(server.proc.pid)
+        out = on_define_over_socket(target, Workload(prefix=workload.prefix, vmi=workload.vmi, domain=domain,
+                                                     plan=workload.plan))
         if b"almalinux-9.qcow2" not in out:
             raise RuntimeError("the large domain was answered without the plan applied")
         after = status_kib(server.proc.pid)
+        time.sleep(0.3)
+        settled = status_kib(server.proc.pid)
     finally:
         server.stop()
-    return OneCall(kind=kind, domain_bytes=len(domain), disks=domain.count(b"<disk "), idle=idle, after=after)
+    return OneCall(kind=kind, domain_bytes=len(domain), disks=domain.count(b"<disk "), idle=idle, before=before,
+                   after=after, settled=settled, tree="" if tree == ROOT else str(tree))
