@@ -35,8 +35,9 @@ def _cut(text: str, limit: int) -> str:
 def event_body(vm: Mapping[str, Any], *, reason: str, message: str, event_type: str, node: str,
                now: datetime.datetime, suffix: str) -> dict[str, Any]:
     """An events.k8s.io/v1 Event about ``vm`` (its namespace, name, uid and resourceVersion), named
-    ``<vm>.<suffix>`` (a unique hex string from the caller; events.k8s.io refuses a ``generateName``
-    ending in a dot), reported by this node's agent."""
+    ``<vm>.<suffix>`` (from the caller: a unique hex string, or for ``HomeNodeRecorded`` one fixed
+    by the VM's UID and the node, ``nodeagent.homeevent.recorded_event_suffix``; events.k8s.io
+    refuses a ``generateName`` ending in a dot), reported by this node's agent."""
     raw = vm.get("metadata")
     meta: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     namespace, name = str(meta.get("namespace", "")), str(meta.get("name", ""))

@@ -1,7 +1,9 @@
 """The agent's few calls to the API server, through the official ``kubernetes`` client.
 
 Thin: read a VirtualMachine, merge-patch its metadata (the home node), create an Event, and the
-list functions the watches use. What to patch and what an Event says is decided elsewhere
+list functions the watches use. Every VM patch names its field manager (:data:`FIELD_MANAGER`, or
+``nodeagent.homeevent.HOME_FIELD_MANAGER`` for the home record alone, whose ``managedFields`` time
+tells when the home was recorded). What to patch and what an Event says is decided elsewhere
 (``nodeagent.home``, ``nodeagent.events``). Objects travel as dicts (the API server's JSON).
 
 What the agent's ServiceAccount needs (the chart's ClusterRole): ``get``/``list``/``watch`` on
@@ -27,6 +29,7 @@ VMS = "virtualmachines"
 VMIS = "virtualmachineinstances"
 API_TIMEOUT = (5.0, 30.0)  # connect, read: a request that hangs is retried, not waited on forever
 POOL_SIZE = 16  # two watches, the workers and the Events fit without waiting for a connection
+FIELD_MANAGER = "diskhooks-node-agent"  # the agent's VM patches (the home record has its own)
 
 
 class Conflict(Exception):
@@ -92,14 +95,15 @@ class Kube:
             raise
         return obj
 
-    def patch_vm_metadata(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        """Apply a JSON merge patch (``application/merge-patch+json``) to the VM; a
-        ``resourceVersion`` in it makes a changed VM a :class:`Conflict`."""
+    def patch_vm_metadata(self, namespace: str, name: str, patch: Mapping[str, Any], *,
+                          field_manager: str = FIELD_MANAGER) -> dict[str, Any]:
+        """Apply a JSON merge patch (``application/merge-patch+json``) to the VM as
+        ``field_manager``; a ``resourceVersion`` in it makes a changed VM a :class:`Conflict`."""
         from kubernetes.client.exceptions import ApiException
 
         try:
             vm: dict[str, Any] = self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, VMS, name, dict(patch),
+                GROUP, VERSION, namespace, VMS, name, dict(patch), field_manager=field_manager,
                 _content_type="application/merge-patch+json", _request_timeout=API_TIMEOUT)
         except ApiException as exc:
             if exc.status == 409:
@@ -108,13 +112,23 @@ class Kube:
         return vm
 
     def create_event(self, vm: Mapping[str, Any], *, reason: str, message: str, event_type: str,
-                     node: str) -> None:
-        """Create an Event about ``vm`` (now)."""
+                     node: str, suffix: str | None = None) -> bool:
+        """Create an Event about ``vm`` (now), named ``<vm>.<suffix>`` (default: unique). True when
+        created, False when an Event of that name exists already (409 AlreadyExists: for a fixed
+        ``suffix``, the same Event sent before)."""
+        from kubernetes.client.exceptions import ApiException
+
         now = datetime.datetime.now(datetime.UTC)
         body = event_body(vm, reason=reason, message=message, event_type=event_type, node=node, now=now,
-                          suffix=f"{time.time_ns():x}{secrets.token_hex(2)}")
+                          suffix=suffix or f"{time.time_ns():x}{secrets.token_hex(2)}")
         namespace = body["metadata"]["namespace"]
-        self.events.create_namespaced_event(namespace, body, _request_timeout=API_TIMEOUT)
+        try:
+            self.events.create_namespaced_event(namespace, body, _request_timeout=API_TIMEOUT)
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
 
     def list_vmis(self, **kwargs: Any) -> Any:
         """``list_cluster_custom_object`` of VMIs (the watches pass the selector, paging, watch)."""

@@ -4,7 +4,9 @@ A VMI as the API server sends it is 5-20 KiB of JSON (``managedFields``, the who
 status conditions); hundreds of them per node would dominate the agent's memory. The copies keep
 identity (name, namespace, uid, resourceVersion, creation and deletion times, owner references),
 the diskhooks annotations and labels, KubeVirt's node label, and: for a VMI its phase, node and
-``activePods``; for a VM the template's diskhooks annotations (the plan).
+``activePods``; for a VM the template's diskhooks annotations (the plan) and, of its
+``managedFields``, only the agent's home record (``nodeagent.homeevent.home_record_entries``: when
+the home was recorded, for the ``HomeNodeRecorded`` Event's catch-up).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from diskplan import keys as K
 from nodeagent.home import LABEL_VMI_NODE
+from nodeagent.homeevent import home_record_entries
 
 _META = ("name", "namespace", "uid", "resourceVersion", "creationTimestamp", "deletionTimestamp",
          "ownerReferences")
@@ -46,8 +49,11 @@ def slim_vmi(vmi: Mapping[str, Any]) -> dict[str, Any]:
 
 def slim_vm(vm: Mapping[str, Any]) -> dict[str, Any]:
     template = _mapping(_mapping(vm.get("spec")).get("template"))
-    return {"apiVersion": vm.get("apiVersion"), "kind": vm.get("kind"),
-            "metadata": _slim_meta(vm.get("metadata")),
+    meta = _slim_meta(vm.get("metadata"))
+    recorded = home_record_entries(_mapping(vm.get("metadata")).get("managedFields"))
+    if recorded:
+        meta["managedFields"] = recorded
+    return {"apiVersion": vm.get("apiVersion"), "kind": vm.get("kind"), "metadata": meta,
             "spec": {"template": {"metadata": {
                 "annotations": _ours(_mapping(template.get("metadata")).get("annotations"))}}}}
 

@@ -12,12 +12,17 @@ raises :class:`Retry`; the worker queues the key again with a backoff.
 - ``vmi``: home from the VMI and this node's home marker of its VM, read from disk now
   (:func:`nodeagent.home.decide_from_vmi`: the marker must name this node and that VMI's UID);
   ``record`` merge-patches the VM's annotation and label with the ``resourceVersion`` read (a
-  changed VM is a conflict: read again), then Event ``HomeNodeRecorded``. ``conflict`` gives one
+  changed VM is a conflict: read again) under the home's own field manager, then Event
+  ``HomeNodeRecorded``, named for the VM's UID and the node (:mod:`nodeagent.homeevent`: sent
+  twice, it is refused as existing, and counts as sent). ``conflict`` gives one
   Warning Event per VMI. Without the marker nothing is done and not retried: the VMI's next change
   (it goes Running after prepare) or the next resync looks again, and the marker scan finds it too.
 - ``marker``: the same from a marker (:func:`nodeagent.home.decide_from_marker`), no conflict Event
   (images left on a former home are normal after a move).
-- ``vm``: counts the VM's planned images, and, with ``hostDisks.onlineExpand``, when the VM's
+- ``vm``: sends the ``HomeNodeRecorded`` Event of a VM whose home the agent recorded here in the
+  last minutes (``nodeagent.homeevent.recorded_event_due``) unless this process sent it (the agent
+  may have died between the home patch and the Event); counts the VM's planned images, and, with
+  ``hostDisks.onlineExpand``, when the VM's
   verified template plan has disks and its VMI runs here with a launcher Pod on this node, grows
   the running disks to the plan (``nodeagent.expand.expand_online``): Event ``DiskExpanded`` per
   grown disk, ``DiskExpandFailed`` (Warning) per failed one (once per plan and reason), retried
@@ -26,8 +31,10 @@ raises :class:`Retry`; the worker queues the key again with a backoff.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,6 +44,13 @@ from diskplan.homemarker import HomeMarker
 from diskplan.plan import Plan, PlanKeys
 from nodeagent import home as H
 from nodeagent.events import EVENT_HOME_NODE_CONFLICT, NORMAL, WARNING
+from nodeagent.homeevent import (
+    HOME_FIELD_MANAGER,
+    RECORDED_EVENT_WINDOW,
+    late_message,
+    recorded_event_due,
+    recorded_event_suffix,
+)
 from nodeagent.kube import Conflict, Kube, describe_error
 from nodeagent.objects import active_pods_on
 from nodeagent.scan import MarkerError, MarkerPlace, host_path, marker_or_why, read_marker
@@ -113,6 +127,8 @@ class Reconciler:
         self._images: dict[tuple[str, str], int] = {}
         self._expanded: dict[tuple[str, str], tuple[str, str, str]] = {}  # VM -> (vm uid, vmi uid, plan)
         self._failures_reported: set[tuple[str, str, str, str]] = set()
+        # HomeNodeRecorded Events this process sent or is sending: VM -> (its uid, monotonic time)
+        self._home_events: dict[tuple[str, str], tuple[str, float]] = {}
 
     # --- entry point ---------------------------------------------------------------------------
     def reconcile(self, key: Key) -> None:
@@ -179,14 +195,21 @@ class Reconciler:
         fields: dict[str, Any] = {"source": source, "namespace": d.namespace, "vm": d.vm, "node": self.node,
                   "code": d.code, "reason": d.reason}
         if d.action == H.RECORD:
+            place = (d.namespace, d.vm)
+            self._claim_home_event(place, d.vm_uid or "")  # the VM reconcile's catch-up leaves it to us
+            sent = False
             try:
                 patched = self.kube.patch_vm_metadata(d.namespace, d.vm,
-                                                      H.home_patch(self.node, d.resource_version))
+                                                      H.home_patch(self.node, d.resource_version),
+                                                      field_manager=HOME_FIELD_MANAGER)
+                self.metrics.recorded(source)
+                self._say(key, d.code, "home.recorded", force=True, vmiUID=vmi_uid, **fields)
+                sent = self._home_event(patched, d.reason) is not None
             except Conflict as exc:
                 raise Retry(str(exc)) from None
-            self.metrics.recorded(source)
-            self._say(key, d.code, "home.recorded", force=True, vmiUID=vmi_uid, **fields)
-            self._event(patched, K.EVENT_HOME_NODE_RECORDED, d.reason, NORMAL)
+            finally:
+                if not sent:  # not patched, or the Event failed: the catch-up may send it
+                    self._release_home_event(place)
         elif d.action == H.CONFLICT:
             self._say(key, d.code, "home.conflict", level="warning", home=d.home, vmiUID=vmi_uid,
                       **fields)
@@ -205,6 +228,42 @@ class Reconciler:
             level = "warning" if d.code == "plan-refused" else "info"
             self._say(key, d.code, "home.skipped", level=level, **fields)
 
+    def _claim_home_event(self, place: tuple[str, str], vm_uid: str) -> bool:
+        """Note that this process sends (or sent) the HomeNodeRecorded Event of VM ``place``
+        (``vm_uid``); False when it did already. Claims older than twice the catch-up window are
+        dropped: no Event is due for them any more."""
+        now = time.monotonic()
+        horizon = now - 2 * RECORDED_EVENT_WINDOW.total_seconds()
+        with self._lock:
+            claimed = self._home_events.get(place)
+            if claimed is not None and claimed[0] == vm_uid:
+                return False
+            self._home_events = {p: c for p, c in self._home_events.items() if c[1] >= horizon}
+            self._home_events[place] = (vm_uid, now)
+            return True
+
+    def _release_home_event(self, place: tuple[str, str]) -> None:
+        with self._lock:
+            self._home_events.pop(place, None)
+
+    def _catch_up_home_event(self, vm: Mapping[str, Any], key: Key) -> None:
+        """Send the HomeNodeRecorded Event of a VM whose home the agent recorded here in the last
+        minutes, unless this process sent it: an agent killed between its home patch and the Event
+        sends it at its start (an Event already there is refused as existing and counts as sent)."""
+        at = recorded_event_due(vm, node=self.node, now=datetime.datetime.now(datetime.UTC))
+        if at is None:
+            return
+        _, namespace, name = key
+        uid = str(H.meta_of(vm).get("uid"))
+        if not self._claim_home_event((namespace, name), uid):
+            return
+        created = self._home_event(vm, late_message(self.node, at))
+        if created is None:
+            self._release_home_event((namespace, name))
+        elif created:
+            self.log.emit("home.event-late", level="info", namespace=namespace, vm=name, node=self.node,
+                          recordedAt=at.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
     # --- VMs at home here: images and online expansion -----------------------------------------
     def _reconcile_vm(self, namespace: str, name: str) -> None:
         key = (VM, namespace, name)
@@ -212,6 +271,7 @@ class Reconciler:
         if vm is None or H.home_of(vm) != self.node:
             self.forget(key)
             return
+        self._catch_up_home_event(vm, key)
         plan = H.verified_plan(H.template_plan_text(vm), self.plan_keys(), namespace=namespace, vm=name,
                                where=f"VM {namespace}/{name} spec.template {K.ANN_PLAN}")
         if isinstance(plan, H.Decision):
@@ -295,11 +355,22 @@ class Reconciler:
         fields.setdefault("level", "info")
         self.log.emit(event, **fields)
 
-    def _event(self, vm: Mapping[str, Any], reason: str, message: str, event_type: str) -> None:
+    def _event(self, vm: Mapping[str, Any], reason: str, message: str, event_type: str, *,
+               suffix: str | None = None) -> bool | None:
+        """Create the Event: True when created, False when one of that name exists (a fixed
+        ``suffix`` sent before), None when it failed (logged; an Event is a report, not retried
+        here: only a HomeNodeRecorded Event is sent again, by :meth:`_catch_up_home_event`)."""
         try:
-            self.kube.create_event(vm, reason=reason, message=message, event_type=event_type,
-                                   node=self.node)
+            return self.kube.create_event(vm, reason=reason, message=message, event_type=event_type,
+                                          node=self.node, suffix=suffix)
         except Exception as exc:  # noqa: BLE001 - an Event is a report; its loss is logged, not retried
             meta = vm.get("metadata") or {}
             self.log.emit("event.failed", level="warning", reason=reason, namespace=meta.get("namespace"),
                           vm=meta.get("name"), error=describe_error(exc))
+            return None
+
+    def _home_event(self, vm: Mapping[str, Any], message: str) -> bool | None:
+        """The VM's HomeNodeRecorded Event, named for its UID and this node (:func:`_event`'s result)."""
+        uid = str(H.meta_of(vm).get("uid") or "")
+        return self._event(vm, K.EVENT_HOME_NODE_RECORDED, message, NORMAL,
+                           suffix=recorded_event_suffix(uid, self.node))
