@@ -43,7 +43,7 @@ from diskplan.plan import DNS_LABEL
 from hooksidecar.prepare.files import write_record
 from hooksidecar.prepare.imagefiles import DirScan, HeaderCache, scan_vm_dir
 from nodeagent import home as H
-from nodeagent.events import MAX_NOTE_BYTES, REPORTING_CONTROLLER, WARNING
+from nodeagent.events import MAX_NOTE_BYTES, REPORTING_CONTROLLER, WARNING, event_name
 from nodeagent.kube import API_TIMEOUT, describe_error
 from nodeagent.migrate.vmdir import MIGRATE_SUBDIR, read_record
 from nodeagent.nodestatus import NodeStatus
@@ -157,7 +157,7 @@ def node_event_body(node: str, *, reason: str, message: str, event_type: str, no
         message = note[:MAX_NOTE_BYTES - 3].decode("utf-8", "ignore") + "..."
     return {
         "apiVersion": "events.k8s.io/v1", "kind": "Event",
-        "metadata": {"name": f"{node[:200]}.{suffix[:40]}", "namespace": "default"},
+        "metadata": {"name": event_name(node, suffix), "namespace": "default"},
         "eventTime": now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "reportingController": REPORTING_CONTROLLER, "reportingInstance": node[:128],
         "action": "CountCapacity", "reason": reason, "note": message, "type": event_type,

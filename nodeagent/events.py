@@ -32,6 +32,13 @@ def _cut(text: str, limit: int) -> str:
     return data[:limit - 3].decode("utf-8", "ignore") + "..."
 
 
+def event_name(name: str, suffix: str) -> str:
+    """``<name>.<suffix>``, the object's name cut to 200 characters and never ending the cut in a
+    ``.`` or ``-`` (a DNS subdomain's labels end in an alphanumeric: ``pg-.x`` or ``pg..x`` would be
+    refused)."""
+    return f"{name[:200].rstrip('.-')}.{suffix[:40]}"
+
+
 def event_body(vm: Mapping[str, Any], *, reason: str, message: str, event_type: str, node: str,
                now: datetime.datetime, suffix: str) -> dict[str, Any]:
     """An events.k8s.io/v1 Event about ``vm`` (its namespace, name, uid and resourceVersion), named
@@ -48,7 +55,7 @@ def event_body(vm: Mapping[str, Any], *, reason: str, message: str, event_type: 
             regarding[member] = meta[member]
     return {
         "apiVersion": "events.k8s.io/v1", "kind": "Event",
-        "metadata": {"name": f"{name[:200]}.{suffix[:40]}", "namespace": namespace},
+        "metadata": {"name": event_name(name, suffix), "namespace": namespace},
         "eventTime": now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "reportingController": REPORTING_CONTROLLER,
         "reportingInstance": node[:MAX_REPORTING_INSTANCE],

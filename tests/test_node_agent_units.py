@@ -283,3 +283,16 @@ def test_a_taken_metrics_port_exits_1(files: dict[str, str], capsys: pytest.Capt
         assert main(["serve", "--config", files["policy"], "--plan-keys-dir", files["keys"], "--node-name",
                      "node-a", "--kubeconfig", str(kubeconfig), "--metrics-port", str(port)]) == 1
     assert f"cannot serve /metrics on port {port}" in capsys.readouterr().err
+
+
+def test_an_event_name_cut_from_a_long_object_name_stays_a_valid_name() -> None:
+    import re
+
+    from nodeagent.events import event_name
+
+    label = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+    subdomain = re.compile(rf"{label}(\.{label})*")  # the API server's IsDNS1123Subdomain
+    for name in ("a" * 199 + "-b" * 20, "a" * 199 + ".b" * 20, "a" * 198 + "-.b" * 10, "pg01"):
+        got = event_name(name, "home-0123456789abcdef0123")
+        assert subdomain.fullmatch(got) and len(got) <= 253, got
+    assert event_name("pg01", "x") == "pg01.x"
