@@ -385,3 +385,39 @@ def test_a_start_while_the_target_agent_was_down_is_recorded_when_it_comes_back(
     removed = agent_a.records("migrate.kept-removed")[-1]
     assert removed["id"] == status["id"] and removed["started"] == started
     assert not (kept.parent / f"{kept.name}.json").exists()
+
+
+def test_the_status_forgets_the_deleted_copy_even_when_the_vm_changed_meanwhile(migration_setup: Setup) -> None:
+    """The source deletes the kept copy from a VM it read a moment before; meanwhile the VM changed
+    (in a cluster, KubeVirt updates a starting VM's status, which changes its resourceVersion). The
+    conditional update then conflicts (409 from the real API server): the status is read again and
+    still loses ``sourceKept``, keeping the rest. A newer migration's status is left alone."""
+    import io
+
+    from hooksidecar.logfmt import JsonLog
+    from nodeagent.kube import Kube, load_client
+    from nodeagent.migrate.keptcopy import _forget_kept
+
+    s = migration_setup
+    a, b = sorted(s.nodes)
+    s.create_vm("pg20")
+    kept = MigrationStatus(id="0123456789abcdef", phase="Succeeded", source=a, target=b, bytes=5, total=5,
+                           source_kept=f"/var/lib/diskhooks/vms/.diskhooks/migrate/kept/{s.namespace}/pg20.x",
+                           target_started=HANDOVER)
+    s.agent_patch("pg20", {"metadata": {"annotations": {K.ANN_MIGRATION_STATUS: status_json(kept)}}})
+    read_before = s.vm("pg20")
+    s.alice_patch("pg20", {"metadata": {"labels": {"team": "db"}}})  # the VM changes after the read
+    assert s.vm("pg20")["metadata"]["resourceVersion"] != read_before["metadata"]["resourceVersion"]
+    out = io.StringIO()
+    kube = Kube(load_client(str(s.agent_kubeconfig)))
+    _forget_kept(kube, read_before, kept, JsonLog(out))
+    after = s.status("pg20")
+    assert after is not None and "sourceKept" not in after, (after, out.getvalue())
+    assert after["id"] == kept.id and after["targetStarted"] == HANDOVER and after["phase"] == "Succeeded"
+    assert "migrate.status-failed" not in out.getvalue()
+    assert s.vm("pg20")["metadata"]["labels"]["team"] == "db"
+
+    newer = MigrationStatus(id="fedcba9876543210", phase="Copying", source=b, target=a)
+    s.agent_patch("pg20", {"metadata": {"annotations": {K.ANN_MIGRATION_STATUS: status_json(newer)}}})
+    _forget_kept(kube, read_before, kept, JsonLog(out))  # stale, and the status is another migration's
+    assert s.status("pg20") == json.loads(status_json(newer))

@@ -71,6 +71,9 @@ def _now_text() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+FORGET_ATTEMPTS = 5  # conditional status updates tried when the VM keeps changing
+
+
 def _status(vm: Mapping[str, Any]) -> MigrationStatus | None:
     return status_of(H.annotations_of(vm))
 
@@ -251,16 +254,35 @@ def _is_dir(path: str) -> bool:
 
 
 def _forget_kept(kube: Kube, vm: Mapping[str, Any], status: MigrationStatus, log: JsonLog) -> None:
-    """The status no longer names the deleted copy (``sourceKept`` absent: deleted); conditional on
-    the VM read, so a change since (a new migration's status) is left as it is."""
-    meta = H.meta_of(vm)
-    patch = {"metadata": {"resourceVersion": meta.get("resourceVersion"),
-                          "annotations": {ANN_MIGRATION_STATUS: status_json(status.advanced(source_kept=None))}}}
-    try:
-        kube.patch_vm_metadata(str(meta.get("namespace") or ""), str(meta.get("name") or ""), patch)
-    except Exception as exc:  # noqa: BLE001 - a report: the copy is gone either way (log, Event)
-        log.emit("migrate.status-failed", level="info", namespace=meta.get("namespace"), vm=meta.get("name"),
-                 error=describe_error(exc))
+    """The status no longer names the deleted copy (``sourceKept`` absent: deleted). Each update is
+    conditional on the VM read; a VM changed since (KubeVirt updates a VM's status as it starts, and
+    that changes its resourceVersion too) is read again and, while its status is still this
+    migration's and still names the copy, updated again; a new migration's status is left as it is."""
+    namespace, name = str(H.meta_of(vm).get("namespace") or ""), str(H.meta_of(vm).get("name") or "")
+    current: Mapping[str, Any] | None = vm
+    for _ in range(FORGET_ATTEMPTS):
+        if current is None:
+            return
+        now = _status(current)
+        if now is None or now.id != status.id or now.source_kept is None:
+            return  # a new migration, or already forgotten
+        patch = {"metadata": {"resourceVersion": H.meta_of(current).get("resourceVersion"),
+                              "annotations": {ANN_MIGRATION_STATUS: status_json(now.advanced(source_kept=None))}}}
+        try:
+            kube.patch_vm_metadata(namespace, name, patch)
+            return
+        except Conflict:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a report: the copy is gone either way (log, Event)
+            log.emit("migrate.status-failed", level="info", namespace=namespace, vm=name, error=describe_error(exc))
+            return
+        try:
+            current = kube.get_vm(namespace, name)
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.emit("migrate.status-failed", level="info", namespace=namespace, vm=name, error=describe_error(exc))
+            return
+    log.emit("migrate.status-failed", level="info", namespace=namespace, vm=name,
+             error=f"the VM kept changing: {FORGET_ATTEMPTS} conditional updates conflicted")
 
 
 def release_started(*, root: str, node_root: str, node: str, kube: Kube, policy: Policy, log: JsonLog,
@@ -297,9 +319,9 @@ def release_started(*, root: str, node_root: str, node: str, kube: Kube, policy:
         shown = vmdir.kept_dir(node_root, namespace, name, ident)
         log.emit("migrate.kept-removed", level="info", namespace=namespace, vm=name, id=ident, path=shown,
                  bytes=freed, started=status.target_started, target=status.target)
+        _forget_kept(kube, vm, status, log)
         event(vm, EVENT_SOURCE_REMOVED, f"the copy kept on node {node} at {shown} ({freed} bytes on disk) is "
               f"deleted: the VM started on node {status.target} at {status.target_started} (policy "
               f"nodeAgent.migration.keepSource: {KEEP_UNTIL_STARTED})", NORMAL)
-        _forget_kept(kube, vm, status, log)
         count += 1
     return count
