@@ -47,6 +47,7 @@ MAX_STATUS_BYTES = 4096
 MAX_ERROR_CHARS = 600
 CLIP_MARK = " ... "
 MAX_HEADER_BYTES = 256 * 1024  # a wire request: names, a manifest of a few files
+MAX_FILES = 128  # files of one VM directory in a request (the target's record of it stays small)
 DEFAULT_PORT = 9181
 _ID = re.compile(r"^[0-9a-f]{8,32}$")
 _UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
@@ -325,7 +326,11 @@ def parse_request(data: bytes) -> WireRequest:
     vm_uid = text("vmUID", _UID.match, "an object UID")
     source = text("source", is_node_name, "a node name")
     target = text("target", is_node_name, "a node name")
-    files = tuple(_file_entry(f, i) for i, f in enumerate(_list(doc, "files")))
+    listed = _list(doc, "files")
+    if len(listed) > MAX_FILES:
+        raise Malformed("request.files", f"lists {len(listed)} files; a VM directory moves with at most "
+                                         f"{MAX_FILES}")
+    files = tuple(_file_entry(f, i) for i, f in enumerate(listed))
     names = [f.name for f in files]
     if len(set(names)) != len(names):
         raise Malformed("request.files", "names a file twice")

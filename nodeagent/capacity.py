@@ -249,8 +249,10 @@ class CapacityReporter:
         try:
             policy = self.policy()
             root = self.paths.on_host(policy.host_disks.root)
-            scans = scan_root(root, self._headers)
+            # the migration copies first: a commit renaming a staging copy to its VM directory
+            # between the two listings is then counted twice (conservative), never not at all
             copies = migration_copies(root, self._headers)
+            scans = scan_root(root, self._headers)
             self._headers.next_pass()
             fs = os.statvfs(_existing(root))
             facts = self._facts(root, scans) + copies

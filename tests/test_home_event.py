@@ -81,7 +81,7 @@ def test_the_event_name_is_fixed_by_the_vm_uid_and_the_node() -> None:
     (vm(entry(subresource="status")), None),
     (vm(entry(operation="Apply")), None),
     (vm(entry("yesterday")), None),
-    (vm(entry("2026-03-01T10:00:00+02:00")), None),  # not the API server's UTC form
+    (vm(entry("2026-03-01T12:00:00+02:00")), None),  # 10:00Z, inside the window, but not the API server's UTC form
     (vm(entry(), home="node-b"), None),
     (vm(entry(), home=None), None),
     (vm(entry(), uid=None), None),

@@ -173,6 +173,32 @@ def test_an_agent_killed_mid_transfer_leaves_the_vm_at_home_and_the_move_resumes
         assert "MigrationRetrying" in s.events("pg02")
 
 
+def test_a_vm_directory_of_too_many_files_fails_clearly_and_stays(migration_setup: Setup, agents: Agents,
+                                                                    tmp_path: Path) -> None:
+    """More files than a request may list (diskplan.migration.MAX_FILES): the source cannot describe
+    the directory to the target. The migration ends Failed saying so (not a crashed thread leaving
+    the status in Preflight), nothing is moved, the VM stays bound to node a."""
+    from diskplan.migration import MAX_FILES
+
+    s = migration_setup
+    a, fa, b, fb = two_nodes(s, tmp_path)
+    homed_vm(s, agents, "pg21", a, fa)
+    for i in range(MAX_FILES):
+        (fa.vm_dir(s.namespace, "pg21") / f"note-{i}.txt").write_text(f"{i}\n")
+    before = file_hashes(fa.vm_dir(s.namespace, "pg21"))
+    agent_a = agents.start(a, fa)
+    agents.start(b, fb)
+    wait_for("the home", lambda: s.annotations("pg21").get(K.ANN_NODE) == a, 60, agent_a)
+    done = run_command(s, "migrate", f"{s.namespace}/pg21", "--to", b, "--no-progress")
+    assert done.returncode == 1, done.stderr + agent_a.stderr_text()[-4000:]
+    status = s.status("pg21")
+    assert status is not None and status["phase"] == "Failed", status
+    assert "request.files" in status["error"] and f"at most {MAX_FILES}" in status["error"], status
+    assert "nothing was moved" in status["error"] and "nothing was moved" in done.stderr
+    assert not agent_a.records("migrate.crashed")
+    assert_still_at_home(s, "pg21", a, fa, fb, before)
+
+
 def test_a_target_too_small_refuses_before_any_byte_moves(migration_setup: Setup, agents: Agents,
                                                           tmp_path: Path) -> None:
     s = migration_setup

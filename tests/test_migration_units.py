@@ -647,3 +647,18 @@ def test_a_long_error_keeps_its_beginning_and_its_end() -> None:
     assert len(clipped) == MAX_ERROR_CHARS
     assert clipped.startswith("node b has 10 bytes free; ") and clipped.endswith("; nothing was copied")
     assert " ... " in clipped
+
+
+def test_a_request_lists_at_most_max_files_files() -> None:
+    from diskplan.errors import Malformed
+    from diskplan.migration import MAX_FILES, FileEntry, WireRequest, parse_request, request_json
+
+    def request(count: int) -> WireRequest:
+        return WireRequest(op="preflight", id="0123456789abcdef", namespace="ns", vm="vm", vm_uid="u",
+                           source="node-a", target="node-b",
+                           files=tuple(FileEntry(f"d{i}.qcow2", 1, 1, "0" * 64) for i in range(count)))
+
+    assert len(parse_request(request_json(request(MAX_FILES))).files) == MAX_FILES
+    with pytest.raises(Malformed) as err:
+        request_json(request(MAX_FILES + 1))  # the writer checks what it writes with the same reader
+    assert "request.files" in str(err.value) and f"at most {MAX_FILES}" in str(err.value)

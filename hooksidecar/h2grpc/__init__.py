@@ -40,8 +40,9 @@ REFUSED_STREAM) so the client may retry elsewhere. Memory: glibc keeps what a ca
 worker's malloc arena (nothing stays allocated: the freed pages are not given back), so after a call
 whose request or answer is over ``limits.TRIM_AFTER_BYTES`` (128 KiB; KubeVirt's domains are 3-6 KiB)
 the connection calls ``malloc_trim(0)`` once the call is answered or cut (:mod:`.memory`, glibc only,
-~3 ms): after a call on the largest domain the sidecar accepts RSS is back within ~0.2 MiB of its
-level before the call, where it stayed ~18 MiB above it. The peak is one call's.
+~3 ms): after a call on the largest domain the sidecar accepts RSS is back within ~0.9 MiB of its
+level before the call (paid once, not per call; ``python -m benchmarks sidecar``, section (e)),
+where it stayed ~18 MiB above it. The peak is one call's.
 
 Not supported (none is used by the hook API or virt-launcher): streaming RPCs, compression,
 deadlines (``grpc-timeout``), request/response metadata beyond the status, TLS, h2c upgrade (the

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from diskplan import keys as K
-from diskplan.errors import DiskhooksError
+from diskplan.errors import DiskhooksError, Malformed
 from diskplan.migration import (
     ANN_MIGRATE_DELETE_SOURCE,
     ANN_MIGRATE_TO,
@@ -316,11 +316,16 @@ class SourceMigration:
 
     def _call(self, request: WireRequest, *, timeout: float) -> dict[str, Any]:
         try:
+            line = request_json(request)
+        except Malformed as exc:  # e.g. a VM directory of more files than a request may list
+            raise Permanent(f"the VM's directory cannot be described to node {request.target}: {exc}; "
+                            "nothing was moved") from None
+        try:
             channel = open_channel(self._address, self.settings.port, self.settings.tls)
         except ConnectError as exc:
             raise Transient(str(exc)) from None
         try:
-            reply, _ = exchange(channel, request_json(request), timeout=timeout)
+            reply, _ = exchange(channel, line, timeout=timeout)
         except ConnectError as exc:
             raise Transient(str(exc)) from None
         finally:
