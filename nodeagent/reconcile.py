@@ -196,7 +196,8 @@ class Reconciler:
                   "code": d.code, "reason": d.reason}
         if d.action == H.RECORD:
             place = (d.namespace, d.vm)
-            self._claim_home_event(place, d.vm_uid or "")  # the VM reconcile's catch-up leaves it to us
+            # the VM reconcile's catch-up leaves it to us; a claim another reconcile holds is its own
+            mine = self._claim_home_event(place, d.vm_uid or "")
             sent = False
             try:
                 patched = self.kube.patch_vm_metadata(d.namespace, d.vm,
@@ -208,7 +209,7 @@ class Reconciler:
             except Conflict as exc:
                 raise Retry(str(exc)) from None
             finally:
-                if not sent:  # not patched, or the Event failed: the catch-up may send it
+                if not sent and mine:  # not patched, or the Event failed: the catch-up may send it
                     self._release_home_event(place)
         elif d.action == H.CONFLICT:
             self._say(key, d.code, "home.conflict", level="warning", home=d.home, vmiUID=vmi_uid,
