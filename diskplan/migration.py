@@ -237,10 +237,6 @@ def is_movable_name(name: str) -> bool:
     return bool(_SAFE_NAME.match(name)) and name not in (".", "..")
 
 
-def is_image(name: str) -> bool:
-    return name.endswith(".qcow2") and is_vm_file(name)
-
-
 @dataclass(frozen=True)
 class FileEntry:
     """One file of the VM directory: ``size`` (bytes), ``allocated`` (bytes on disk),
@@ -360,21 +356,19 @@ def _file_entry(item: Any, i: int) -> FileEntry:
     name = item.get("name")
     if not isinstance(name, str) or not is_movable_name(name):
         raise Malformed(f"{where}.name", "is not a plain file name (letters, digits, ._+-, no leading dot)")
-    nums: list[int | None] = []
-    for member in ("size", "allocated", "virtual"):
+
+    def count(member: str) -> int:
         value = item.get(member)
-        if member == "virtual" and value is None:
-            nums.append(None)
-            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise Malformed(f"{where}.{member}", "must be a whole number, 0 or more")
-        nums.append(value)
+        return value
+
+    size, allocated = count("size"), count("allocated")
+    virtual = count("virtual") if item.get("virtual") is not None else None
     sha = item.get("sha256")
     if sha is not None and (not isinstance(sha, str) or not _SHA256.match(sha)):
         raise Malformed(f"{where}.sha256", "must be 64 lower-case hex digits")
-    size, allocated = nums[0], nums[1]
-    assert size is not None and allocated is not None
-    return FileEntry(name=name, size=size, allocated=allocated, sha256=sha, virtual=nums[2])
+    return FileEntry(name=name, size=size, allocated=allocated, sha256=sha, virtual=virtual)
 
 
 def _base(item: Any, i: int) -> Base:

@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from diskplan import capacity as C
 from diskplan import keys as K
+from diskplan.migration import MAX_FILES
 from diskplan.plan import DNS_LABEL
 from hooksidecar.prepare.files import write_record
 from hooksidecar.prepare.imagefiles import DirScan, HeaderCache, scan_vm_dir
@@ -488,7 +489,7 @@ def _promised(record_path: str) -> dict[str, int] | None:
     incoming record, written by this agent), or None when the record holds none that reads."""
     record = read_record(record_path)
     images = record.get("images") if record is not None else None
-    if not isinstance(images, dict) or len(images) > 256:
+    if not isinstance(images, dict) or len(images) > MAX_FILES:
         return None
     if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= C.MAX_BYTES
                for k, v in images.items()):

@@ -75,6 +75,7 @@ RECEIVING, COMMITTED = "receiving", "committed"
 class _Budget:
     verdict: C.IncomingVerdict
     sizes: dict[str, int]  # the footprint per file, kept in the incoming record
+    reserve: int  # hostDisks.capacity.reserve on this filesystem, as the fresh count has it
 
 
 class Refusal(Exception):
@@ -287,14 +288,13 @@ class TargetServer:
         root = self._root()
         vmdir.make_dirs(root)
         with self._budget_lock:  # a concurrent preflight's count must see this one's record
+            budget = self._check_budget(r, vm)
             free = vmdir.free_bytes(root)
-            reserve = self.policy().host_disks.capacity.reserve(vmdir.filesystem_bytes(root))
             problems = []
-            if need > free - reserve:
-                problems.append(f"node {self.node} has {free} bytes free on {root} and keeps {reserve} "
+            if need > free - budget.reserve:
+                problems.append(f"node {self.node} has {free} bytes free on {root} and keeps {budget.reserve} "
                                 f"free (hostDisks.capacity.reserve); the VM needs {need} more (on disk "
                                 f"{sum(f.allocated for f in r.files)}, here {staged}, margin {SPACE_MARGIN})")
-            budget = self._check_budget(r, vm)
             if budget.verdict.refusal is not None:
                 problems.append(budget.verdict.refusal)
             if problems:
@@ -334,7 +334,7 @@ class TargetServer:
                       namespace=r.namespace, vm=r.vm, id=r.id, neededBytes=verdict.needed_bytes,
                       availableBytes=verdict.available_bytes, othersBytes=verdict.others_bytes,
                       budgetBytes=account.budget_bytes, planTrusted=bool(plans))
-        return _Budget(verdict, C.footprint_sizes(images, plans))
+        return _Budget(verdict, C.footprint_sizes(images, plans), account.reserve_bytes)
 
     def _check_bases(self, r: WireRequest) -> None:
         if not r.bases:

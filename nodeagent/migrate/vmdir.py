@@ -261,12 +261,6 @@ def free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def filesystem_bytes(path: str) -> int:
-    """The size of ``path``'s filesystem."""
-    st = os.statvfs(path)
-    return st.f_blocks * st.f_frsize
-
-
 def allocated_bytes(directory: str) -> int:
     """Bytes on disk below ``directory`` (files only, links not followed); 0 when missing."""
     total = 0
